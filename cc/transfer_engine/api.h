@@ -1,0 +1,123 @@
+// Public types of the TransferEngine: what the layers above (cc/a2a, cc/python) may use.
+// The engine moves bytes between registered memory of ranks with RDMA writes carrying a
+// 32-bit immediate, driven by one proxy thread; it knows nothing of MoE or JAX.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace jem {
+
+// Every failure is an exception of this type (or a subclass) with a sentence a user can act
+// on; libfabric failures carry fi_strerror text. The Python bindings map it to RuntimeError,
+// TimeoutError to Python's TimeoutError.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+class TimeoutError : public Error {
+ public:
+  using Error::Error;
+};
+
+using Bytes = std::vector<uint8_t>;
+
+enum class MemoryKind { kHost, kCuda };
+
+struct EngineOptions {
+  // libfabric provider: "efa", "verbs;ofi_rxm", "tcp;ofi_rxm" or "shm".
+  std::string provider = "tcp;ofi_rxm";
+  // Fabric domains (NICs) to open; peers are split across them (peer p -> domain p % n).
+  int num_domains = 1;
+  // CUDA device whose memory may be registered (FI_HMEM); -1 for host memory only.
+  int cuda_device = -1;
+  // Core to pin the proxy thread to; -1 leaves it unpinned.
+  int pin_cpu = -1;
+  // Spin without ever sleeping (lowest latency, one core per engine). When false the proxy
+  // spins briefly, then yields and sleeps, so that many ranks can share a few cores.
+  bool busy_poll = false;
+};
+
+// A registered region. Obtained from TransferEngine::RegisterMemory; valid until the engine
+// is destroyed or DeregisterMemory is called.
+struct MemoryRegionId {
+  uint32_t value = 0;
+};
+
+struct PeerGroupId {
+  uint32_t value = 0;
+};
+
+// One peer of a group: where it lives and the remote region that writes land in.
+struct PeerSpec {
+  Bytes address;     // TransferEngine::Address() of the peer
+  Bytes descriptor;  // TransferEngine::Descriptor() of the peer's region
+};
+
+// One write of a scatter: bytes [src_offset, src_offset + length) of the group's local region
+// to [dst_offset, dst_offset + length) of peer `peer`'s remote region. length may be 0: the
+// write then carries only its immediate.
+struct WriteSpec {
+  uint32_t peer = 0;  // index into the group's peers
+  uint64_t src_offset = 0;
+  uint64_t dst_offset = 0;
+  uint64_t length = 0;
+};
+
+// A ticket for submitted writes: WaitSent(ticket) returns once they have completed locally,
+// so the source bytes may be overwritten.
+using SendTicket = uint64_t;
+
+class TransferEngine {
+ public:
+  // Opens the domains and starts the proxy thread. Throws Error when the provider is not
+  // available on this machine (the message lists the providers that are).
+  static std::unique_ptr<TransferEngine> Create(const EngineOptions& options);
+  virtual ~TransferEngine() = default;
+
+  // Serialized endpoint names of all domains of this engine.
+  virtual Bytes Address() const = 0;
+  virtual int NumDomains() const = 0;
+  virtual std::string Provider() const = 0;
+  // Whether CUDA memory can be registered directly (FI_HMEM); otherwise callers stage
+  // through pinned host memory.
+  virtual bool SupportsCudaMemory() const = 0;
+
+  virtual MemoryRegionId RegisterMemory(void* ptr, size_t length, MemoryKind kind) = 0;
+  virtual void DeregisterMemory(MemoryRegionId region) = 0;
+  // Serializable remote descriptor (base address and one key per domain).
+  virtual Bytes Descriptor(MemoryRegionId region) const = 0;
+
+  // Resolves every peer's address once and pre-builds one write template per peer, so that
+  // a scatter fills in only offsets and lengths.
+  virtual PeerGroupId AddPeerGroup(MemoryRegionId local, const std::vector<PeerSpec>& peers) = 0;
+
+  // Posts the writes (asynchronously, from the proxy thread), each with immediate `imm`.
+  // Offsets and lengths are checked against both regions here; a bad one throws Error.
+  virtual SendTicket Scatter(PeerGroupId group, const WriteSpec* writes, size_t num_writes,
+                             uint32_t imm) = 0;
+  // A zero-length write with immediate `imm` to every peer of the group.
+  virtual SendTicket Barrier(PeerGroupId group, uint32_t imm) = 0;
+  virtual void WaitSent(SendTicket ticket, double timeout_s) = 0;
+
+  // Immediate counters: arrivals are counted per immediate value, in any order. A wait for
+  // `count` arrivals of `imm` consumes them (the counter drops by `count`), so a value can be
+  // reused by a later step. Throws TimeoutError after timeout_s, or Error if the engine
+  // has failed (e.g. a completion error from a dead peer).
+  virtual void WaitImm(uint32_t imm, uint32_t count, double timeout_s) = 0;
+  // Asynchronous forms: when `count` arrivals of `imm` have been seen (and consumed), the
+  // proxy stores `value` to *flag with release order (the flag may live in host memory that a
+  // GPU maps), or calls `callback` on the proxy thread.
+  virtual void NotifyImm(uint32_t imm, uint32_t count, volatile uint32_t* flag,
+                         uint32_t value) = 0;
+  virtual void NotifyImm(uint32_t imm, uint32_t count, void (*callback)(void*), void* arg) = 0;
+
+  // First fatal error seen by the proxy thread, empty if none.
+  virtual std::string FailureMessage() const = 0;
+};
+
+}  // namespace jem

@@ -9,8 +9,4 @@ NB_MODULE(_jem, m) {
   m.attr("has_cuda") = false;
 #endif
   jem::BindEngine(m);
-  jem::BindAllToAll(m);
-#if defined(JEM_WITH_CUDA)
-  jem::BindCuda(m);
-#endif
 }

@@ -1,0 +1,120 @@
+"""Start one process per rank, each joined to the others through ``jax.distributed``.
+
+Used by the example, the benchmarks and the multi-process tests::
+
+    outputs = launch.run("my_module:main", num_processes=2, args=["--flag"], timeout_s=120)
+
+Each child runs ``main(rank, world, args)`` after ``jax.distributed.initialize``; what it
+prints comes back in ``outputs``. If any child fails or the deadline passes, every child is
+killed and :class:`LaunchError` names the failing rank with the end of its output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+
+class LaunchError(RuntimeError):
+    """A child process failed or did not finish in time."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (), *,
+        timeout_s: float = 300.0, env: dict[str, str] | None = None,
+        platform: str = "cpu") -> list[str]:
+    """Runs ``target`` ("module:function") in ``num_processes`` processes; returns their stdout.
+
+    ``platform`` "cpu" gives each process one CPU device; "cuda" gives process i GPU i.
+    """
+    coordinator = f"127.0.0.1:{free_port()}"
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.setdefault("FI_TCP_IFACE", "lo")
+    procs, logs = [], []
+    for rank in range(num_processes):
+        e = dict(child_env, JEM_RANK=str(rank), JEM_WORLD=str(num_processes),
+                 JEM_COORDINATOR=coordinator, JEM_PLATFORM=platform)
+        if platform == "cpu":
+            e["JAX_PLATFORMS"] = "cpu"
+        log = tempfile.TemporaryFile(mode="w+b")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jax_efa_moe.launch", target, *args],
+            env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        logs.append(log)
+
+    def output(i: int) -> str:
+        logs[i].seek(0)
+        return logs[i].read().decode(errors="replace")
+
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None or all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"{target}: ranks {[i for i, c in enumerate(codes) if c is None]} did not "
+                    f"finish within {timeout_s:.0f} s.\n" +
+                    "\n".join(f"--- rank {i} ---\n{output(i)[-3000:]}" for i in range(len(procs))))
+            time.sleep(0.05)
+        if failed is not None:
+            # Give the others a moment to report their own view of the failure.
+            grace = time.monotonic() + 2.0
+            while time.monotonic() < grace and any(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            raise LaunchError(
+                f"{target}: rank {failed} exited with code {procs[failed].returncode}.\n" +
+                "\n".join(f"--- rank {i} ---\n{output(i)[-3000:]}" for i in range(len(procs))))
+        return [output(i) for i in range(len(procs))]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in logs:
+            log.close()
+
+
+def _child() -> None:
+    target, args = sys.argv[1], sys.argv[2:]
+    rank, world = int(os.environ["JEM_RANK"]), int(os.environ["JEM_WORLD"])
+    import jax
+
+    if os.environ["JEM_PLATFORM"] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        local_devices = None
+    else:
+        local_devices = [rank]
+    jax.distributed.initialize(os.environ["JEM_COORDINATOR"], num_processes=world,
+                               process_id=rank, local_device_ids=local_devices)
+    module, function = target.split(":")
+    code = 0
+    try:
+        getattr(importlib.import_module(module), function)(rank, world, args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip jax.distributed's shutdown barrier: a rank whose peer died must not wait on it.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _child()

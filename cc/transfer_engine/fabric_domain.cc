@@ -121,7 +121,6 @@ FabricDomain::FabricDomain(fi_info* info, uint32_t index, bool supports_hmem)
     fi_cq_attr cq_attr{};
     cq_attr.format = FI_CQ_FORMAT_DATA;
     cq_attr.wait_obj = FI_WAIT_NONE;
-    cq_attr.size = 4096;
     CheckFabric(fi_cq_open(domain_, &cq_attr, &cq_, nullptr), "fi_cq_open" + where);
     fi_av_attr av_attr{};
     av_attr.type = FI_AV_TABLE;

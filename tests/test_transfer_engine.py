@@ -132,6 +132,10 @@ def test_unknown_provider_lists_available():
 def test_bad_engine_options():
     with pytest.raises(RuntimeError, match="num_domains"):
         _jem.Engine(num_domains=0)
+    with pytest.raises(RuntimeError, match="cannot pin the proxy thread to CPU 100000"):
+        _jem.Engine(pin_cpu=100000)
+    with pytest.raises(RuntimeError, match="cannot pin the proxy thread to CPU 1000: Invalid"):
+        _jem.Engine(pin_cpu=1000)
 
 
 def test_register_rejects_unusable_arrays():

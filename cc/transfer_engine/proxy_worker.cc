@@ -33,6 +33,10 @@ ProxyWorker::ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter
                          const EngineOptions& options)
     : domains_(std::move(domains)), counter_(counter), options_(options),
       queue_(kQueueCapacity) {
+  if (options_.pin_cpu >= CPU_SETSIZE) {
+    throw Error("cannot pin the proxy thread to CPU " + std::to_string(options_.pin_cpu) +
+                ": no such CPU");
+  }
   thread_ = std::thread([this] { Loop(); });
   if (options_.pin_cpu >= 0) {
     cpu_set_t set;

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -211,6 +212,23 @@ def test_waits_have_deadlines_and_counts_are_consumed(pair):
     b.wait_imm(77, 1, 10)
     with pytest.raises(TimeoutError, match=r"\(0 arrived\)"):
         b.wait_imm(77, 1, 0.1)
+
+
+def test_write_to_closed_peer_fails_fast(pair):
+    a, b, _, _, group = pair
+    a.wait_sent(a.scatter(group, [(0, 0, 0, 64)], 3), 10)
+    b.wait_imm(3, 1, 10)
+    b.close()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="transfer engine failed: a write to peer 0 .*failed"):
+        while time.monotonic() - start < 10:
+            a.wait_sent(a.scatter(group, [(0, 0, 0, 64)], 3), 10)
+    # Once failed, every wait reports the failure at once instead of running out its deadline.
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="transfer engine failed"):
+        a.wait_imm(3, 1, 30)
+    assert time.monotonic() - start < 1
+    assert a.failure_message()
 
 
 def test_closed_engine(pair):

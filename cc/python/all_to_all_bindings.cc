@@ -2,11 +2,13 @@
 // capsules of the "cpu" FFI handlers for jax.ffi.register_ffi_target. Errors reach Python
 // through the engine bindings' translator (jem::Error -> RuntimeError, TimeoutError).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -111,6 +113,14 @@ void BindAllToAll(nb::module_& m) {
       },
       nb::arg("id"), nb::arg("addresses"), nb::arg("descriptors"),
       "Joins every rank's context: addresses and descriptors of all ranks, in rank order.");
+  m.def(
+      "context_steps",
+      [](int64_t id) {
+        std::shared_ptr<AllToAllContext> ctx = Get(id);
+        std::lock_guard<std::mutex> lock(ctx->step_mutex());
+        return std::make_pair(ctx->dispatch.seq, ctx->combine.seq);
+      },
+      nb::arg("id"), "(dispatch steps, combine steps) completed by this context.");
   m.def(
       "destroy_context",
       [](int64_t id) {

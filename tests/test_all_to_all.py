@@ -51,6 +51,33 @@ def test_dead_peer_is_an_error_within_the_timeout():
     assert "dead peer reported" in outputs[0], outputs
 
 
+def test_one_rank_in_this_process():
+    # One rank: every token stays home, through the same protocol (no peers to wait for).
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_efa_moe import AllToAll
+
+    mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices("cpu")[:1])
+    T, H, k, E = 8, 128, 2, 4
+    rng = np.random.default_rng(11)
+    ids, num_tokens = make_routing("unused_slots", rng, 1, T, E, k)
+    weights = rng.random((1, T, k)).astype(np.float32)
+    x, _ = make_tokens(rng, 1, T, H, "float32")
+    with AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                  max_tokens_per_rank=T, dispatch_dtype=jnp.float32,
+                  combine_dtype=jnp.float32, expert_alignment=4) as comm:
+        def f(x, ids, w):
+            d = comm.dispatch(x, ids, w)
+            return (d.expert_x, d.expert_counts, d.group_sizes,
+                    comm.combine(_experts(comm, d), d.handle))
+
+        program = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        got = [np.asarray(a) for a in program(*[_sharded(mesh, a[0]) for a in (x, ids, weights)])]
+    check_dispatch(0, 1, E, 4, ids, num_tokens, x, None, (got[0], None, got[1], got[2]))
+    check_combine(0, E, np.dtype(np.float32), ids, weights, num_tokens, x, None, got[3])
+
+
 def test_provider_choice():
     one_host = [{"host": "a", "providers": ["tcp;ofi_rxm", "shm"]}] * 2
     assert providers.choose(one_host) == "shm"

@@ -63,7 +63,9 @@ class AllToAllContext {
     return reinterpret_cast<int32_t*>(arena_ + layout_.route_row_offset(sender));
   }
   // Index of `rank` in the peer group (every rank but this one, in rank order).
-  uint32_t PeerIndex(int rank) const { return static_cast<uint32_t>(rank < rank_ ? rank : rank - 1); }
+  uint32_t PeerIndex(int rank) const {
+    return static_cast<uint32_t>(rank < rank_ ? rank : rank - 1);
+  }
 
   PhaseState dispatch;
   PhaseState combine;

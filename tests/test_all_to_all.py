@@ -19,6 +19,8 @@ from jax_efa_moe import launch, providers
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROUTINGS = ("uniform", "zipf", "one_expert", "same_experts", "one_rank", "unused_slots",
             "repeated", "partial", "empty")
+# Routings that fit max_recv_tokens = 1.5 T only through the overflow region.
+OVERFLOW_ROUTINGS = ("overflow_peers", "overflow_self")
 
 
 def _run(function: str, num_processes: int, *args: str, timeout_s: float = 240.0) -> list[str]:
@@ -125,6 +127,19 @@ def make_routing(kind: str, rng, R: int, T: int, E: int, k: int):
     elif kind == "repeated":
         ids = uniform.copy()
         ids[:, ::2, 1] = ids[:, ::2, 0]
+    elif kind in OVERFLOW_ROUTINGS:
+        # One slot per token, every token to the last rank: 1.25 T rows there. Its private
+        # slots hold ceil(1.5 T / R) records per sender, so the big senders overflow.
+        ids = np.full((R, T, k), -1)
+        ids[..., 0] = (R - 1) * L + rng.integers(0, L, (R, T))
+        num_tokens = np.zeros(R, np.int64)
+        if kind == "overflow_self":
+            num_tokens[0], num_tokens[R - 1] = T // 4, T
+        elif R == 2:
+            num_tokens[:] = T, T // 4
+        else:
+            num_tokens[0] = num_tokens[1] = T // 2
+            num_tokens[R - 1] = T // 4
     else:
         raise ValueError(kind)
     ids = np.array(ids, np.int32)
@@ -291,19 +306,27 @@ def check_cases(rank, world, args):
     mesh = _setup(world)
     R, T, H, k = world, 24 if world == 2 else 16, 256, 3
     E = 4 * R
-    configs = [("bfloat16", "bfloat16", 1), ("float32", "float32", 8),
-               ("float8_e4m3fn", "bfloat16", 1), ("bfloat16", "float32", 8)]
+    # (dispatch dtype, combine dtype, expert_alignment, max_recv_tokens, routings): the
+    # default max_recv_tokens never overflows the private slots; the small one makes senders
+    # use the overflow region.
+    configs = [("bfloat16", "bfloat16", 1, None, ROUTINGS),
+               ("float32", "float32", 8, None, ROUTINGS),
+               ("float8_e4m3fn", "bfloat16", 1, None, ROUTINGS),
+               ("bfloat16", "float32", 8, None, ROUTINGS),
+               ("bfloat16", "bfloat16", 1, T + T // 2, OVERFLOW_ROUTINGS)]
     if world > 2:
-        configs = configs[1:3]
+        configs = configs[1:3] + configs[4:]
     rng = np.random.default_rng(1234)
-    for dispatch_dtype, combine_dtype, align in configs:
+    checked = 0
+    for dispatch_dtype, combine_dtype, align, max_recv_tokens, routings in configs:
         comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
                         max_tokens_per_rank=T, dispatch_dtype=getattr(jnp, dispatch_dtype),
                         combine_dtype=getattr(jnp, combine_dtype), expert_alignment=align,
-                        fabric_provider=provider, timeout_s=30.0)
+                        max_recv_tokens=max_recv_tokens, fabric_provider=provider,
+                        timeout_s=30.0)
         whole, halves, loop = _programs(comm, mesh)
         cdt = np.dtype(comm.combine_dtype)
-        for kind in ROUTINGS:
+        for kind in routings:
             ids, num_tokens = make_routing(kind, rng, R, T, E, k)
             weights = rng.random((R, T, k)).astype(np.float32)
             x, scale = make_tokens(rng, R, T, H, dispatch_dtype)
@@ -317,7 +340,8 @@ def check_cases(rank, world, args):
                 check_combine(rank, E, cdt, ids, weights, num_tokens, x, scale, got[4])
             except AssertionError as e:
                 raise AssertionError(f"rank {rank}, {where}: {e}") from e
-            if kind in ("uniform", "partial"):
+            checked += 1
+            if kind in ("uniform", "partial", "overflow_peers"):
                 split = [None if a is None else _local(a) for a in halves(*inputs)]
                 for a, b in zip(got, split):
                     assert (a is None and b is None) or np.array_equal(
@@ -328,8 +352,7 @@ def check_cases(rank, world, args):
                 after = _jem.context_steps(comm._contexts.context_id)
                 assert after[0] - before[0] == 100 and after[1] - before[1] == 100, after
         comm.close()
-    print(f"rank {rank}: checked {len(configs)} configs x {len(ROUTINGS)} routings "
-          f"on {comm.fabric_provider}", flush=True)
+    print(f"rank {rank}: checked {checked} cases on {comm.fabric_provider}", flush=True)
 
 
 def _expect_error(fn, *texts):

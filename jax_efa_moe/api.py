@@ -199,7 +199,7 @@ class AllToAll:
         """
         operands = self._dispatch_operands("dispatch", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index, *recv = ops.dispatch(self._config("dispatch"), *operands)
+        send_tokens, send_index, *recv = self._call(ops.dispatch, "dispatch", *operands)
         return self._dispatched(PendingDispatch(send_tokens, send_index,
                                                 operands[-1].reshape(1)), recv)
 
@@ -208,7 +208,7 @@ class AllToAll:
         """The first half of dispatch: packs and posts what can go at once."""
         operands = self._dispatch_operands("dispatch_send", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index = ops.dispatch_send(self._config("dispatch_send"), *operands)
+        send_tokens, send_index = self._call(ops.dispatch_send, "dispatch_send", *operands)
         return PendingDispatch(send_tokens, send_index, operands[-1].reshape(1))
 
     def dispatch_recv(self, pending: PendingDispatch) -> Dispatched:
@@ -216,7 +216,7 @@ class AllToAll:
         if not isinstance(pending, PendingDispatch):
             raise TypeError("dispatch_recv takes what dispatch_send returned, got "
                             f"{type(pending).__name__}")
-        recv = ops.dispatch_recv(self._config("dispatch_recv"), pending.send_tokens)
+        recv = self._call(ops.dispatch_recv, "dispatch_recv", pending.send_tokens)
         return self._dispatched(pending, recv)
 
     # --- combine ---
@@ -230,16 +230,16 @@ class AllToAll:
         """
         self._check_expert_y("combine", expert_y, handle)
         h = handle
-        return ops.combine(self._config("combine"), expert_y, h.recv_tokens, h.record_rows,
-                           h.record_weights, h.home_offsets, h.send_tokens, h.send_index,
-                           h.num_tokens.reshape(()))
+        return self._call(ops.combine, "combine", expert_y, h.recv_tokens, h.record_rows,
+                          h.record_weights, h.home_offsets, h.send_tokens, h.send_index,
+                          h.num_tokens.reshape(()))
 
     def combine_send(self, expert_y, handle: DispatchHandle) -> PendingCombine:
         """The first half of combine: reduces and sends the partial sums home."""
         self._check_expert_y("combine_send", expert_y, handle)
         h = handle
-        sent = ops.combine_send(self._config("combine_send"), expert_y, h.recv_tokens,
-                                h.record_rows, h.record_weights, h.home_offsets)
+        sent = self._call(ops.combine_send, "combine_send", expert_y, h.recv_tokens,
+                          h.record_rows, h.record_weights, h.home_offsets)
         return PendingCombine(sent, handle)
 
     def combine_recv(self, pending: PendingCombine):
@@ -248,15 +248,35 @@ class AllToAll:
             raise TypeError("combine_recv takes what combine_send returned, got "
                             f"{type(pending).__name__}")
         h = pending.handle
-        return ops.combine_recv(self._config("combine_recv"), pending.sent, h.send_tokens,
-                                h.send_index, h.num_tokens.reshape(()))
+        return self._call(ops.combine_recv, "combine_recv", pending.sent, h.send_tokens,
+                          h.send_index, h.num_tokens.reshape(()))
 
     # --- helpers ---
 
-    def _config(self, method: str) -> ops.OpConfig:
+    def _call(self, op, method: str, *operands):
+        """One custom call per rank. Operands and results are typed as varying over the axis
+        (ffi_call does not derive it, and every rank's results differ whatever the operands
+        were built from), so they fit shard_map's checks and fori_loop carries."""
         if self._contexts is None:
             raise RuntimeError(f"{method}: this AllToAll is closed")
-        return self._ops
+        results = op(self._ops, *self._varying(operands))
+        if isinstance(results, (list, tuple)):
+            return self._varying(results)
+        return self._varying([results])[0]
+
+    def _varying(self, arrays) -> list:
+        out = []
+        for a in arrays:
+            if self.axis_name in _varying_axes(a):
+                out.append(a)
+                continue
+            try:
+                out.append(jax.lax.pcast(a, self.axis_name, to="varying"))
+            except NameError as e:
+                raise ValueError(
+                    f"AllToAll methods run per rank: call them inside jax.shard_map over "
+                    f"{self.axis_name!r}") from e
+        return out
 
     def _dispatched(self, pending: PendingDispatch, recv) -> Dispatched:
         (expert_x, expert_x_scale, expert_counts, group_sizes, recv_tokens, record_rows,
@@ -298,6 +318,12 @@ class AllToAll:
                             f"returned, got {type(handle).__name__}")
         _check_array(method, "expert_y", expert_y, (self.max_recv_tokens, self.hidden),
                      self.combine_dtype)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # named vma before jax 0.10
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 def _positive(name: str, value) -> None:

@@ -227,6 +227,16 @@ def check_combine(rank, E, combine_dtype, ids, weights, num_tokens, x, scale, ou
 # The children: run by jax_efa_moe.launch in one process per rank.
 # --------------------------------------------------------------------------------------------
 
+def _finish(rank, world):
+    # Rank 0 hosts jax.distributed's coordinator: leaving before the others are done with it
+    # would take them down too, so it waits for all of them and leaves last.
+    from jax_efa_moe import bootstrap
+
+    bootstrap.all_gather_bytes("test_done", b"", rank, world)
+    if rank == 0:
+        time.sleep(1.0)
+
+
 def _setup(world):
     import jax
 
@@ -290,7 +300,8 @@ def _programs(comm, mesh):
             return mismatches + sum(jnp.sum(a != b) for a, b in zip(again, first)
                                     if a is not None)
 
-        return jax.lax.fori_loop(0, 99, step, jnp.zeros((), jnp.int32))[None]
+        none_yet = jnp.sum(first[2]) * 0  # varying over the axis, like the step's count
+        return jax.lax.fori_loop(0, 99, step, none_yet)[None]
 
     def program(f):
         return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
@@ -353,6 +364,7 @@ def check_cases(rank, world, args):
                 assert after[0] - before[0] == 100 and after[1] - before[1] == 100, after
         comm.close()
     print(f"rank {rank}: checked {checked} cases on {comm.fabric_provider}", flush=True)
+    _finish(rank, world)
 
 
 def _expect_error(fn, *texts):
@@ -405,6 +417,23 @@ def check_bad_input(rank, world, args):
     _expect_error(lambda: new(dispatch_dtype=jnp.float8_e4m3fn, hidden=100), "multiple of 128")
     run(comm, ids[rank], T)  # still healthy
 
+    # Results are typed as varying over the axis even when the operands are not (a fori_loop
+    # carry or shard_map's checks rely on it).
+    from jax_efa_moe.api import _varying_axes
+
+    def from_constants(_):
+        d = comm.dispatch(jnp.ones((T, H), jnp.bfloat16), jnp.zeros((T, k), jnp.int32),
+                          jnp.ones((T, k), jnp.float32))
+        assert "ep" in _varying_axes(d.expert_x), "dispatch results are not varying"
+        out = comm.combine(d.expert_x, d.handle)
+        assert "ep" in _varying_axes(out), "combine results are not varying"
+        return out
+
+    program = jax.jit(jax.shard_map(from_constants, mesh=mesh, in_specs=P("ep"),
+                                    out_specs=P("ep")))
+    out = _local(program(_sharded(mesh, np.zeros(1, np.float32))))
+    assert (out.astype(np.float32) == 2).all(), "two slots of weight 1 on expert 0"
+
     # An expert id out of range on rank 0: rank 0 names it, the others learn at once.
     bad = ids[rank].copy()
     if rank == 0:
@@ -435,6 +464,7 @@ def check_bad_input(rank, world, args):
     assert counts.sum() == (ids // (E // R) == rank).sum(), counts
     comm.close()
     print(f"rank {rank}: bad input ok", flush=True)
+    _finish(rank, world)
 
 
 def check_dead_peer(rank, world, args):

@@ -398,7 +398,7 @@ def check_bad_input(rank, world, args):
     def run(comm, ids_r, n_r, x_r=None, w_r=None):
         def f(x, ids, w, n):
             d = comm.dispatch(x, ids, w, num_tokens=n[0])
-            y = d.expert_x.astype(comm.combine_dtype)
+            y = d.expert_x
             return comm.combine(y, d.handle), d.expert_counts
 
         program = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
@@ -415,6 +415,10 @@ def check_bad_input(rank, world, args):
     _expect_error(lambda: new(num_experts=7), "multiple")
     _expect_error(lambda: new(dispatch_dtype=jnp.float16), "dispatch_dtype")
     _expect_error(lambda: new(dispatch_dtype=jnp.float8_e4m3fn, hidden=100), "multiple of 128")
+    _expect_error(lambda: new(fabric_provider="no-such-provider"), "no-such-provider")
+    f32_out = new(combine_dtype=jnp.float32)
+    _expect_error(lambda: run(f32_out, ids[rank], T), "expert_y has dtype bfloat16")
+    f32_out.close()
     run(comm, ids[rank], T)  # still healthy
 
     # Results are typed as varying over the axis even when the operands are not (a fori_loop

@@ -26,10 +26,10 @@ class InputError : public Error {
 // "2.5 s", for messages.
 std::string FormatSeconds(double seconds);
 
-// Where one phase (dispatch or combine) stands: its step number and whether the send half has
-// run without its recv half.
+// Where one phase (dispatch or combine) stands: steps completed (the immediates carry its low
+// 28 bits) and whether the send half has run without its recv half.
 struct PhaseState {
-  uint32_t seq = 0;
+  uint64_t steps = 0;
   bool pending = false;
 };
 

@@ -46,11 +46,11 @@ void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle&
       throw InputError("called twice without combine_recv in between; each combine_send "
                        "must be followed by its combine_recv.");
     }
-    const uint32_t seq = ctx.combine.seq;
+    const uint32_t seq = static_cast<uint32_t>(ctx.combine.steps);
     CheckExpertHandle(l, handle);
 
     // Home ranks must have finished summing what this rank sent them in the previous step.
-    if (seq > 0) {
+    if (ctx.combine.steps > 0) {
       ctx.WaitArrivals(ImmKind::kCombineCredit, seq - 1, R - 1,
                        "every rank to finish reading the previous combine step");
     }
@@ -96,7 +96,7 @@ void CombineRecv(AllToAllContext& ctx, const HomeHandle& handle, void* out) {
                        " is outside [0, max_tokens_per_rank = " + std::to_string(l.max_tokens) +
                        "].");
     }
-    const uint32_t seq = ctx.combine.seq;
+    const uint32_t seq = static_cast<uint32_t>(ctx.combine.steps);
     ctx.WaitArrivals(ImmKind::kCombineData, seq, R - 1, "the combine partials of every rank");
 
     int64_t num_partials = 0;
@@ -113,7 +113,7 @@ void CombineRecv(AllToAllContext& ctx, const HomeHandle& handle, void* out) {
       ctx.Track(ctx.engine().Barrier(ctx.peers(), MakeImm(ImmKind::kCombineCredit, seq)));
     }
     ctx.combine.pending = false;
-    ctx.combine.seq = seq + 1;
+    ++ctx.combine.steps;
   });
 }
 

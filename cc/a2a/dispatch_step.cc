@@ -17,13 +17,12 @@ namespace jem {
 namespace {
 
 // Copies records [begin, end) of this rank's own chunk to where a peer would have written
-// them in this rank's receive buffers.
-void CopyOwnRecords(AllToAllContext& ctx, int64_t begin, int64_t end) {
+// them in this rank's receive buffers. `overflow_start` matters only for records past the
+// private slot, and is known only once every route row has arrived.
+void CopyOwnRecords(AllToAllContext& ctx, int64_t begin, int64_t end, int64_t overflow_start) {
   const Layout& l = ctx.layout();
-  const RouteTable route = ctx.route();
   const int me = ctx.rank();
-  const int64_t chunk = route.send_offset(me, me);
-  const int64_t overflow_start = route.overflow_start(me, me);
+  const int64_t chunk = ctx.route().send_offset(me, me);
   uint8_t* arena = ctx.arena();
   for (int64_t j = begin; j < end; ++j) {
     std::memcpy(arena + l.recv_record_offset(me, j, overflow_start),
@@ -104,10 +103,10 @@ void DispatchSend(AllToAllContext& ctx, const DispatchInput& input, int32_t* sen
       throw InputError("called twice without dispatch_recv in between; each dispatch_send "
                        "must be followed by its dispatch_recv.");
     }
-    const uint32_t seq = ctx.dispatch.seq;
+    const uint32_t seq = static_cast<uint32_t>(ctx.dispatch.steps);
 
     // Peers must have finished reading what this rank wrote them in the previous step.
-    if (seq > 0) {
+    if (ctx.dispatch.steps > 0) {
       ctx.WaitArrivals(ImmKind::kDispatchCredit, seq - 1, l.num_ranks - 1,
                        "every rank to finish reading the previous dispatch step");
     }
@@ -129,7 +128,7 @@ void DispatchSend(AllToAllContext& ctx, const DispatchInput& input, int32_t* sen
       PostRouteRow(ctx, seq);
       PostPrivateWrites(ctx, seq);
     }
-    CopyOwnRecords(ctx, 0, ctx.route().private_count(me, me));
+    CopyOwnRecords(ctx, 0, ctx.route().private_count(me, me), 0);
     ctx.dispatch.pending = true;
   });
 }
@@ -143,7 +142,7 @@ void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const Expert
     if (!ctx.dispatch.pending) {
       throw InputError("called without a dispatch_send before it.");
     }
-    const uint32_t seq = ctx.dispatch.seq;
+    const uint32_t seq = static_cast<uint32_t>(ctx.dispatch.steps);
     const RouteTable route = ctx.route();
     for (int d = 0; d < R; ++d) {
       if (send_tokens[d] != route.tokens(me, d)) {
@@ -179,7 +178,8 @@ void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const Expert
     }
 
     if (R > 1) PostOverflowWrites(ctx, seq);
-    CopyOwnRecords(ctx, route.private_count(me, me), route.tokens(me, me));
+    CopyOwnRecords(ctx, route.private_count(me, me), route.tokens(me, me),
+                   route.overflow_start(me, me));
     ctx.WaitArrivals(ImmKind::kDispatchData, seq,
                      static_cast<uint32_t>(route.expected_dispatch_writes(me)),
                      "the dispatched tokens of every rank");
@@ -196,7 +196,7 @@ void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const Expert
       ctx.Track(ctx.engine().Barrier(ctx.peers(), MakeImm(ImmKind::kDispatchCredit, seq)));
     }
     ctx.dispatch.pending = false;
-    ctx.dispatch.seq = seq + 1;
+    ++ctx.dispatch.steps;
   });
 }
 

@@ -118,7 +118,7 @@ void BindAllToAll(nb::module_& m) {
       [](int64_t id) {
         std::shared_ptr<AllToAllContext> ctx = Get(id);
         std::lock_guard<std::mutex> lock(ctx->step_mutex());
-        return std::make_pair(ctx->dispatch.seq, ctx->combine.seq);
+        return std::make_pair(ctx->dispatch.steps, ctx->combine.steps);
       },
       nb::arg("id"), "(dispatch steps, combine steps) completed by this context.");
   m.def(

@@ -8,6 +8,7 @@ one line ``RESULT {json}`` that the test reads.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import threading
@@ -168,6 +169,24 @@ def _fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_kib():
+    """Bytes malloc has handed out and not had back (glibc mallinfo2), in KiB."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) // 1024
+
+
+def _usage():
+    return {"rss_kib": _rss_kib(), "heap_kib": _heap_kib(), "fds": _fds()}
+
+
 def soak(rank, world, args):
     """Many small steps; memory and open file descriptors must not grow after warm-up."""
     f = _flags(args)
@@ -177,7 +196,7 @@ def soak(rank, world, args):
     warmup = min(1000, f.steps // 5)
     for step in range(f.steps):
         if step == warmup:
-            samples["warm"] = (_rss_kib(), _fds())
+            samples["warm"] = _usage()
         n = len(me.peers)
         writes = np.empty((n, 4), np.int64)
         writes[:, 0] = np.arange(n)
@@ -187,7 +206,7 @@ def soak(rank, world, args):
         ticket = me.engine.scatter(me.group, writes, step % 3)
         me.engine.wait_imm(step % 3, n, TIMEOUT_S)
         me.engine.wait_sent(ticket, TIMEOUT_S)
-    samples["end"] = (_rss_kib(), _fds())
+    samples["end"] = _usage()
     me.finish(samples)
 
 

@@ -38,9 +38,12 @@ class PyEngine {
     engine_ = TransferEngine::Create(options);
   }
 
-  TransferEngine& engine() {
+  TransferEngine& engine() { return *shared(); }
+  // Calls that release the GIL hold a reference, so a close() from another thread cannot
+  // destroy the engine under them; it goes when the last such call returns.
+  std::shared_ptr<TransferEngine> shared() {
     if (!engine_) throw Error("the engine is closed");
-    return *engine_;
+    return engine_;
   }
 
   // Registered arrays stay alive while registered: remote peers may write into them.
@@ -54,35 +57,36 @@ class PyEngine {
     size_t nbytes = view.nbytes();
     if (nbytes == 0) throw nb::value_error("register() cannot register an empty array");
     *nbytes_out = nbytes;
-    TransferEngine& e = engine();
+    std::shared_ptr<TransferEngine> e = shared();
     MemoryRegionId id;
     {
       nb::gil_scoped_release release;
-      id = e.RegisterMemory(data, nbytes, MemoryKind::kHost);
+      id = e->RegisterMemory(data, nbytes, MemoryKind::kHost);
     }
     arrays_.emplace(id.value, std::move(array));
     return id;
   }
 
   void Deregister(MemoryRegionId id) {
-    TransferEngine& e = engine();
+    std::shared_ptr<TransferEngine> e = shared();
     {
       nb::gil_scoped_release release;
-      e.DeregisterMemory(id);
+      e->DeregisterMemory(id);
     }
     arrays_.erase(id.value);
   }
 
   void Close() {
+    std::shared_ptr<TransferEngine> last = std::move(engine_);
     {
       nb::gil_scoped_release release;
-      engine_.reset();
+      last.reset();
     }
     arrays_.clear();
   }
 
  private:
-  std::unique_ptr<TransferEngine> engine_;
+  std::shared_ptr<TransferEngine> engine_;
   std::unordered_map<uint32_t, nb::object> arrays_;
 };
 
@@ -217,9 +221,9 @@ void BindEngine(nb::module_& m) {
               specs.push_back(PeerSpec{ToBytes(pair.first), ToBytes(pair.second)});
             }
             MemoryRegionId id = RegionOf(self, region);
-            TransferEngine& e = EngineOf(self).engine();
+            std::shared_ptr<TransferEngine> e = EngineOf(self).shared();
             nb::gil_scoped_release release;
-            return e.AddPeerGroup(id, specs).value;
+            return e->AddPeerGroup(id, specs).value;
           },
           nb::arg("region"), nb::arg("peers"),
           "Writes from `region` to peers [(address, descriptor), ...]; returns the group id.")
@@ -227,9 +231,9 @@ void BindEngine(nb::module_& m) {
           "scatter",
           [](PyEngine& e, uint32_t group, nb::handle writes, uint32_t imm) {
             std::vector<WriteSpec> specs = ToWrites(writes);
-            TransferEngine& te = e.engine();
+            std::shared_ptr<TransferEngine> te = e.shared();
             nb::gil_scoped_release release;
-            return te.Scatter(PeerGroupId{group}, specs.data(), specs.size(), imm);
+            return te->Scatter(PeerGroupId{group}, specs.data(), specs.size(), imm);
           },
           nb::arg("group"), nb::arg("writes"), nb::arg("imm"),
           "Posts writes (peer, src_offset, dst_offset, length), each carrying `imm`; returns a "
@@ -237,25 +241,25 @@ void BindEngine(nb::module_& m) {
       .def(
           "barrier",
           [](PyEngine& e, uint32_t group, uint32_t imm) {
-            TransferEngine& te = e.engine();
+            std::shared_ptr<TransferEngine> te = e.shared();
             nb::gil_scoped_release release;
-            return te.Barrier(PeerGroupId{group}, imm);
+            return te->Barrier(PeerGroupId{group}, imm);
           },
           nb::arg("group"), nb::arg("imm"))
       .def(
           "wait_sent",
           [](PyEngine& e, uint64_t ticket, double timeout_s) {
-            TransferEngine& te = e.engine();
+            std::shared_ptr<TransferEngine> te = e.shared();
             nb::gil_scoped_release release;
-            te.WaitSent(ticket, timeout_s);
+            te->WaitSent(ticket, timeout_s);
           },
           nb::arg("ticket"), nb::arg("timeout_s") = 60.0)
       .def(
           "wait_imm",
           [](PyEngine& e, uint32_t imm, uint32_t count, double timeout_s) {
-            TransferEngine& te = e.engine();
+            std::shared_ptr<TransferEngine> te = e.shared();
             nb::gil_scoped_release release;
-            te.WaitImm(imm, count, timeout_s);
+            te->WaitImm(imm, count, timeout_s);
           },
           nb::arg("imm"), nb::arg("count"), nb::arg("timeout_s") = 60.0,
           "Waits for `count` arrivals of `imm` and consumes them.")

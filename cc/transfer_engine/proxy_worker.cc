@@ -18,6 +18,8 @@ constexpr size_t kSubmissionsPerDrain = 64;
 constexpr auto kSpinFor = std::chrono::microseconds(20);
 constexpr auto kYieldFor = std::chrono::microseconds(1000);
 constexpr auto kNap = std::chrono::microseconds(100);
+// Submit gives up when the queue stays full this long (the proxy cannot post).
+constexpr auto kFullQueueTimeout = std::chrono::seconds(60);
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -33,6 +35,10 @@ ProxyWorker::ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter
                          const EngineOptions& options)
     : domains_(std::move(domains)), counter_(counter), options_(options),
       queue_(kQueueCapacity) {
+  if (options_.pin_cpu >= CPU_SETSIZE) {
+    throw Error("cannot pin the proxy thread to CPU " + std::to_string(options_.pin_cpu) +
+                ": no such CPU");
+  }
   thread_ = std::thread([this] { Loop(); });
   if (options_.pin_cpu >= 0) {
     cpu_set_t set;
@@ -59,9 +65,18 @@ ProxyWorker::~ProxyWorker() {
 }
 
 void ProxyWorker::Submit(Submission&& s) {
-  while (!queue_.TryPush(s)) {
-    if (stop_.load(std::memory_order_relaxed)) throw Error("the engine is shutting down");
-    sched_yield();
+  if (!queue_.TryPush(s)) {
+    const auto deadline = Clock::now() + kFullQueueTimeout;
+    while (!queue_.TryPush(s)) {
+      if (stop_.load(std::memory_order_relaxed)) throw Error("the engine is shutting down");
+      if (Clock::now() > deadline) {
+        throw Error("the proxy accepted no work for " +
+                    std::to_string(kFullQueueTimeout.count()) +
+                    " s: its posts are not completing (a peer may be dead or stalled)" +
+                    (failed() ? ": " + failure() : std::string()));
+      }
+      sched_yield();
+    }
   }
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (sleeping_.load(std::memory_order_relaxed)) {

@@ -51,7 +51,7 @@ class ProxyWorker {
   ProxyWorker(const ProxyWorker&) = delete;
   ProxyWorker& operator=(const ProxyWorker&) = delete;
 
-  // Any thread. Waits (yielding) while the queue is full.
+  // Any thread. Waits (yielding) while the queue is full, up to a minute.
   void Submit(Submission&& s);
   // Runs `fn` on the proxy thread and returns its result or rethrows its exception.
   void RunOnProxy(std::function<void()> fn, double timeout_s);

@@ -75,15 +75,17 @@ class Engine final : public TransferEngine {
                   "stage through pinned host memory");
     }
     uint32_t id = next_region_id_.fetch_add(1);
-    std::unique_ptr<MemoryRegion> region;
+    // Shared with the task, which may outlive this call if the proxy is wedged.
+    auto region = std::make_shared<std::unique_ptr<MemoryRegion>>();
+    int cuda_device = options_.cuda_device;
+    auto* domains = &domains_;
     worker_->RunOnProxy(
-        [&] {
-          region = std::make_unique<MemoryRegion>(domains_, ptr, length, kind,
-                                                  options_.cuda_device, id);
+        [=] {
+          *region = std::make_unique<MemoryRegion>(*domains, ptr, length, kind, cuda_device, id);
         },
         kSetupTimeoutS);
     std::lock_guard<std::mutex> lock(mu_);
-    regions_.emplace(id, std::move(region));
+    regions_.emplace(id, std::move(*region));
     return MemoryRegionId{id};
   }
 
@@ -114,14 +116,16 @@ class Engine final : public TransferEngine {
       region = &FindRegion(local);
     }
     uint32_t id = next_group_id_.fetch_add(1);
-    std::unique_ptr<PeerGroup> group;
+    auto group = std::make_shared<std::unique_ptr<PeerGroup>>();
+    auto shared_parsed = std::make_shared<std::vector<ParsedPeer>>(std::move(parsed));
+    auto* domains = &domains_;
     worker_->RunOnProxy(
-        [&] { group = std::make_unique<PeerGroup>(id, *region, domains_, parsed); },
+        [=] { *group = std::make_unique<PeerGroup>(id, *region, *domains, *shared_parsed); },
         kSetupTimeoutS);
     std::lock_guard<std::mutex> lock(mu_);
     // Groups added concurrently may finish out of order; ids index the table.
     if (groups_.size() <= id) groups_.resize(id + 1);
-    groups_[id] = std::move(group);
+    groups_[id] = std::move(*group);
     return PeerGroupId{id};
   }
 

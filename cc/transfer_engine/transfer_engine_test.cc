@@ -1,15 +1,19 @@
 // Two ranks (fork) over tcp;ofi_rxm: each scatters random slices of random bytes into the
 // other's region with immediates, waits for the other's writes by counting immediates, and
-// checks every byte against what the sender's seed says it wrote. Exit code 0 on success.
+// checks every byte against what the sender's seed says it wrote; then host-flag and callback
+// releases (NotifyImm). Exit code 0 on success.
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "cc/transfer_engine/api.h"
@@ -21,6 +25,8 @@ constexpr size_t kHalf = kRegion / 2;
 constexpr int kWrites = 64;
 constexpr uint32_t kImm = 0xC0FFEE;
 constexpr uint32_t kBarrierImm = 7;
+constexpr uint32_t kFlagImm = 8;
+constexpr uint32_t kCallbackImm = 9;
 constexpr double kTimeoutS = 30.0;
 
 void SendBytes(int fd, const jem::Bytes& b) {
@@ -94,6 +100,26 @@ int Run(int rank, int fd) {
       ++bad;
     }
   }
+  // Asynchronous releases: a host flag stored by the proxy, and a callback on the proxy thread.
+  volatile uint32_t flag = 0;
+  std::atomic<int> called{0};
+  engine->NotifyImm(kFlagImm, 2, &flag, 42);
+  engine->NotifyImm(kCallbackImm, 1, [](void* arg) { ++*static_cast<std::atomic<int>*>(arg); },
+                    &called);
+  std::vector<jem::WriteSpec> signals(2);
+  engine->WaitSent(engine->Scatter(group, signals.data(), 2, kFlagImm), kTimeoutS);
+  engine->WaitSent(engine->Scatter(group, signals.data(), 1, kCallbackImm), kTimeoutS);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((__atomic_load_n(&flag, __ATOMIC_ACQUIRE) != 42 || called.load() != 1) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  if (flag != 42 || called.load() != 1) {
+    std::fprintf(stderr, "rank %d: flag %u, callback called %d times\n", rank, flag,
+                 called.load());
+    ++bad;
+  }
+
   // Both ranks have checked before either closes its endpoint.
   engine->WaitSent(engine->Barrier(group, kBarrierImm), kTimeoutS);
   engine->WaitImm(kBarrierImm, 1, kTimeoutS);

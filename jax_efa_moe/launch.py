@@ -22,6 +22,9 @@ import time
 import traceback
 
 
+_LEAVE_TIMEOUT_S = 60.0
+
+
 class LaunchError(RuntimeError):
     """A child process failed or did not finish in time."""
 
@@ -43,6 +46,10 @@ def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (),
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("FI_TCP_IFACE", "lo")
+    # libfabric's psm providers load a library that drops *.btr backtrace files in the working
+    # directory when a process is killed; the tests kill processes on purpose.
+    child_env.setdefault("IPATH_NO_BACKTRACE", "1")
+    child_env.setdefault("HFI_NO_BACKTRACE", "1")
     procs, logs = [], []
     for rank in range(num_processes):
         e = dict(child_env, JEM_RANK=str(rank), JEM_WORLD=str(num_processes),
@@ -112,8 +119,37 @@ def _child() -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if code == 0:
+        _leave(rank, world)
     # Skip jax.distributed's shutdown barrier: a rank whose peer died must not wait on it.
     os._exit(code)
+
+
+def mark_left(rank: int) -> None:
+    """Tells rank 0 that this rank is leaving. A child that ends itself with os._exit (a test's
+    simulated crash) calls it first, so that rank 0 does not wait for it."""
+    from jax._src import distributed
+
+    distributed.global_state.client.key_value_set(f"jem_launch/left/{rank}", "")
+
+
+def _leave(rank: int, world: int) -> None:
+    """Rank 0 hosts jax.distributed's service: were it to exit first, the ranks still running
+    would be aborted. So it leaves last, waiting (with a deadline) for the others to finish."""
+    from jax._src import distributed
+
+    mark_left(rank)
+    if rank != 0:
+        return
+    client = distributed.global_state.client
+    deadline = time.monotonic() + _LEAVE_TIMEOUT_S
+    for r in range(1, world):
+        remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        try:
+            client.blocking_key_value_get(f"jem_launch/left/{r}", max(remaining_ms, 1))
+        except Exception:  # a rank that died never says it left; the launcher reports it
+            return
+    time.sleep(0.2)  # the others have set their last key; let them reach exit
 
 
 if __name__ == "__main__":

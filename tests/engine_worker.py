@@ -16,9 +16,8 @@ import time
 
 import numpy as np
 
-from jax._src import distributed
 
-from jax_efa_moe import _jem, bootstrap
+from jax_efa_moe import _jem, bootstrap, launch
 
 SLOT = 1 << 16  # bytes of a receiver's buffer reserved per (step, sender)
 SEND_BYTES = 1 << 18
@@ -64,19 +63,6 @@ class Rank:
         bootstrap.all_gather_bytes("done", b"", self.rank, self.world)
         self.engine.close()
         print("RESULT " + json.dumps(result), flush=True)
-        leave_last(self.rank, range(self.world))
-
-
-def leave_last(rank, ranks):
-    """Rank 0 hosts jax.distributed's service and the launcher exits ranks without its shutdown
-    barrier, so rank 0 returns only once the other `ranks` are done: were it to vanish first,
-    they would be aborted."""
-    client = distributed.global_state.client
-    client.key_value_set(f"engine_worker/left/{rank}", "")
-    if rank == 0:
-        for r in ranks:
-            client.blocking_key_value_get(f"engine_worker/left/{r}", int(TIMEOUT_S * 1000))
-        time.sleep(0.5)  # their last key is set; let them reach exit
 
 
 def source_bytes(seed, rank):
@@ -220,6 +206,7 @@ def kill(rank, world, args):
     for step in range(100000):
         if rank == f.victim and step == 20:
             print("RESULT " + json.dumps({"victim": True}), flush=True)
+            launch.mark_left(rank)
             os._exit(0)  # no cleanup: like a crash, the kernel closes the sockets
         try:
             ticket = me.engine.scatter(me.group, writes, 5)
@@ -232,7 +219,6 @@ def kill(rank, world, args):
             print("RESULT " + json.dumps({
                 "error": type(e).__name__, "message": str(e), "step": step,
                 "detect_s": detected, "close_s": time.monotonic() - t0}), flush=True)
-            leave_last(rank, [r for r in range(world) if r != f.victim])
             return
         last_ok = time.monotonic()
     raise AssertionError("the victim's death was never noticed")

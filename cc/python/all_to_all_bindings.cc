@@ -1,5 +1,6 @@
 // All-to-all contexts for Python (create, connect through the bootstrap, destroy) and the
-// capsules of the "cpu" FFI handlers for jax.ffi.register_ffi_target.
+// capsules of the "cpu" FFI handlers for jax.ffi.register_ffi_target. Errors reach Python
+// through the engine bindings' translator (jem::Error -> RuntimeError, TimeoutError).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -43,18 +44,6 @@ nb::capsule Capsule(Fn* handler) {
 }  // namespace
 
 void BindAllToAll(nb::module_& m) {
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const TimeoutError& e) {
-      PyErr_SetString(PyExc_TimeoutError, e.what());
-    } catch (const InputError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-  });
-
   nb::class_<Layout>(m, "Layout", "The all-to-all buffer layout (cc/a2a/layout.h).")
       .def(nb::init<>())
       .def_rw("num_ranks", &Layout::num_ranks)
@@ -129,20 +118,6 @@ void BindAllToAll(nb::module_& m) {
         return RemoveContext(id);
       },
       nb::arg("id"), "Releases a context; returns whether it existed.");
-  m.def(
-      "fabric_provider_available",
-      [](const std::string& provider) {
-        nb::gil_scoped_release release;
-        EngineOptions options;
-        options.provider = provider;
-        try {
-          TransferEngine::Create(options);
-          return true;
-        } catch (const Error&) {
-          return false;
-        }
-      },
-      nb::arg("provider"), "Whether an engine can be opened on this libfabric provider here.");
   m.def(
       "registrations",
       [] {

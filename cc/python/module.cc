@@ -9,4 +9,7 @@ NB_MODULE(_jem, m) {
   m.attr("has_cuda") = false;
 #endif
   jem::BindEngine(m);
+#if defined(JEM_WITH_CUDA)
+  jem::BindCuda(m);
+#endif
 }

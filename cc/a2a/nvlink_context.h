@@ -41,6 +41,9 @@ class NvlinkContext {
   uint8_t* arena() const { return arena_; }
   const NvlinkArgs& args() const { return args_; }
 
+  // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
+  void Synchronize() const;
+
   // Empty, or the first error its kernels reported (read from mapped memory, no sync).
   std::string Failure() const;
 

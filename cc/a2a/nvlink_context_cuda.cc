@@ -158,6 +158,11 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
   connected_ = true;
 }
 
+void NvlinkContext::Synchronize() const {
+  DeviceScope scope(device_);
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
 std::string NvlinkContext::Failure() const {
   if (!connected_) return "rank " + std::to_string(args_.rank) + ": the context is not connected.";
   if (status_->code == 0) return {};

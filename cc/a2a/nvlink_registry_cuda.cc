@@ -61,6 +61,8 @@ bool RemoveNvlinkContexts(int64_t id) {
     gone = std::move(it->second);
     r.contexts.erase(it);
   }
+  // Every GPU of the group finishes first: a rank's kernels write into its peers' arenas.
+  for (const auto& c : gone) c->Synchronize();
   return true;  // `gone` releases the contexts outside the lock
 }
 

@@ -64,8 +64,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_index = s_etot + E;       // [tpb][R] record index per destination, -1 = none
   int32_t* s_rank = s_index + tpb * R; // [tpb][k] slot rank within its expert
 
-  for (int i = tid; i < 4 * R + 2 * E; i += kThreads) s_tot[i] = 0;
-  if (tid == 0) s_bad[0] = INT32_MAX;
+  for (int i = tid; i < 4 * R + 2 * E; i += kThreads) s_tot[i] = i == 3 * R ? INT32_MAX : 0;
   __syncthreads();
 
   const int32_t raw_num_tokens = *io.num_tokens;

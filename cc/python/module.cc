@@ -9,6 +9,7 @@ NB_MODULE(_jem, m) {
   m.attr("has_cuda") = false;
 #endif
   jem::BindEngine(m);
+  jem::BindAllToAll(m);
 #if defined(JEM_WITH_CUDA)
   jem::BindCuda(m);
 #endif

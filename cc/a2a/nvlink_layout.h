@@ -17,7 +17,8 @@
 //                 combine_ready[d]    expert rank d has written all partials for this rank
 //                 combine_credit[s]   home rank s has summed what this rank sent it
 //   state       this rank's own words: sticky error, step counters, block tickets
-//   route       int32 [R][R][1 + L]  row s = sender s's whole plan (layout.h's route table)
+//   route       int32 [R][R][1 + L]  row s = sender s's whole plan: layout.h's route table,
+//                 read through plan.h's RouteTable
 //   slot_rank   int32 [R][T][k]  for record j of sender s, slot i: the slot's rank among the
 //                 sender's slots naming the same expert, in (token, slot) order; the
 //                 receiver turns it into an expert_x row without scanning other records
@@ -33,8 +34,6 @@ namespace jem {
 
 // Peers addressed by one context over NVLink: one node's GPUs.
 constexpr int kMaxNvlinkRanks = 64;
-// Token count in a sender's first route entry when it failed before packing (bad input).
-constexpr int32_t kNvlinkSenderFailed = -1;
 
 // A rank's own words in its arena, touched only by its own kernels.
 struct NvlinkState {
@@ -77,8 +76,8 @@ struct NvlinkLayout {
   }
 
   // --- route table: int32 [R][R][1 + L] ---
-  JEM_HD int64_t route_entry_ints() const { return 1 + layout.local_experts(); }
-  JEM_HD int64_t route_row_ints() const { return R() * route_entry_ints(); }
+  JEM_HD int64_t route_entry_ints() const { return layout.route_entry_ints(); }
+  JEM_HD int64_t route_row_ints() const { return layout.route_row_ints(); }
   JEM_HD int64_t route_offset() const { return state_offset() + state_bytes(); }
   JEM_HD int64_t route_row_offset(int64_t sender) const {
     return route_offset() + sender * route_row_ints() * 4;

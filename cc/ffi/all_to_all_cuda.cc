@@ -11,67 +11,18 @@
 
 #include <cuda_runtime.h>
 
-#include <initializer_list>
 #include <memory>
 #include <string>
 
 #include "cc/a2a/nvlink_registry.h"
+#include "cc/ffi/ffi_types.h"
+#include "cc/ffi/handler_checks.h"
 #include "cc/kernels/nvlink_kernels.h"
-#include "xla/ffi/api/ffi.h"
 
 namespace jem {
 namespace {
 
-namespace ffi = ::xla::ffi;
-
 using Stream = ffi::PlatformStream<cudaStream_t>;
-using AnyBuffer = ffi::AnyBuffer;
-using AnyResult = ffi::Result<ffi::AnyBuffer>;
-using I32Buffer = ffi::Buffer<ffi::S32>;
-using F32Buffer = ffi::Buffer<ffi::F32>;
-using I32Result = ffi::ResultBuffer<ffi::S32>;
-using F32Result = ffi::ResultBuffer<ffi::F32>;
-
-std::string DimsText(ffi::Span<const int64_t> dims) {
-  std::string text = "[";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
-  return text + "]";
-}
-
-// Empty when `dims` equals `expected`, else a sentence naming the operand.
-std::string CheckDims(const char* name, ffi::Span<const int64_t> dims,
-                      std::initializer_list<int64_t> expected) {
-  bool same = dims.size() == expected.size();
-  size_t i = 0;
-  for (int64_t e : expected) same = same && dims[i++] == e;
-  if (same) return {};
-  std::string want = "[";
-  i = 0;
-  for (int64_t e : expected) want += (i++ ? ", " : "") + std::to_string(e);
-  return std::string(name) + " has shape " + DimsText(dims) + ", expected " + want + "]";
-}
-
-int32_t ElementBytes(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::DataType::F8E4M3FN: return 1;
-    case ffi::DataType::BF16: return 2;
-    case ffi::DataType::F32: return 4;
-    default: return 0;
-  }
-}
-
-std::string CheckElementBytes(const char* name, ffi::DataType dtype, int32_t expected) {
-  if (ElementBytes(dtype) == expected) return {};
-  return std::string(name) + " has the wrong dtype for this AllToAll (expected " +
-         std::to_string(expected) + "-byte elements of float8_e4m3fn, bfloat16 or float32)";
-}
-
-ffi::Error FirstProblem(std::initializer_list<std::string> problems) {
-  for (const std::string& p : problems) {
-    if (!p.empty()) return ffi::Error::InvalidArgument(p + ".");
-  }
-  return ffi::Error::Success();
-}
 
 // The context of this stream's GPU, usable (no earlier failure) and current; null with
 // `error` set otherwise.
@@ -134,7 +85,8 @@ ffi::Error CheckSendOperands(const Layout& l, const AnyBuffer& x, const F32Buffe
 ffi::Error CheckRecvResults(const Layout& l, const I32Buffer* send_tokens, AnyResult& expert_x,
                             F32Result& expert_x_scale, I32Result& expert_counts,
                             I32Result& group_sizes, I32Result& recv_tokens,
-                            I32Result& record_rows, F32Result& record_weights) {
+                            I32Result& record_rows, F32Result& record_weights,
+                            I32Result& home_offsets) {
   const int64_t M = l.max_recv_tokens, H = l.hidden, k = l.experts_per_token;
   const int64_t N = l.max_recv_records(), L = l.local_experts(), S = l.num_scales();
   return FirstProblem({
@@ -148,6 +100,7 @@ ffi::Error CheckRecvResults(const Layout& l, const I32Buffer* send_tokens, AnyRe
       CheckDims("recv_tokens", recv_tokens->dimensions(), {l.num_ranks}),
       CheckDims("record_rows", record_rows->dimensions(), {N, k}),
       CheckDims("record_weights", record_weights->dimensions(), {N, k}),
+      CheckDims("home_offsets", home_offsets->dimensions(), {l.num_ranks}),
   });
 }
 
@@ -165,11 +118,12 @@ ffi::Error EnqueueDispatchSend(NvlinkContext& ctx, cudaStream_t stream, const An
 ffi::Error EnqueueDispatchRecv(NvlinkContext& ctx, cudaStream_t stream, AnyResult& expert_x,
                                F32Result& expert_x_scale, I32Result& expert_counts,
                                I32Result& group_sizes, I32Result& recv_tokens,
-                               I32Result& record_rows, F32Result& record_weights) {
+                               I32Result& record_rows, F32Result& record_weights,
+                               I32Result& home_offsets) {
   const DispatchRecvIo io{expert_x->untyped_data(),   expert_x_scale->typed_data(),
                           expert_counts->typed_data(), group_sizes->typed_data(),
                           recv_tokens->typed_data(),   record_rows->typed_data(),
-                          record_weights->typed_data()};
+                          record_weights->typed_data(), home_offsets->typed_data()};
   return Launched(LaunchDispatchRecv(ctx.args(), io, stream), "dispatch_recv");
 }
 
@@ -194,20 +148,20 @@ ffi::Error DispatchRecvCuda(cudaStream_t stream, int64_t context, I32Buffer send
                             AnyResult expert_x, F32Result expert_x_scale,
                             I32Result expert_counts, I32Result group_sizes,
                             I32Result recv_tokens, I32Result record_rows,
-                            F32Result record_weights) {
+                            F32Result record_weights, I32Result home_offsets) {
   ffi::Error error;
   const auto ctx = Usable(stream, context, "dispatch_recv", error);
   if (ctx == nullptr) return error;
   NvlinkContext& c = *ctx;
   if (auto e = CheckRecvResults(c.layout(), &send_tokens, expert_x, expert_x_scale,
                                 expert_counts, group_sizes, recv_tokens, record_rows,
-                                record_weights);
+                                record_weights, home_offsets);
       e.failure()) {
     return e;
   }
   if (auto e = Misuse(c.BeginRecv(false), "dispatch_recv"); e.failure()) return e;
   return EnqueueDispatchRecv(c, stream, expert_x, expert_x_scale, expert_counts, group_sizes,
-                             recv_tokens, record_rows, record_weights);
+                             recv_tokens, record_rows, record_weights, home_offsets);
 }
 
 ffi::Error DispatchCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F32Buffer x_scale,
@@ -215,7 +169,7 @@ ffi::Error DispatchCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F32Bu
                         I32Result send_tokens, I32Result send_index, AnyResult expert_x,
                         F32Result expert_x_scale, I32Result expert_counts,
                         I32Result group_sizes, I32Result recv_tokens, I32Result record_rows,
-                        F32Result record_weights) {
+                        F32Result record_weights, I32Result home_offsets) {
   ffi::Error error;
   const auto ctx = Usable(stream, context, "dispatch", error);
   if (ctx == nullptr) return error;
@@ -226,7 +180,8 @@ ffi::Error DispatchCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F32Bu
     return e;
   }
   if (auto e = CheckRecvResults(c.layout(), nullptr, expert_x, expert_x_scale, expert_counts,
-                                group_sizes, recv_tokens, record_rows, record_weights);
+                                group_sizes, recv_tokens, record_rows, record_weights,
+                                home_offsets);
       e.failure()) {
     return e;
   }
@@ -238,14 +193,15 @@ ffi::Error DispatchCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F32Bu
     return e;
   }
   return EnqueueDispatchRecv(c, stream, expert_x, expert_x_scale, expert_counts, group_sizes,
-                             recv_tokens, record_rows, record_weights);
+                             recv_tokens, record_rows, record_weights, home_offsets);
 }
 
 // ---------------------------------------------------------------- combine
 
 ffi::Error CheckCombineSendOperands(const Layout& l, const AnyBuffer& expert_y,
                                     const I32Buffer& recv_tokens, const I32Buffer& record_rows,
-                                    const F32Buffer& record_weights, I32Result* sent) {
+                                    const F32Buffer& record_weights,
+                                    const I32Buffer& home_offsets, I32Result* sent) {
   const int64_t M = l.max_recv_tokens, H = l.hidden, k = l.experts_per_token;
   const int64_t N = l.max_recv_records();
   return FirstProblem({
@@ -254,6 +210,7 @@ ffi::Error CheckCombineSendOperands(const Layout& l, const AnyBuffer& expert_y,
       CheckDims("recv_tokens", recv_tokens.dimensions(), {l.num_ranks}),
       CheckDims("record_rows", record_rows.dimensions(), {N, k}),
       CheckDims("record_weights", record_weights.dimensions(), {N, k}),
+      CheckDims("home_offsets", home_offsets.dimensions(), {l.num_ranks}),
       sent ? CheckDims("sent", (*sent)->dimensions(), {l.num_ranks}) : std::string(),
   });
 }
@@ -288,15 +245,17 @@ ffi::Error EnqueueCombineRecv(NvlinkContext& ctx, cudaStream_t stream,
   return Launched(LaunchCombineRecv(ctx.args(), io, stream), "combine_recv");
 }
 
+// home_offsets is checked but not needed: over NVLink a partial goes to the home rank's slot
+// of (this rank, record), which both sides know without the home rank's count matrix.
 ffi::Error CombineSendCuda(cudaStream_t stream, int64_t context, AnyBuffer expert_y,
                            I32Buffer recv_tokens, I32Buffer record_rows, F32Buffer record_weights,
-                           I32Result sent) {
+                           I32Buffer home_offsets, I32Result sent) {
   ffi::Error error;
   const auto ctx = Usable(stream, context, "combine_send", error);
   if (ctx == nullptr) return error;
   NvlinkContext& c = *ctx;
   if (auto e = CheckCombineSendOperands(c.layout(), expert_y, recv_tokens, record_rows,
-                                        record_weights, &sent);
+                                        record_weights, home_offsets, &sent);
       e.failure()) {
     return e;
   }
@@ -323,14 +282,14 @@ ffi::Error CombineRecvCuda(cudaStream_t stream, int64_t context, I32Buffer sent,
 
 ffi::Error CombineCuda(cudaStream_t stream, int64_t context, AnyBuffer expert_y,
                        I32Buffer recv_tokens, I32Buffer record_rows, F32Buffer record_weights,
-                       I32Buffer send_tokens, I32Buffer send_index, I32Buffer num_tokens,
+                       I32Buffer home_offsets, I32Buffer send_tokens, I32Buffer send_index, I32Buffer num_tokens,
                        AnyResult out) {
   ffi::Error error;
   const auto ctx = Usable(stream, context, "combine", error);
   if (ctx == nullptr) return error;
   NvlinkContext& c = *ctx;
   if (auto e = CheckCombineSendOperands(c.layout(), expert_y, recv_tokens, record_rows,
-                                        record_weights, nullptr);
+                                        record_weights, home_offsets, nullptr);
       e.failure()) {
     return e;
   }
@@ -374,7 +333,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchRecvCuda, DispatchRecvCuda,
                                   .Ret<I32Buffer>()   // group_sizes
                                   .Ret<I32Buffer>()   // recv_tokens
                                   .Ret<I32Buffer>()   // record_rows
-                                  .Ret<F32Buffer>()); // record_weights
+                                  .Ret<F32Buffer>()   // record_weights
+                                  .Ret<I32Buffer>()); // home_offsets
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCuda, DispatchCuda,
                               ffi::Ffi::Bind()
@@ -393,7 +353,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCuda, DispatchCuda,
                                   .Ret<I32Buffer>()   // group_sizes
                                   .Ret<I32Buffer>()   // recv_tokens
                                   .Ret<I32Buffer>()   // record_rows
-                                  .Ret<F32Buffer>()); // record_weights
+                                  .Ret<F32Buffer>()   // record_weights
+                                  .Ret<I32Buffer>()); // home_offsets
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineSendCuda, CombineSendCuda,
                               ffi::Ffi::Bind()
@@ -403,6 +364,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineSendCuda, CombineSendCuda,
                                   .Arg<I32Buffer>()   // recv_tokens
                                   .Arg<I32Buffer>()   // record_rows
                                   .Arg<F32Buffer>()   // record_weights
+                                  .Arg<I32Buffer>()   // home_offsets
                                   .Ret<I32Buffer>()); // sent
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineRecvCuda, CombineRecvCuda,
@@ -423,6 +385,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineCuda, CombineCuda,
                                   .Arg<I32Buffer>()   // recv_tokens
                                   .Arg<I32Buffer>()   // record_rows
                                   .Arg<F32Buffer>()   // record_weights
+                                  .Arg<I32Buffer>()   // home_offsets
                                   .Arg<I32Buffer>()   // send_tokens
                                   .Arg<I32Buffer>()   // send_index
                                   .Arg<I32Buffer>()   // num_tokens

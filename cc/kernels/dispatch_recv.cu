@@ -7,6 +7,7 @@
 // Every block derives the expert offsets from the route table itself; the row of each slot is
 // expert start + the rows of earlier senders + the slot rank the sender computed, so blocks
 // own contiguous record ranges and never wait for each other.
+#include "cc/a2a/plan.h"
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
@@ -49,8 +50,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t L = lay.local_experts(), M = lay.max_recv_tokens, N = lay.max_recv_records();
-  const int64_t entry = 1 + L;
   const Arena me = ArenaOf(a, a.rank);
+  const RouteTable route{me.route_row(0), lay};
   NvlinkState* st = me.state();
   const RecvPlan plan = PlanRecv(lay, gridDim.x);
   const int tid = threadIdx.x;
@@ -86,18 +87,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int64_t x = tid; x < R * L; x += kThreads) {
       const int64_t d = x / L, e = x % L;
       int64_t n = 0;
-      for (int s = 0; s < R; ++s) n += me.route_row(s)[d * entry + 1 + e];
+      for (int s = 0; s < R; ++s) n += route.expert_tokens(s, d, e);
       atomicAdd(&s_need_rows[d], static_cast<int32_t>(AlignUp(n, lay.expert_alignment)));
     }
     for (int d = tid; d < R; d += kThreads) {
       int64_t n = 0;
-      for (int s = 0; s < R; ++s) n += me.route_row(s)[d * entry];
+      for (int s = 0; s < R; ++s) n += route.tokens(s, d);
       s_need_recs[d] = static_cast<int32_t>(n);
     }
     __syncthreads();
     if (tid == 0) {
       for (int s = R - 1; s >= 0; --s) {
-        if (me.route_row(s)[0] == kNvlinkSenderFailed) s_verdict[0] = s;
+        if (route.sender_failed(s)) s_verdict[0] = s;
       }
       for (int d = R - 1; d >= 0; --d) {
         if (s_need_rows[d] > M || s_need_recs[d] > N) s_verdict[1] = d;
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     if (blockIdx.x == 0) {
       for (int64_t e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
-      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = 0;
+      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
     }
   } else {
     // Expert starts and the rows of earlier senders, per local expert.
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       int32_t n = 0;
       for (int s = 0; s < R; ++s) {
         s_sbase[s * L + e] = n;
-        n += me.route_row(s)[a.rank * entry + 1 + e];
+        n += route.expert_tokens(s, a.rank, e);
       }
       s_count[e] = n;
       s_group[e] = static_cast<int32_t>(AlignUp(n, lay.expert_alignment));
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       int32_t n = 0;
       for (int s = 0; s < R; ++s) {
         s_rbase[s] = n;
-        n += me.route_row(s)[a.rank * entry];
+        n += route.tokens(s, a.rank);
       }
       s_rbase[R] = n;
     }
@@ -161,7 +162,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         io.expert_counts[e] = s_count[e];
         io.group_sizes[e] = s_group[e];
       }
-      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = s_rbase[s + 1] - s_rbase[s];
+      for (int s = tid; s < R; s += kThreads) {
+        io.recv_tokens[s] = s_rbase[s + 1] - s_rbase[s];
+        io.home_offsets[s] = static_cast<int32_t>(route.send_offset(s, a.rank));
+      }
     }
 
     // This block's records: the row of every slot.
@@ -180,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       int32_t row = -1;
       if (e != -1) {
         const bool sane = e >= 0 && e < L && rank >= 0 &&
-                          rank < me.route_row(s)[a.rank * entry + 1 + e];
+                          rank < route.expert_tokens(s, a.rank, e);
         if (sane) {
           row = s_estart[e] + s_sbase[s * L + e] + rank;
         } else {

@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t d = w / entry, j = w % entry;
         int32_t v;
         if (bad) {
-          v = w == 0 ? kNvlinkSenderFailed : 0;
+          v = w == 0 ? kRouteFailed : 0;
         } else {
           v = j == 0 ? s_tot[d] : s_etot[d * L + j - 1];
         }

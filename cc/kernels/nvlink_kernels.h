@@ -44,6 +44,7 @@ struct DispatchRecvIo {
   int32_t* recv_tokens;       // [R]
   int32_t* record_rows;       // [N, k]
   float* record_weights;      // [N, k]
+  int32_t* home_offsets;      // [R]
 };
 
 struct CombineSendIo {

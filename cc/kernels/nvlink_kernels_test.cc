@@ -172,7 +172,7 @@ struct Expected {
   // receiver side
   std::vector<uint8_t> expert_x;
   std::vector<float> expert_x_scale;
-  std::vector<int32_t> expert_counts, group_sizes, recv_tokens, record_rows;
+  std::vector<int32_t> expert_counts, group_sizes, recv_tokens, record_rows, home_offsets;
   std::vector<float> record_weights;
   std::vector<uint8_t> out;  // combine result
   int64_t rows_needed = 0, records_needed = 0;
@@ -242,10 +242,12 @@ std::vector<Expected> Reference(const Layout& l, const std::vector<RankInput>& i
     }
     e.rows_needed = row;
     e.recv_tokens.resize(R);
+    e.home_offsets.assign(R, 0);
     e.records_needed = 0;
     for (int s = 0; s < R; ++s) {
       e.recv_tokens[s] = static_cast<int32_t>(records[s][d].size());
       e.records_needed += e.recv_tokens[s];
+      for (int d2 = 0; d2 < d; ++d2) e.home_offsets[s] += static_cast<int32_t>(records[s][d2].size());
     }
     if (row > M || e.records_needed > N) continue;
     e.expert_x.assign(static_cast<size_t>(M) * xb, 0);
@@ -342,7 +344,7 @@ struct RankBuffers {
   DeviceArray<uint8_t> x, expert_x, y, out;
   DeviceArray<float> x_scale, topk_weights, expert_x_scale, record_weights;
   DeviceArray<int32_t> topk_ids, num_tokens, send_tokens, send_index, expert_counts, group_sizes,
-      recv_tokens, record_rows, sent;
+      recv_tokens, record_rows, home_offsets, sent;
 
   RankBuffers(const Layout& l, int dev) : device(dev) {
     CHECK_CUDA(cudaSetDevice(dev));
@@ -363,6 +365,7 @@ struct RankBuffers {
     recv_tokens.Alloc(l.num_ranks);
     record_rows.Alloc(N * k);
     record_weights.Alloc(N * k);
+    home_offsets.Alloc(l.num_ranks);
     y.Alloc(M * H * l.combine_elem_bytes);
     sent.Alloc(l.num_ranks);
     out.Alloc(T * H * l.combine_elem_bytes);
@@ -382,7 +385,7 @@ struct RankBuffers {
       y.Upload(in.y);
     }
     for (auto* a : {&send_tokens, &send_index, &expert_counts, &group_sizes, &recv_tokens,
-                    &record_rows, &sent}) {
+                    &record_rows, &home_offsets, &sent}) {
       a->Poison();
     }
     expert_x.Poison();
@@ -404,7 +407,7 @@ struct RankBuffers {
     CHECK_CUDA(LaunchDispatchRecv(
         c.args(),
         DispatchRecvIo{expert_x.p, expert_x_scale.p, expert_counts.p, group_sizes.p,
-                       recv_tokens.p, record_rows.p, record_weights.p},
+                       recv_tokens.p, record_rows.p, record_weights.p, home_offsets.p},
         stream));
   }
   void CombineSend(const NvlinkContext& c) {
@@ -535,6 +538,7 @@ void RunCase(World& w, const Case& c) {
              r, (long long)CountDiff(b.expert_x.Download(), e.expert_x));
       EXPECT(CountDiff(b.expert_x_scale.Download(), e.expert_x_scale) == 0, "%s r%d expert_x_scale",
              n, r);
+      EXPECT(CountDiff(b.home_offsets.Download(), e.home_offsets) == 0, "%s r%d home_offsets", n, r);
       EXPECT(CountDiff(b.sent.Download(), e.recv_tokens) == 0, "%s r%d sent", n, r);
       const int64_t out_diff = CountDiff(b.out.Download(), e.out);
       EXPECT(out_diff == 0, "%s step %d r%d combine out differs in %lld bytes", n, step, r,

@@ -24,25 +24,11 @@ std::vector<std::shared_ptr<NvlinkContext>> Contexts(int64_t id) {
   return contexts;
 }
 
-int64_t CreateContexts(int num_ranks, int num_experts, int experts_per_token, int hidden,
-                       int max_tokens, int max_recv_tokens, int expert_alignment,
-                       int dispatch_elem_bytes, int combine_elem_bytes,
-                       const std::vector<int>& ranks, const std::vector<int>& devices,
-                       double timeout_s, bool zero_unused_rows) {
+int64_t CreateContexts(const Layout& layout, const std::vector<int>& ranks,
+                       const std::vector<int>& devices, double timeout_s, bool zero_unused_rows) {
   if (ranks.empty() || ranks.size() != devices.size()) {
     throw Error("ranks and devices must be non-empty lists of the same length.");
   }
-  Layout layout;
-  layout.num_ranks = num_ranks;
-  layout.num_experts = num_experts;
-  layout.experts_per_token = experts_per_token;
-  layout.hidden = hidden;
-  layout.max_tokens = max_tokens;
-  layout.max_recv_tokens = max_recv_tokens;
-  layout.expert_alignment = expert_alignment;
-  layout.dispatch_elem_bytes = dispatch_elem_bytes;
-  layout.combine_elem_bytes = combine_elem_bytes;
-  layout.has_scales = dispatch_elem_bytes == 1;
   std::vector<std::unique_ptr<NvlinkContext>> contexts;
   for (size_t i = 0; i < ranks.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
@@ -60,7 +46,7 @@ std::vector<nb::bytes> IpcHandles(int64_t id) {
   std::vector<nb::bytes> out;
   for (const auto& c : Contexts(id)) {
     const Bytes h = c->IpcHandle();
-    out.emplace_back(h.data(), h.size());
+    out.emplace_back(reinterpret_cast<const char*>(h.data()), h.size());
   }
   return out;
 }
@@ -101,10 +87,7 @@ int DeviceCount() {
 void BindCuda(nb::module_& m) {
   m.def("cuda_device_count", &DeviceCount,
         "GPUs this process can use (0 without a driver or a GPU).");
-  m.def("cuda_context_create", &CreateContexts, nb::arg("num_ranks"), nb::arg("num_experts"),
-        nb::arg("experts_per_token"), nb::arg("hidden"), nb::arg("max_tokens"),
-        nb::arg("max_recv_tokens"), nb::arg("expert_alignment"),
-        nb::arg("dispatch_elem_bytes"), nb::arg("combine_elem_bytes"), nb::arg("ranks"),
+  m.def("cuda_context_create", &CreateContexts, nb::arg("layout"), nb::arg("ranks"),
         nb::arg("devices"), nb::arg("timeout_s"), nb::arg("zero_unused_rows") = true,
         "Allocates one NVLink context per (rank, GPU) of this process; returns their id.");
   m.def("cuda_context_ipc_handles", &IpcHandles, nb::arg("id"),

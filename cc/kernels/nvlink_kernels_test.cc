@@ -437,6 +437,30 @@ struct World {
   int generation = 0;      // contexts created so far (file names differ per context)
 };
 
+// Every process waits for every other at `tag` (files in the rendezvous directory).
+void Barrier(const World& w, const std::string& tag) {
+  if (w.rendezvous.empty()) return;
+  const std::string prefix = w.rendezvous + "/" + tag + "_";
+  std::ofstream(prefix + std::to_string(w.local[0])) << "1";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  for (int r = 0; r < w.world; ++r) {
+    while (!std::ifstream(prefix + std::to_string(r))) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "rank %d: rank %d never reached %s\n", w.local[0], r, tag.c_str());
+        std::exit(3);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+}
+
+// Contexts go only once no process's kernels can still write into them.
+void Disconnect(const World& w, std::vector<std::unique_ptr<NvlinkContext>>& ctx) {
+  for (auto& c : ctx) c->Synchronize();
+  Barrier(w, "done" + std::to_string(w.generation));
+  ctx.clear();
+}
+
 std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, double timeout_s) {
   std::vector<std::unique_ptr<NvlinkContext>> ctx;
   for (int r : w.local) ctx.push_back(std::make_unique<NvlinkContext>(l, r, r, timeout_s, true));
@@ -472,6 +496,7 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
     }
   }
   for (auto& c : ctx) c->Connect(local, handles);
+  Barrier(w, "connected" + std::to_string(w.generation));
   return ctx;
 }
 
@@ -545,6 +570,8 @@ void RunCase(World& w, const Case& c) {
              (long long)out_diff);
     }
   }
+  buf.clear();
+  Disconnect(w, ctx);
   std::printf("%-28s %s\n", c.name.c_str(), g_failures ? "(failures so far)" : "ok");
   std::fflush(stdout);
 }
@@ -716,6 +743,8 @@ std::string Bench(World& w, int T, int iters) {
     CHECK_CUDA(cudaSetDevice(buf[i]->device));
     for (auto& e : ev[i]) cudaEventDestroy(e);
   }
+  buf.clear();
+  Disconnect(w, ctx);
   return js.str();
 }
 

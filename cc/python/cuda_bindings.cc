@@ -67,6 +67,10 @@ void Connect(int64_t id, const std::vector<nb::bytes>& handles) {
   for (const auto& c : contexts) c->Connect(local, raw);
 }
 
+void Synchronize(int64_t id) {
+  for (const auto& c : Contexts(id)) c->Synchronize();
+}
+
 std::vector<std::string> Failures(int64_t id) {
   std::vector<std::string> out;
   for (const auto& c : Contexts(id)) out.push_back(c->Failure());
@@ -98,6 +102,8 @@ void BindCuda(nb::module_& m) {
   m.def("cuda_context_failures", &Failures, nb::arg("id"),
         "Per local rank, the first error its kernels reported ('' if none). Reads mapped "
         "memory: call it after block_until_ready.");
+  m.def("cuda_context_synchronize", &Synchronize, nb::arg("id"),
+        "Waits for every kernel queued on this process's GPUs of the context.");
   m.def("cuda_context_destroy", &RemoveNvlinkContexts, nb::arg("id"),
         "Frees the contexts once their queued kernels have finished.");
   m.def("cuda_registrations", []() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
 #
-#   scripts/gpu_check.sh [stage ...]     stages: info build kernels pytest sanitizer bench
-#                                        (default: all, in that order)
+#   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
+#                                        pytest sanitizer bench (default: all, in that order)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -37,8 +37,6 @@ stage() {  # stage NAME LOG TIMEOUT_S command...
   [ $rc -eq 0 ] || FAILED=1
   return $rc
 }
-
-want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 fabric_root() {
   pkg-config --exists libfabric 2>/dev/null && return 0
@@ -96,31 +94,31 @@ sanitize() {  # compute-sanitizer TOOL on the small cases, one process per GPU
 export -f fabric_root build kernels_two_processes sanitize
 export PY OUT
 
-if want info; then
-  stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
-    "$PY" -c "import jax; print(jax.__version__, jax.devices())"'
-fi
-if want build; then
-  stage build build.log 400 build
-fi
-if want kernels; then
-  stage "kernels, one process" kernels.log 180 build/gpu/nvlink_kernels_test
-  stage "kernels, two processes (IPC)" kernels.log 180 kernels_two_processes ""
-fi
-if want pytest; then
-  stage pytest pytest.log 560 "$PY" -m pytest -q -x -rA tests/test_gpu.py
-fi
-if want sanitizer; then
-  stage "memcheck" sanitizer.log 300 sanitize memcheck
-  stage "racecheck" sanitizer.log 300 sanitize racecheck
-fi
-if want bench; then
-  stage "kernel benchmark" bench.log 240 build/gpu/nvlink_kernels_test --bench "$OUT/bench_kernels.json"
-  if [ -f benchmarks/bench_all_to_all.py ]; then
-    stage "bench_all_to_all" bench.log 400 "$PY" benchmarks/bench_all_to_all.py --platform=cuda \
-      --out="$OUT/bench_all_to_all.json"
-  fi
-fi
+for s in $STAGES; do
+  case $s in
+    info)
+      stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
+        "$PY" -c "import jax; print(jax.__version__, jax.devices())"' ;;
+    build)
+      stage build build.log 400 build ;;
+    kernels)
+      stage "kernels, one process" kernels.log 180 build/gpu/nvlink_kernels_test
+      stage "kernels, two processes (IPC)" kernels.log 180 kernels_two_processes "" ;;
+    pytest)
+      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-560}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ;;
+    sanitizer)
+      stage memcheck sanitizer.log 300 sanitize memcheck
+      stage racecheck sanitizer.log 300 sanitize racecheck ;;
+    bench)
+      stage "kernel benchmark" bench.log 240 build/gpu/nvlink_kernels_test \
+        --bench "$OUT/bench_kernels.json"
+      if [ -f benchmarks/bench_all_to_all.py ]; then
+        stage bench_all_to_all bench.log 400 "$PY" benchmarks/bench_all_to_all.py \
+          --platform=cuda --out="$OUT/bench_all_to_all.json"
+      fi ;;
+    *) echo "unknown stage $s (info build kernels pytest sanitizer bench)" >&2; exit 2 ;;
+  esac
+done
 echo "--- summary"
 cat "$SUMMARY"
 exit $FAILED

@@ -100,17 +100,17 @@ for s in $STAGES; do
       stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
         "$PY" -c "import jax; print(jax.__version__, jax.devices())"' ;;
     build)
-      stage build build.log 400 build ;;
+      stage build build.log 300 build ;;
     kernels)
-      stage "kernels, one process" kernels.log 180 build/gpu/nvlink_kernels_test
-      stage "kernels, two processes (IPC)" kernels.log 180 kernels_two_processes "" ;;
+      stage "kernels, one process" kernels.log 90 build/gpu/nvlink_kernels_test
+      stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
     pytest)
-      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-560}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ;;
+      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ;;
     sanitizer)
-      stage memcheck sanitizer.log 300 sanitize memcheck
-      stage racecheck sanitizer.log 300 sanitize racecheck ;;
+      stage memcheck sanitizer.log 120 sanitize memcheck
+      stage racecheck sanitizer.log 120 sanitize racecheck ;;
     bench)
-      stage "kernel benchmark" bench.log 240 build/gpu/nvlink_kernels_test \
+      stage "kernel benchmark" bench.log 120 build/gpu/nvlink_kernels_test \
         --bench "$OUT/bench_kernels.json"
       if [ -f benchmarks/bench_all_to_all.py ]; then
         stage bench_all_to_all bench.log 400 "$PY" benchmarks/bench_all_to_all.py \

@@ -105,7 +105,7 @@ for s in $STAGES; do
       stage "kernels, one process" kernels.log 90 build/gpu/nvlink_kernels_test
       stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
     pytest)
-      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ;;
+      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ${PYTEST_ARGS:-} ;;
     sanitizer)
       stage memcheck sanitizer.log 120 sanitize memcheck
       stage racecheck sanitizer.log 120 sanitize racecheck ;;

@@ -89,6 +89,7 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   Check(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
   args_.status = static_cast<DeviceStatus*>(status_on_device);
   args_.arenas[rank] = arena_;
+  Check(LoadNvlinkKernels(), "loading the NVLink kernels");
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 

@@ -136,6 +136,12 @@ cudaError_t Launch(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t
 
 }  // namespace
 
+cudaError_t LoadCombineRecv() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>);
+}
+
 cudaError_t LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io,
                               cudaStream_t stream) {
   return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)

@@ -133,6 +133,12 @@ cudaError_t Launch(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t
 
 }  // namespace
 
+cudaError_t LoadCombineSend() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineSendKernel<float>);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineSendKernel<__nv_bfloat16>);
+}
+
 cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,
                               cudaStream_t stream) {
   return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)

@@ -270,6 +270,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
+cudaError_t LoadDispatchRecv() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, DispatchRecvKernel);
+}
+
 cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
                                cudaStream_t stream) {
   const int grid = 2 * args.num_sms;

@@ -258,6 +258,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
+cudaError_t LoadDispatchSend() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, DispatchSendKernel);
+}
+
 cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io,
                                cudaStream_t stream) {
   const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));

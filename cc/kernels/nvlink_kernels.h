@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "cc/a2a/nvlink_layout.h"
 #include "cc/kernels/device_status.h"
@@ -61,6 +62,22 @@ struct CombineRecvIo {
   const int32_t* num_tokens;   // []
   void* out;                   // [T, H] combine dtype
 };
+
+// Loads every kernel on the current device. Call once per device at set-up: with CUDA's lazy
+// module loading, a kernel loaded at its first launch may wait for the device to go idle,
+// while a kernel already running on it waits for a peer whose launch comes after.
+cudaError_t LoadDispatchSend();
+cudaError_t LoadDispatchRecv();
+cudaError_t LoadCombineSend();
+cudaError_t LoadCombineRecv();
+inline cudaError_t LoadNvlinkKernels() {
+  for (cudaError_t (*load)() : {LoadDispatchSend, LoadDispatchRecv, LoadCombineSend,
+                                LoadCombineRecv}) {
+    const cudaError_t err = load();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
 
 cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io,
                                cudaStream_t stream);

@@ -823,7 +823,9 @@ int main(int argc, char** argv) {
   if (!bench_out.empty()) {
     std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
     std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
-    js += ", \"runs\": [" + Bench(w, 128, 500) + ", " + Bench(w, 4096, 100) + "]}";
+    const std::string small = Bench(w, 128, 500);
+    const std::string large = Bench(w, 4096, 100);
+    js += ", \"runs\": [" + small + ", " + large + "]}";
     std::ofstream(bench_out) << js << "\n";
   } else {
     for (const Case& c : Cases(w.world, small)) RunCase(w, c);

@@ -81,7 +81,15 @@ def _backend_contexts(platform: str, mesh, axis_name, layout, *, fabric_provider
 
         return CpuContexts(mesh, axis_name, layout, fabric_provider=fabric_provider,
                            timeout_s=timeout_s)
-    # GPU platforms plug in here (contexts per local device, NVLink for same-node peers).
+    if platform == "gpu":
+        R = mesh.shape[axis_name]
+        if transport == "fabric" or (ranks_per_node is not None and ranks_per_node != R):
+            raise ValueError("on GPUs this build reaches peers over NVLink only: every rank "
+                             "must be on one node (ranks_per_node=None or equal to the ranks, "
+                             "transport='auto' or 'nvlink').")
+        from jax_efa_moe.cuda_contexts import CudaContexts
+
+        return CudaContexts(mesh, axis_name, layout, timeout_s=timeout_s)
     raise ValueError(f"AllToAll has no backend for devices of platform '{platform}' in this "
                      "build.")
 
@@ -180,6 +188,15 @@ class AllToAll:
         if self._contexts is not None:
             self._contexts.close()
             self._contexts = None
+
+    def raise_if_failed(self) -> None:
+        """Raises the first error a step reported, if any. On GPUs the kernels report errors
+        (bad expert ids, num_tokens, capacity, a silent peer) without stopping the host: call
+        this after ``jax.block_until_ready``; the next call of this AllToAll also raises it.
+        On the CPU steps raise at once, so this never raises there."""
+        check = getattr(self._contexts, "raise_if_failed", None)
+        if check is not None:
+            check()
 
     def __enter__(self) -> AllToAll:
         return self

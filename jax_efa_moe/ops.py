@@ -28,6 +28,9 @@ def register_targets() -> None:
 
         for name, capsule in _jem.registrations().items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        if _jem.has_cuda:
+            for name, capsule in _jem.cuda_registrations().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
 
 

@@ -10,4 +10,7 @@ NB_MODULE(_jem, m) {
 #endif
   jem::BindEngine(m);
   jem::BindAllToAll(m);
+#if defined(JEM_WITH_CUDA)
+  jem::BindCuda(m);
+#endif
 }

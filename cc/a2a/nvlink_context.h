@@ -1,0 +1,70 @@
+// One rank's all-to-all state on the NVLink path: its GPU, its arena (cudaMalloc'd once, laid
+// out by nvlink_layout.h), every peer's arena as mapped on this GPU (peer access within one
+// process, CUDA IPC between processes), and the sticky status its kernels report into.
+//
+// Set-up (create, exchange handles, connect, close) may allocate and synchronize; the step
+// functions only enqueue kernels on the caller's stream.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cc/a2a/layout.h"
+#include "cc/a2a/nvlink_layout.h"
+#include "cc/kernels/nvlink_kernels.h"
+#include "cc/transfer_engine/api.h"
+
+namespace jem {
+
+class NvlinkContext {
+ public:
+  // Allocates the arena and the status on `device`. Throws Error for a layout the kernels do
+  // not support or a CUDA failure.
+  NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
+                bool zero_unused_rows);
+  ~NvlinkContext();
+  NvlinkContext(const NvlinkContext&) = delete;
+  NvlinkContext& operator=(const NvlinkContext&) = delete;
+
+  // The arena's CUDA IPC handle, for ranks in other processes.
+  Bytes IpcHandle() const;
+  // Maps every rank's arena: ranks in this process come from `local` (indexed by rank, null
+  // for ranks of other processes; their GPUs get peer access), the others are opened from
+  // their IPC handles (indexed by rank).
+  void Connect(const std::vector<NvlinkContext*>& local, const std::vector<Bytes>& handles);
+
+  const Layout& layout() const { return args_.layout; }
+  int rank() const { return args_.rank; }
+  int device() const { return device_; }
+  uint8_t* arena() const { return arena_; }
+  const NvlinkArgs& args() const { return args_; }
+
+  // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
+  void Synchronize() const;
+
+  // Empty, or the first error its kernels reported (read from mapped memory, no sync).
+  std::string Failure() const;
+
+  // Host-side order of the halves (calls arrive in stream order): throws InputError-like
+  // Error text when a recv half has no send half before it, or a send half repeats.
+  std::string BeginSend(bool combine);
+  std::string BeginRecv(bool combine);
+
+ private:
+  NvlinkArgs args_;
+  int device_;
+  double timeout_s_;
+  uint8_t* arena_ = nullptr;
+  DeviceStatus* status_ = nullptr;
+  std::vector<void*> opened_;  // IPC mappings to close
+  bool connected_ = false;
+  bool pending_[2] = {false, false};  // dispatch, combine: send half without its recv half
+  std::mutex mutex_;
+};
+
+// Every unsupported choice of the layout on the NVLink path, as a sentence; empty if none.
+std::string CheckNvlinkLayout(const Layout& layout);
+
+}  // namespace jem

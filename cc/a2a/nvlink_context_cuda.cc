@@ -1,0 +1,194 @@
+#include "cc/a2a/nvlink_context.h"
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <string>
+
+namespace jem {
+namespace {
+
+void Check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw Error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  }
+}
+
+// Makes `device` current for the scope.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    Check(cudaGetDevice(&previous_), "cudaGetDevice");
+    Check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
+std::string CheckNvlinkLayout(const Layout& l) {
+  const auto n = [](int64_t v) { return std::to_string(v); };
+  if (l.num_ranks < 1 || l.num_ranks > kMaxNvlinkRanks) {
+    return "the NVLink path supports 1 to " + n(kMaxNvlinkRanks) + " ranks, not " +
+           n(l.num_ranks);
+  }
+  if (l.num_experts < l.num_ranks || l.num_experts % l.num_ranks != 0) {
+    return "num_experts = " + n(l.num_experts) + " must be a multiple of the number of ranks " +
+           n(l.num_ranks);
+  }
+  if (l.experts_per_token < 1 || l.experts_per_token > 32) {
+    return "experts_per_token = " + n(l.experts_per_token) + " must be in [1, 32] on CUDA";
+  }
+  if (l.hidden < 16 || l.hidden % 16 != 0) {
+    return "hidden = " + n(l.hidden) + " must be a positive multiple of 16 on CUDA";
+  }
+  if (l.has_scales && l.hidden % kScaleBlock != 0) {
+    return "hidden = " + n(l.hidden) + " must be a multiple of 128 for float8 dispatch";
+  }
+  if (l.dispatch_elem_bytes != 1 && l.dispatch_elem_bytes != 2 && l.dispatch_elem_bytes != 4) {
+    return "the dispatch dtype must be float8_e4m3fn, bfloat16 or float32";
+  }
+  if (l.combine_elem_bytes != 2 && l.combine_elem_bytes != 4) {
+    return "the combine dtype must be bfloat16 or float32";
+  }
+  if (l.max_tokens < 1 || l.max_recv_tokens < 1 || l.expert_alignment < 1) {
+    return "max_tokens_per_rank, max_recv_tokens and expert_alignment must be positive";
+  }
+  return {};
+}
+
+NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
+                             bool zero_unused_rows)
+    : device_(device), timeout_s_(timeout_s) {
+  const std::string problem = CheckNvlinkLayout(layout);
+  if (!problem.empty()) throw Error(problem + ".");
+  if (rank < 0 || rank >= layout.num_ranks) {
+    throw Error("rank " + std::to_string(rank) + " is outside [0, " +
+                std::to_string(layout.num_ranks) + ").");
+  }
+  if (!(timeout_s > 0)) throw Error("timeout_s must be positive.");
+  args_.layout = layout;
+  args_.rank = rank;
+  args_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  args_.zero_unused_rows = zero_unused_rows;
+
+  DeviceScope scope(device);
+  Check(cudaDeviceGetAttribute(&args_.num_sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  const NvlinkLayout nl{layout};
+  Check(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
+  Check(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
+  Check(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(DeviceStatus),
+                      cudaHostAllocMapped | cudaHostAllocPortable),
+        "cudaHostAlloc of the status word");
+  std::memset(status_, 0, sizeof(DeviceStatus));
+  void* status_on_device = nullptr;
+  Check(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
+  args_.status = static_cast<DeviceStatus*>(status_on_device);
+  args_.arenas[rank] = arena_;
+  Check(LoadNvlinkKernels(), "loading the NVLink kernels");
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+NvlinkContext::~NvlinkContext() {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device_);
+  // Kernels of this rank may still be queued: let them finish before the memory goes.
+  cudaDeviceSynchronize();
+  for (void* p : opened_) cudaIpcCloseMemHandle(p);
+  if (arena_ != nullptr) cudaFree(arena_);
+  if (status_ != nullptr) cudaFreeHost(status_);
+  cudaSetDevice(previous);
+}
+
+Bytes NvlinkContext::IpcHandle() const {
+  DeviceScope scope(device_);
+  cudaIpcMemHandle_t handle;
+  Check(cudaIpcGetMemHandle(&handle, arena_), "cudaIpcGetMemHandle");
+  const auto* p = reinterpret_cast<const uint8_t*>(&handle);
+  return Bytes(p, p + sizeof(handle));
+}
+
+void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
+                            const std::vector<Bytes>& handles) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int R = args_.layout.num_ranks;
+  if (connected_) throw Error("this context is already connected.");
+  if (static_cast<int>(local.size()) != R || static_cast<int>(handles.size()) != R) {
+    throw Error("connect needs one entry per rank (" + std::to_string(R) + ").");
+  }
+  DeviceScope scope(device_);
+  for (int r = 0; r < R; ++r) {
+    if (r == args_.rank) continue;
+    if (local[r] != nullptr) {
+      const int peer = local[r]->device();
+      if (peer != device_) {
+        int can = 0;
+        Check(cudaDeviceCanAccessPeer(&can, device_, peer), "cudaDeviceCanAccessPeer");
+        if (!can) {
+          throw Error("GPU " + std::to_string(device_) + " cannot access GPU " +
+                      std::to_string(peer) + " directly (no NVLink/P2P path).");
+        }
+        const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+        if (err == cudaErrorPeerAccessAlreadyEnabled) {
+          cudaGetLastError();
+        } else {
+          Check(err, "cudaDeviceEnablePeerAccess");
+        }
+      }
+      args_.arenas[r] = local[r]->arena();
+    } else {
+      if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+        throw Error("the IPC handle of rank " + std::to_string(r) + " has " +
+                    std::to_string(handles[r].size()) + " bytes, expected " +
+                    std::to_string(sizeof(cudaIpcMemHandle_t)) + ".");
+      }
+      cudaIpcMemHandle_t handle;
+      std::memcpy(&handle, handles[r].data(), sizeof(handle));
+      void* p = nullptr;
+      Check(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
+            ("cudaIpcOpenMemHandle for rank " + std::to_string(r)).c_str());
+      opened_.push_back(p);
+      args_.arenas[r] = static_cast<uint8_t*>(p);
+    }
+  }
+  connected_ = true;
+}
+
+void NvlinkContext::Synchronize() const {
+  DeviceScope scope(device_);
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+std::string NvlinkContext::Failure() const {
+  if (!connected_) return "rank " + std::to_string(args_.rank) + ": the context is not connected.";
+  if (status_->code == 0) return {};
+  const Layout& l = args_.layout;
+  return DescribeDeviceStatus(
+      *status_, StatusLimits{l.num_experts, l.max_tokens, l.max_recv_tokens,
+                             l.max_recv_records(), timeout_s_});
+}
+
+std::string NvlinkContext::BeginSend(bool combine) {
+  const char* phase = combine ? "combine" : "dispatch";
+  if (pending_[combine]) {
+    return std::string(phase) + "_send was called twice without " + phase + "_recv between.";
+  }
+  pending_[combine] = true;
+  return {};
+}
+
+std::string NvlinkContext::BeginRecv(bool combine) {
+  const char* phase = combine ? "combine" : "dispatch";
+  if (!pending_[combine]) {
+    return std::string(phase) + "_recv was called without a " + phase + "_send before it.";
+  }
+  pending_[combine] = false;
+  return {};
+}
+
+}  // namespace jem

@@ -1,0 +1,115 @@
+// The NVLink arena: what one rank allocates (cudaMalloc, once) when every peer is reachable
+// over NVLink, and what its peers write into directly. Records and combine rows keep the
+// formats of layout.h; only their placement differs from the fabric arena.
+//
+// Over NVLink the sending kernel stores straight into the receiver's memory, so there is no
+// dispatch_send staging buffer, and every (sender, receiver) pair owns a fixed slot of T
+// records (a sender never sends more than T records to one rank). A sender therefore never
+// needs the other senders' counts before writing, and its kernel never waits on another rank
+// except for the credit of the previous step. Capacity (max_recv_tokens) is still checked on
+// every rank from the full route table, identically, exactly as on the fabric path.
+//
+// Per rank, symmetric (same offsets on every rank):
+//
+//   signals     uint64 [4][R]  written by peers, each a step number (monotonic):
+//                 dispatch_ready[s]   sender s has written all its records (and route row)
+//                 dispatch_credit[d]  receiver d has consumed what this rank sent it
+//                 combine_ready[d]    expert rank d has written all partials for this rank
+//                 combine_credit[s]   home rank s has summed what this rank sent it
+//   state       this rank's own words: sticky error, step counters, block tickets
+//   route       int32 [R][R][1 + L]  row s = sender s's whole plan: layout.h's route table,
+//                 read through plan.h's RouteTable
+//   slot_rank   int32 [R][T][k]  for record j of sender s, slot i: the slot's rank among the
+//                 sender's slots naming the same expert, in (token, slot) order; the
+//                 receiver turns it into an expert_x row without scanning other records
+//   records     [R][T] dispatch records (layout.h format): sender s's record j at s * T + j
+//   partials    [R][T] combine rows: expert rank d's partial of my record j at d * T + j
+#pragma once
+
+#include <cstdint>
+
+#include "cc/a2a/layout.h"
+
+namespace jem {
+
+// Peers addressed by one context over NVLink: one node's GPUs.
+constexpr int kMaxNvlinkRanks = 64;
+
+// A rank's own words in its arena, touched only by its own kernels.
+struct NvlinkState {
+  uint32_t error;              // first error code of this rank (sticky), 0 = none
+  uint32_t pad;
+  uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
+  uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
+  uint64_t ticket[4];          // blocks finished, per kernel kind (see NvlinkTicket)
+};
+
+enum NvlinkTicket : int { kTicketDispatchSend, kTicketDispatchRecv, kTicketCombineSend,
+                          kTicketCombineRecv };
+
+struct NvlinkLayout {
+  Layout layout;
+
+  JEM_HD int64_t R() const { return layout.num_ranks; }
+  JEM_HD int64_t T() const { return layout.max_tokens; }
+
+  // --- signals ---
+  JEM_HD int64_t signals_offset() const { return 0; }
+  JEM_HD int64_t dispatch_ready_offset(int64_t sender) const {
+    return signals_offset() + (0 * R() + sender) * 8;
+  }
+  JEM_HD int64_t dispatch_credit_offset(int64_t receiver) const {
+    return signals_offset() + (1 * R() + receiver) * 8;
+  }
+  JEM_HD int64_t combine_ready_offset(int64_t expert_rank) const {
+    return signals_offset() + (2 * R() + expert_rank) * 8;
+  }
+  JEM_HD int64_t combine_credit_offset(int64_t home_rank) const {
+    return signals_offset() + (3 * R() + home_rank) * 8;
+  }
+  JEM_HD int64_t signals_bytes() const { return AlignUp(4 * R() * 8, 256); }
+
+  // --- state ---
+  JEM_HD int64_t state_offset() const { return signals_offset() + signals_bytes(); }
+  JEM_HD int64_t state_bytes() const {
+    return AlignUp(static_cast<int64_t>(sizeof(NvlinkState)), 256);
+  }
+
+  // --- route table: int32 [R][R][1 + L] ---
+  JEM_HD int64_t route_entry_ints() const { return layout.route_entry_ints(); }
+  JEM_HD int64_t route_row_ints() const { return layout.route_row_ints(); }
+  JEM_HD int64_t route_offset() const { return state_offset() + state_bytes(); }
+  JEM_HD int64_t route_row_offset(int64_t sender) const {
+    return route_offset() + sender * route_row_ints() * 4;
+  }
+  JEM_HD int64_t route_bytes() const { return AlignUp(R() * route_row_ints() * 4, 256); }
+
+  // --- slot ranks: int32 [R][T][k] ---
+  JEM_HD int64_t slot_rank_offset() const { return route_offset() + route_bytes(); }
+  JEM_HD int64_t slot_rank_record_offset(int64_t sender, int64_t index) const {
+    return slot_rank_offset() + (sender * T() + index) * layout.experts_per_token * 4;
+  }
+  JEM_HD int64_t slot_rank_bytes() const {
+    return AlignUp(R() * T() * layout.experts_per_token * 4, 256);
+  }
+
+  // --- records: [R][T] ---
+  JEM_HD int64_t records_offset() const { return slot_rank_offset() + slot_rank_bytes(); }
+  JEM_HD int64_t record_offset(int64_t sender, int64_t index) const {
+    return records_offset() + (sender * T() + index) * layout.record_bytes();
+  }
+  JEM_HD int64_t records_bytes() const { return AlignUp(R() * T() * layout.record_bytes(), 256); }
+
+  // --- combine partials: [R][T] ---
+  JEM_HD int64_t partials_offset() const { return records_offset() + records_bytes(); }
+  JEM_HD int64_t partial_offset(int64_t expert_rank, int64_t index) const {
+    return partials_offset() + (expert_rank * T() + index) * layout.combine_row_bytes();
+  }
+  JEM_HD int64_t partials_bytes() const {
+    return AlignUp(R() * T() * layout.combine_row_bytes(), 256);
+  }
+
+  JEM_HD int64_t arena_bytes() const { return partials_offset() + partials_bytes(); }
+};
+
+}  // namespace jem

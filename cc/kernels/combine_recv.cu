@@ -1,0 +1,151 @@
+// combine, recv half (home side): wait for every expert rank's ready flag, then sum, for each
+// token, the partials its records came back with (float32 accumulation), and give every
+// expert rank the credit to reuse its partial slot here. Rows at or past num_tokens are zero.
+#include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace {
+
+using namespace device;
+
+constexpr int kThreads = 512;
+
+__host__ __device__ inline int64_t TokensPerBlock(const Layout& lay, int grid) {
+  return CeilDiv(lay.max_tokens, grid);
+}
+
+__host__ __device__ inline int64_t RecvSharedBytes(const Layout& lay, int grid) {
+  const int64_t R = lay.num_ranks, k = lay.experts_per_token;
+  return 4 * (4 + (R + 1) + TokensPerBlock(lay, grid) * k);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    CombineRecvKernel(const __grid_constant__ NvlinkArgs a, const CombineRecvIo io) {
+  const Layout& lay = a.layout;
+  const int R = lay.num_ranks, k = lay.experts_per_token;
+  const int64_t T_max = lay.max_tokens;
+  const Arena me = ArenaOf(a, a.rank);
+  NvlinkState* st = me.state();
+  const int tid = threadIdx.x;
+
+  const uint64_t step = st->combine_step[1];
+  if (blockIdx.x == 0 && tid == 0) st->combine_step[0] = step;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t tpb = TokensPerBlock(lay, gridDim.x);
+  int32_t* s_bad = reinterpret_cast<int32_t*>(smem);  // [4] operand, index, value
+  int32_t* s_base = s_bad + 4;                          // [R + 1] first record per rank
+  int32_t* s_src = s_base + R + 1;                      // [tpb][k] partial per slot, -1 = none
+
+  const int32_t raw_num_tokens = *io.num_tokens;
+  if (tid == 0) {
+    s_bad[0] = -1;
+    if (raw_num_tokens < 0 || raw_num_tokens > T_max) {
+      s_bad[0] = static_cast<int32_t>(HandleOperand::kNumTokens);
+      s_bad[1] = 0;
+      s_bad[2] = raw_num_tokens;
+    }
+    int32_t n = 0;
+    for (int d = 0; d < R; ++d) {
+      const int32_t v = io.send_tokens[d];
+      if ((v < 0 || v > T_max) && s_bad[0] < 0) {
+        s_bad[0] = static_cast<int32_t>(HandleOperand::kSendTokens);
+        s_bad[1] = d;
+        s_bad[2] = v;
+      }
+      s_base[d] = n;
+      n += (v < 0 || v > T_max) ? 0 : v;
+    }
+    s_base[R] = n;
+  }
+  const bool ok = WaitPeers(a, DeviceWait::kCombineReady, step);
+  const int64_t start = blockIdx.x * tpb;
+  const int64_t end = Min(start + tpb, T_max);
+  const int64_t nt = s_bad[0] < 0 ? raw_num_tokens : 0;
+
+  bool good = ok && s_bad[0] < 0;
+  if (blockIdx.x == 0 && tid == 0 && ok && !good) {
+    SetError(a, DeviceError::kBadHandle, s_bad[0], s_bad[1], s_bad[2]);
+  }
+  if (good) {
+    bool sane = true;
+    for (int64_t x = tid; x < (end - start) * k; x += kThreads) {
+      const int64_t t = start + x / k;
+      const int32_t index = t < nt ? io.send_index[t * k + x % k] : -1;
+      int32_t src = -1;
+      if (index >= s_base[R] || index < -1) {
+        SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kSendIndex),
+                 t * k + x % k, index);
+        sane = false;
+      } else if (index >= 0) {
+        int d = 0;
+        while (d + 1 < R && s_base[d + 1] <= index) ++d;
+        src = static_cast<int32_t>(d * T_max + (index - s_base[d]));
+      }
+      s_src[x] = src;
+    }
+    good = __syncthreads_and(sane) != 0;
+  }
+
+  const int64_t vecs = lay.combine_row_bytes() / 16;
+  const int64_t out_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
+  auto* out = static_cast<uint8_t*>(io.out);
+  const uint8_t* partials = me.base + me.nl.partials_offset();
+  const int64_t partial_bytes = lay.combine_row_bytes();
+  for (int64_t w = tid; w < (end - start) * vecs; w += kThreads) {
+    const int64_t lt = w / vecs, c = w % vecs;
+    float acc[Vec16<T>::kLanes] = {};
+    if (good) {
+      for (int i0 = 0; i0 < k; i0 += 4) {
+        int4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u;
+          if (i < k && s_src[lt * k + i] >= 0) {
+            v[u] = Load16(partials + s_src[lt * k + i] * partial_bytes + c * 16);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u;
+          if (i < k && s_src[lt * k + i] >= 0) Vec16<T>::Accumulate(acc, v[u], 1.0f);
+        }
+      }
+    }
+    Store16(out + (start + lt) * out_row_bytes + c * 16, Vec16<T>::Pack(acc));
+  }
+
+  if (LastBlock(a, kTicketCombineRecv, step)) SignalPeers(a, DeviceWait::kCombineCredit, step);
+}
+
+template <typename T>
+cudaError_t Launch(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream) {
+  const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
+  const int64_t shared = RecvSharedBytes(args.layout, grid);
+  if (shared > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        CombineRecvKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(shared));
+    if (err != cudaSuccess) return err;
+  }
+  CombineRecvKernel<T><<<grid, kThreads, shared, stream>>>(args, io);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LoadCombineRecv() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>);
+}
+
+cudaError_t LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io,
+                              cudaStream_t stream) {
+  return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)
+                                             : Launch<__nv_bfloat16>(args, io, stream);
+}
+
+}  // namespace jem

@@ -1,0 +1,148 @@
+// combine, send half (expert side): for each received record, the weighted sum of its expert
+// output rows (float32 accumulation), stored once in the combine dtype straight into the home
+// rank's partial slot (over NVLink for peers); then raise this rank's ready flag at every home
+// rank. Before writing, wait for each home rank's credit for the previous combine.
+#include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace {
+
+using namespace device;
+
+constexpr int kThreads = 512;
+
+__host__ __device__ inline int64_t RecordsPerBlock(const Layout& lay, int grid) {
+  return CeilDiv(lay.max_recv_records(), grid);
+}
+
+__host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int grid) {
+  const int64_t R = lay.num_ranks, k = lay.experts_per_token;
+  return 4 * (4 + (R + 1)) + RecordsPerBlock(lay, grid) * k * 8;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    CombineSendKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo io) {
+  const Layout& lay = a.layout;
+  const int R = lay.num_ranks, k = lay.experts_per_token;
+  const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records(), T_max = lay.max_tokens;
+  const Arena me = ArenaOf(a, a.rank);
+  NvlinkState* st = me.state();
+  const int tid = threadIdx.x;
+
+  const uint64_t step = st->combine_step[0] + 1;
+  if (blockIdx.x == 0 && tid == 0) st->combine_step[1] = step;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t rpb = RecordsPerBlock(lay, gridDim.x);
+  float* s_weight = reinterpret_cast<float*>(smem);                // [rpb][k]
+  int32_t* s_row = reinterpret_cast<int32_t*>(s_weight + rpb * k);  // [rpb][k]
+  int32_t* s_bad = s_row + rpb * k;                                  // [4]
+  int32_t* s_rbase = s_bad + 4;                                      // [R + 1]
+
+  if (tid == 0) {
+    int32_t n = 0;
+    s_bad[0] = -1;
+    for (int s = 0; s < R; ++s) {
+      const int32_t v = io.recv_tokens[s];
+      if ((v < 0 || v > T_max || n + v > N) && s_bad[0] < 0) {
+        s_bad[0] = s;
+        s_bad[1] = v;
+      }
+      s_rbase[s] = n;
+      n += (v < 0 || v > T_max) ? 0 : v;
+    }
+    s_rbase[R] = Min(n, N);
+  }
+  const bool ok = WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
+  const bool good = ok && s_bad[0] < 0;
+  if (blockIdx.x == 0 && tid == 0 && ok && !good) {
+    SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecvTokens),
+             s_bad[0], s_bad[1]);
+  }
+  if (blockIdx.x == 0 && io.sent != nullptr) {
+    for (int s = tid; s < R; s += kThreads) io.sent[s] = good ? io.recv_tokens[s] : 0;
+  }
+
+  if (good) {
+    const int64_t total = s_rbase[R];
+    const int64_t per_block = CeilDiv(total, gridDim.x);
+    const int64_t g0 = Min(total, blockIdx.x * per_block);
+    const int64_t nrec = Min(total, g0 + per_block) - g0;
+    for (int64_t x = tid; x < nrec * k; x += kThreads) {
+      const int64_t g = g0 + x / k;
+      const int32_t row = io.record_rows[g * k + x % k];
+      if (row < -1 || row >= M) {
+        SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows),
+                 g * k + x % k, row);
+      }
+      const bool use = row >= 0 && row < M;
+      s_row[x] = use ? row : -1;
+      s_weight[x] = use ? io.record_weights[g * k + x % k] : 0.0f;
+    }
+    __syncthreads();
+
+    // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
+    const int64_t vecs = lay.combine_row_bytes() / 16;
+    const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
+    const auto* y = static_cast<const uint8_t*>(io.expert_y);
+    for (int64_t w = tid; w < nrec * vecs; w += kThreads) {
+      const int64_t r = w / vecs, c = w % vecs;
+      const int64_t g = g0 + r;
+      float acc[Vec16<T>::kLanes] = {};
+      for (int i0 = 0; i0 < k; i0 += 4) {
+        int4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u;
+          if (i < k && s_row[r * k + i] >= 0) {
+            v[u] = LoadInput16(y + s_row[r * k + i] * y_row_bytes + c * 16);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u;
+          if (i < k && s_row[r * k + i] >= 0) {
+            Vec16<T>::Accumulate(acc, v[u], s_weight[r * k + i]);
+          }
+        }
+      }
+      int s = 0;
+      while (s + 1 < R && s_rbase[s + 1] <= g) ++s;
+      Store16(ArenaOf(a, s).partial(a.rank, g - s_rbase[s]) + c * 16, Vec16<T>::Pack(acc));
+    }
+  }
+
+  if (LastBlock(a, kTicketCombineSend, step)) SignalPeers(a, DeviceWait::kCombineReady, step);
+}
+
+template <typename T>
+cudaError_t Launch(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream) {
+  const int grid = 2 * args.num_sms;
+  const int64_t shared = SendSharedBytes(args.layout, grid);
+  if (shared > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        CombineSendKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(shared));
+    if (err != cudaSuccess) return err;
+  }
+  CombineSendKernel<T><<<grid, kThreads, shared, stream>>>(args, io);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LoadCombineSend() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineSendKernel<float>);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineSendKernel<__nv_bfloat16>);
+}
+
+cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,
+                              cudaStream_t stream) {
+  return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)
+                                             : Launch<__nv_bfloat16>(args, io, stream);
+}
+
+}  // namespace jem

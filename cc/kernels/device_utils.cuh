@@ -1,0 +1,260 @@
+// Device helpers shared by the NVLink kernels: 16-byte vector loads and stores, system-scope
+// release/acquire flags (peers on other GPUs write and read them over NVLink), deadlines on
+// %globaltimer, the sticky error status, the per-kernel block ticket, and bf16 arithmetic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cc/a2a/nvlink_layout.h"
+#include "cc/kernels/device_status.h"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace device {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------- memory
+
+// Inputs of the kernel (XLA buffers): read-only for its whole life, so the non-coherent path.
+__device__ __forceinline__ int4 LoadInput16(const void* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Arena data that a peer wrote before raising the flag this thread acquired.
+__device__ __forceinline__ int4 Load16(const void* p) {
+  int4 v;
+  asm volatile("ld.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Stores that may cross NVLink: no L1 allocation, 16 bytes per thread.
+__device__ __forceinline__ void Store16(void* p, int4 v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ---------------------------------------------------------------- arena
+
+struct Arena {
+  NvlinkLayout nl;
+  uint8_t* base;
+
+  __device__ __forceinline__ NvlinkState* state() const {
+    return reinterpret_cast<NvlinkState*>(base + nl.state_offset());
+  }
+  __device__ __forceinline__ uint64_t* flag(int64_t offset) const {
+    return reinterpret_cast<uint64_t*>(base + offset);
+  }
+  __device__ __forceinline__ int32_t* route_row(int64_t sender) const {
+    return reinterpret_cast<int32_t*>(base + nl.route_row_offset(sender));
+  }
+  __device__ __forceinline__ int32_t* slot_rank(int64_t sender, int64_t index) const {
+    return reinterpret_cast<int32_t*>(base + nl.slot_rank_record_offset(sender, index));
+  }
+  __device__ __forceinline__ uint8_t* record(int64_t sender, int64_t index) const {
+    return base + nl.record_offset(sender, index);
+  }
+  __device__ __forceinline__ uint8_t* partial(int64_t expert_rank, int64_t index) const {
+    return base + nl.partial_offset(expert_rank, index);
+  }
+};
+
+__device__ __forceinline__ Arena ArenaOf(const NvlinkArgs& a, int rank) {
+  return Arena{NvlinkLayout{a.layout}, a.arenas[rank]};
+}
+
+// ---------------------------------------------------------------- errors
+
+__device__ __forceinline__ bool Failed(const NvlinkState* st) {
+  return *reinterpret_cast<const volatile uint32_t*>(&st->error) != 0;
+}
+
+// The first error of a rank wins; its details reach the host before its code does.
+static __device__ __noinline__ void SetError(const NvlinkArgs& a, DeviceError code, int64_t x,
+                                      int64_t y, int64_t z) {
+  NvlinkState* st = ArenaOf(a, a.rank).state();
+  if (atomicCAS(&st->error, 0u, static_cast<uint32_t>(code)) != 0u) return;
+  DeviceStatus* s = a.status;
+  *reinterpret_cast<volatile int32_t*>(&s->rank) = a.rank;
+  s->a = x;
+  s->b = y;
+  s->c = z;
+  __threadfence_system();
+  s->code = static_cast<uint32_t>(code);
+  __threadfence_system();
+}
+
+// Where a rank's flag for `what` from `peer` lives in its own arena.
+__device__ __forceinline__ int64_t WaitOffset(const NvlinkLayout& nl, DeviceWait what, int peer) {
+  switch (what) {
+    case DeviceWait::kDispatchCredit: return nl.dispatch_credit_offset(peer);
+    case DeviceWait::kDispatchReady: return nl.dispatch_ready_offset(peer);
+    case DeviceWait::kCombineCredit: return nl.combine_credit_offset(peer);
+    default: return nl.combine_ready_offset(peer);
+  }
+}
+
+__device__ __forceinline__ bool TimedOut(const NvlinkState* st) {
+  return *reinterpret_cast<const volatile uint32_t*>(&st->error) ==
+         static_cast<uint32_t>(DeviceError::kTimeout);
+}
+
+// Spins until *flag >= target. On the deadline it records a timeout and returns false; once a
+// rank has timed out, its later waits fail at once (the protocol with its peers is broken).
+static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t* flag, uint64_t target,
+                                      DeviceWait what, int peer) {
+  const NvlinkState* st = ArenaOf(a, a.rank).state();
+  if (LoadAcquireSys(flag) >= target) return true;
+  const uint64_t start = GlobalTimerNs();
+  while (LoadAcquireSys(flag) < target) {
+    if (TimedOut(st)) return false;
+    if (GlobalTimerNs() - start > a.timeout_ns) {
+      SetError(a, DeviceError::kTimeout, static_cast<int64_t>(what), peer,
+               static_cast<int64_t>(target));
+      return false;
+    }
+    __nanosleep(32);
+  }
+  return true;
+}
+
+// Threads 0..R-1 of the block each wait for one peer's flag; returns (to every thread of the
+// block) whether all arrived.
+__device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, uint64_t target) {
+  bool ok = true;
+  if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) {
+    const Arena me = ArenaOf(a, a.rank);
+    ok = WaitFlag(a, me.flag(WaitOffset(me.nl, what, threadIdx.x)), target, what, threadIdx.x);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// Thread p < R of the last block raises this rank's `offset(me)` flag in peer p's arena.
+__device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
+  const int p = threadIdx.x;
+  if (p < a.layout.num_ranks && !TimedOut(ArenaOf(a, a.rank).state())) {
+    const Arena peer = ArenaOf(a, p);
+    StoreReleaseSys(peer.flag(WaitOffset(peer.nl, what, a.rank)), step);
+  }
+}
+
+// ---------------------------------------------------------------- completion
+
+// Called by every block once all its threads are done: returns (to every thread) whether
+// this block is the last of the kernel's grid to finish step `step`. Every write of every
+// block happens before what the last block does next (fence, ticket, fence).
+__device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind, uint64_t step) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    auto* ticket = reinterpret_cast<unsigned long long*>(&ArenaOf(a, a.rank).state()->ticket[kind]);
+    const unsigned long long done = atomicAdd(ticket, 1ull) + 1ull;
+    last = done == step * gridDim.x;
+    if (last) __threadfence_system();
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+// ---------------------------------------------------------------- warp and block scans
+
+__device__ __forceinline__ unsigned LaneMaskLt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// Exclusive prefix sum of v[0..n) into out[0..n) (may alias) by one warp; returns the total to
+// every lane.
+__device__ __forceinline__ int64_t WarpExclusiveScan(const int32_t* v, int32_t* out, int64_t n) {
+  const int lane = threadIdx.x & 31;
+  int64_t carry = 0;
+  for (int64_t base = 0; base < n; base += 32) {
+    const int64_t i = base + lane;
+    const int32_t x = i < n ? v[i] : 0;
+    int32_t incl = x;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int32_t y = __shfl_up_sync(kFullMask, incl, d);
+      if (lane >= d) incl += y;
+    }
+    if (i < n) out[i] = static_cast<int32_t>(carry + incl - x);
+    carry += __shfl_sync(kFullMask, incl, 31);
+  }
+  return carry;
+}
+
+// ---------------------------------------------------------------- arithmetic
+
+template <typename T>
+struct Vec16;  // 16 bytes of T as float32 lanes
+
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kLanes = 8;
+  __device__ __forceinline__ static void Accumulate(float* acc, int4 v, float w) {
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      acc[2 * i] = fmaf(w, f.x, acc[2 * i]);
+      acc[2 * i + 1] = fmaf(w, f.y, acc[2 * i + 1]);
+    }
+  }
+  __device__ __forceinline__ static int4 Pack(const float* acc) {
+    int4 v;
+    auto* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return v;
+  }
+};
+
+template <>
+struct Vec16<float> {
+  static constexpr int kLanes = 4;
+  __device__ __forceinline__ static void Accumulate(float* acc, int4 v, float w) {
+    const auto* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = fmaf(w, f[i], acc[i]);
+  }
+  __device__ __forceinline__ static int4 Pack(const float* acc) {
+    int4 v;
+    auto* f = reinterpret_cast<float*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = acc[i];
+    return v;
+  }
+};
+
+}  // namespace device
+}  // namespace jem

@@ -1,0 +1,292 @@
+// dispatch, recv half: wait for every sender's ready flag, check the routing against the
+// buffers (every rank checks every rank, from the same route table, so all agree), then expand
+// each received record into the rows of its local experts: expert_x is grouped by local
+// expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Finally
+// give every sender the credit to reuse its slot here.
+//
+// Every block derives the expert offsets from the route table itself; the row of each slot is
+// expert start + the rows of earlier senders + the slot rank the sender computed, so blocks
+// own contiguous record ranges and never wait for each other.
+#include "cc/a2a/plan.h"
+#include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace {
+
+using namespace device;
+
+constexpr int kThreads = 512;
+
+struct RecvPlan {
+  int64_t records_per_block;
+  int64_t shared_bytes;
+};
+
+__host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int grid) {
+  RecvPlan p;
+  p.records_per_block = CeilDiv(lay.max_recv_records(), grid);
+  const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
+  p.shared_bytes = 4 * (8 +                          // verdicts
+                        2 * R + (R + 1) +            // rows and records needed, record bases
+                        5 * (L + 1) +                // count, group, pad, expert and pad starts
+                        R * L +                      // rows of earlier senders per expert
+                        p.records_per_block * k);    // rows of this block's slots
+  return p;
+}
+
+// Index of the last i in [0, n) with starts[i] <= x (starts nondecreasing, starts[0] <= x).
+__device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= x) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void __launch_bounds__(kThreads, 2)
+    DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
+  const Layout& lay = a.layout;
+  const int R = lay.num_ranks, k = lay.experts_per_token;
+  const int64_t L = lay.local_experts(), M = lay.max_recv_tokens, N = lay.max_recv_records();
+  const Arena me = ArenaOf(a, a.rank);
+  const RouteTable route{me.route_row(0), lay};
+  NvlinkState* st = me.state();
+  const RecvPlan plan = PlanRecv(lay, gridDim.x);
+  const int tid = threadIdx.x;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  const uint64_t step = st->dispatch_step[1];
+  if (blockIdx.x == 0 && tid == 0) st->dispatch_step[0] = step;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(smem);  // [0] failed sender, [1] full rank
+  int32_t* s_need_rows = s_verdict + 8;                    // [R]
+  int32_t* s_need_recs = s_need_rows + R;                  // [R]
+  int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
+  int32_t* s_count = s_rbase + R + 1;                      // [L] rows per local expert
+  int32_t* s_group = s_count + L + 1;                      // [L] rows with padding
+  int32_t* s_pad = s_group + L + 1;                        // [L] padding rows
+  int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
+  int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
+  int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
+  int32_t* s_rows = s_sbase + R * L;                       // [records_per_block][k]
+
+  const bool arrived = WaitPeers(a, DeviceWait::kDispatchReady, step);
+
+  // Verdicts from the full route table, identical on every rank.
+  if (tid == 0) {
+    s_verdict[0] = -1;
+    s_verdict[1] = -1;
+  }
+  for (int d = tid; d < R; d += kThreads) s_need_rows[d] = s_need_recs[d] = 0;
+  __syncthreads();
+  if (arrived) {
+    for (int64_t x = tid; x < R * L; x += kThreads) {
+      const int64_t d = x / L, e = x % L;
+      int64_t n = 0;
+      for (int s = 0; s < R; ++s) n += route.expert_tokens(s, d, e);
+      atomicAdd(&s_need_rows[d], static_cast<int32_t>(AlignUp(n, lay.expert_alignment)));
+    }
+    for (int d = tid; d < R; d += kThreads) {
+      int64_t n = 0;
+      for (int s = 0; s < R; ++s) n += route.tokens(s, d);
+      s_need_recs[d] = static_cast<int32_t>(n);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      for (int s = R - 1; s >= 0; --s) {
+        if (route.sender_failed(s)) s_verdict[0] = s;
+      }
+      for (int d = R - 1; d >= 0; --d) {
+        if (s_need_rows[d] > M || s_need_recs[d] > N) s_verdict[1] = d;
+      }
+    }
+  }
+  __syncthreads();
+  const int failed_sender = s_verdict[0], full_rank = s_verdict[1];
+  const bool good = arrived && failed_sender < 0 && full_rank < 0;
+  if (blockIdx.x == 0 && tid == 0) {
+    if (arrived && failed_sender >= 0) {
+      SetError(a, DeviceError::kPeerFailed, failed_sender, 0, 0);
+    } else if (arrived && full_rank >= 0) {
+      SetError(a, DeviceError::kCapacity, full_rank, s_need_rows[full_rank],
+               s_need_recs[full_rank]);
+    }
+  }
+
+  if (!good) {
+    // A failed step still leaves the small outputs defined.
+    for (int64_t x = gtid; x < N * k; x += gthreads) {
+      io.record_rows[x] = -1;
+      io.record_weights[x] = 0.0f;
+    }
+    if (blockIdx.x == 0) {
+      for (int64_t e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
+      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
+    }
+  } else {
+    // Expert starts and the rows of earlier senders, per local expert.
+    for (int64_t e = tid; e < L; e += kThreads) {
+      int32_t n = 0;
+      for (int s = 0; s < R; ++s) {
+        s_sbase[s * L + e] = n;
+        n += route.expert_tokens(s, a.rank, e);
+      }
+      s_count[e] = n;
+      s_group[e] = static_cast<int32_t>(AlignUp(n, lay.expert_alignment));
+      s_pad[e] = s_group[e] - n;
+    }
+    __syncthreads();
+    const int warp = tid >> 5;
+    if (warp == 0) {
+      const int64_t total = WarpExclusiveScan(s_group, s_estart, L);
+      if ((tid & 31) == 0) s_estart[L] = static_cast<int32_t>(total);
+    } else if (warp == 1) {
+      const int64_t total = WarpExclusiveScan(s_pad, s_pstart, L);
+      if ((tid & 31) == 0) s_pstart[L] = static_cast<int32_t>(total);
+    } else if (tid == 64) {
+      int32_t n = 0;
+      for (int s = 0; s < R; ++s) {
+        s_rbase[s] = n;
+        n += route.tokens(s, a.rank);
+      }
+      s_rbase[R] = n;
+    }
+    __syncthreads();
+    const int64_t total = s_rbase[R];
+    if (blockIdx.x == 0) {
+      for (int64_t e = tid; e < L; e += kThreads) {
+        io.expert_counts[e] = s_count[e];
+        io.group_sizes[e] = s_group[e];
+      }
+      for (int s = tid; s < R; s += kThreads) {
+        io.recv_tokens[s] = s_rbase[s + 1] - s_rbase[s];
+        io.home_offsets[s] = static_cast<int32_t>(route.send_offset(s, a.rank));
+      }
+    }
+
+    // This block's records: the row of every slot.
+    const int64_t per_block = CeilDiv(total, gridDim.x);
+    const int64_t g0 = Min(total, blockIdx.x * per_block);
+    const int64_t nrec = Min(total, g0 + per_block) - g0;
+    for (int64_t x = tid; x < nrec * k; x += kThreads) {
+      const int64_t g = g0 + x / k;
+      const int i = x % k;
+      const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
+      const int64_t j = g - s_rbase[s];
+      const uint8_t* rec = me.record(s, j);
+      const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
+      const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
+      const int32_t rank = me.slot_rank(s, j)[i];
+      int32_t row = -1;
+      if (e != -1) {
+        const bool sane = e >= 0 && e < L && rank >= 0 &&
+                          rank < route.expert_tokens(s, a.rank, e);
+        if (sane) {
+          row = s_estart[e] + s_sbase[s * L + e] + rank;
+        } else {
+          SetError(a, DeviceError::kCorrupt, s, j, i);
+        }
+      }
+      s_rows[x] = row;
+      io.record_rows[g * k + i] = row;
+      io.record_weights[g * k + i] = row >= 0 ? w : 0.0f;
+    }
+    __syncthreads();
+
+    // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+    const int64_t x_vecs = lay.x_bytes() / 16;
+    auto* expert_x = static_cast<uint8_t*>(io.expert_x);
+    constexpr int kUnroll = 4;
+    for (int64_t base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t w = base + u * kThreads;
+        if (w < nrec * x_vecs) {
+          const int64_t g = g0 + w / x_vecs;
+          const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
+          v[u] = Load16(me.record(s, g - s_rbase[s]) + (w % x_vecs) * 16);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t w = base + u * kThreads;
+        if (w < nrec * x_vecs) {
+          const int64_t r = w / x_vecs;
+          for (int i = 0; i < k; ++i) {
+            const int32_t row = s_rows[r * k + i];
+            if (row >= 0) Store16(expert_x + row * lay.x_bytes() + (w % x_vecs) * 16, v[u]);
+          }
+        }
+      }
+    }
+    const int64_t S = lay.num_scales();
+    for (int64_t w = tid; w < nrec * S; w += kThreads) {
+      const int64_t r = w / S, c = w % S;
+      const int64_t g = g0 + r;
+      const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
+      const float scale =
+          reinterpret_cast<const float*>(me.record(s, g - s_rbase[s]) + lay.scale_offset())[c];
+      for (int i = 0; i < k; ++i) {
+        const int32_t row = s_rows[r * k + i];
+        if (row >= 0) io.expert_x_scale[row * S + c] = scale;
+      }
+    }
+
+    // Handle entries past the last record.
+    for (int64_t x = total * k + gtid; x < N * k; x += gthreads) {
+      io.record_rows[x] = -1;
+      io.record_weights[x] = 0.0f;
+    }
+
+    // Zero rows: padding of each group, then (optionally) everything past the last group.
+    const int64_t pad_rows = s_pstart[L];
+    const int64_t used_rows = s_estart[L];
+    const int64_t zero_rows = pad_rows + (a.zero_unused_rows ? M - used_rows : 0);
+    const int4 zero = make_int4(0, 0, 0, 0);
+    for (int64_t w = gtid; w < zero_rows * (x_vecs + S); w += gthreads) {
+      const int64_t z = w / (x_vecs + S), c = w % (x_vecs + S);
+      int64_t row;
+      if (z < pad_rows) {
+        const int64_t e = UpperIndex(s_pstart, L, z);
+        row = s_estart[e] + s_count[e] + (z - s_pstart[e]);
+      } else {
+        row = used_rows + (z - pad_rows);
+      }
+      if (c < x_vecs) {
+        Store16(expert_x + row * lay.x_bytes() + c * 16, zero);
+      } else {
+        io.expert_x_scale[row * S + (c - x_vecs)] = 0.0f;
+      }
+    }
+  }
+
+  if (LastBlock(a, kTicketDispatchRecv, step)) SignalPeers(a, DeviceWait::kDispatchCredit, step);
+}
+
+}  // namespace
+
+cudaError_t LoadDispatchRecv() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, DispatchRecvKernel);
+}
+
+cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
+                               cudaStream_t stream) {
+  const int grid = 2 * args.num_sms;
+  const RecvPlan plan = PlanRecv(args.layout, grid);
+  if (plan.shared_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        DispatchRecvKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(plan.shared_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  DispatchRecvKernel<<<grid, kThreads, plan.shared_bytes, stream>>>(args, io);
+  return cudaGetLastError();
+}
+
+}  // namespace jem

@@ -1,0 +1,91 @@
+// Launchers of the CUDA dispatch/combine kernels of the NVLink path (cc/a2a/nvlink_layout.h).
+// Each enqueues one kernel on `stream` and returns at once: no allocation, no sync. A kernel
+// that meets bad input, a full buffer or a silent peer records it in the rank's sticky
+// DeviceStatus, writes nothing out of bounds, and still completes the protocol with its peers
+// where it can, so that no rank hangs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "cc/a2a/nvlink_layout.h"
+#include "cc/kernels/device_status.h"
+
+namespace jem {
+
+// What every kernel of one rank needs: the layout, who it is, and every rank's arena as
+// mapped on this rank's device (its own at arenas[rank]).
+struct NvlinkArgs {
+  Layout layout;
+  int32_t rank = 0;
+  int32_t num_sms = 0;
+  uint64_t timeout_ns = 0;
+  bool zero_unused_rows = true;  // zero the rows of expert_x past the last group
+  DeviceStatus* status = nullptr;  // mapped pinned host memory
+  uint8_t* arenas[kMaxNvlinkRanks] = {};
+};
+
+struct DispatchSendIo {
+  const void* x;              // [T, H] dispatch dtype
+  const float* x_scale;       // [T, S]
+  const int32_t* topk_ids;    // [T, k]
+  const float* topk_weights;  // [T, k]
+  const int32_t* num_tokens;  // []
+  int32_t* send_tokens;       // [R]
+  int32_t* send_index;        // [T, k]
+};
+
+struct DispatchRecvIo {
+  void* expert_x;             // [M, H] dispatch dtype
+  float* expert_x_scale;      // [M, S]
+  int32_t* expert_counts;     // [L]
+  int32_t* group_sizes;       // [L]
+  int32_t* recv_tokens;       // [R]
+  int32_t* record_rows;       // [N, k]
+  float* record_weights;      // [N, k]
+  int32_t* home_offsets;      // [R]
+};
+
+struct CombineSendIo {
+  const void* expert_y;          // [M, H] combine dtype
+  const int32_t* recv_tokens;    // [R]
+  const int32_t* record_rows;    // [N, k]
+  const float* record_weights;   // [N, k]
+  int32_t* sent;                 // [R], or null (the fused combine has no such result)
+};
+
+struct CombineRecvIo {
+  const int32_t* send_tokens;  // [R]
+  const int32_t* send_index;   // [T, k]
+  const int32_t* num_tokens;   // []
+  void* out;                   // [T, H] combine dtype
+};
+
+// Loads every kernel on the current device. Call once per device at set-up: with CUDA's lazy
+// module loading, a kernel loaded at its first launch may wait for the device to go idle,
+// while a kernel already running on it waits for a peer whose launch comes after.
+cudaError_t LoadDispatchSend();
+cudaError_t LoadDispatchRecv();
+cudaError_t LoadCombineSend();
+cudaError_t LoadCombineRecv();
+inline cudaError_t LoadNvlinkKernels() {
+  for (cudaError_t (*load)() : {LoadDispatchSend, LoadDispatchRecv, LoadCombineSend,
+                                LoadCombineRecv}) {
+    const cudaError_t err = load();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io,
+                               cudaStream_t stream);
+cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
+                               cudaStream_t stream);
+cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,
+                              cudaStream_t stream);
+cudaError_t LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io,
+                              cudaStream_t stream);
+
+}  // namespace jem

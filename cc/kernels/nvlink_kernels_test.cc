@@ -1,0 +1,835 @@
+// Standalone test and benchmark of the NVLink kernels, without XLA: random routings checked
+// bit for bit against an independent host reference, error cases, and per-phase timings.
+//
+//   nvlink_kernels_test                        every rank in this process, GPU r = rank r
+//   nvlink_kernels_test --rank r --world n --rendezvous DIR
+//                                              one rank per process (CUDA IPC), handles
+//                                              exchanged as files in DIR
+//   nvlink_kernels_test --small                only the small cases (for compute-sanitizer)
+//   nvlink_kernels_test --bench OUT.json       timings at T=128 and T=4096 (one process)
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cc/a2a/nvlink_context.h"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace {
+
+#define CHECK_CUDA(x)                                                                 \
+  do {                                                                                \
+    cudaError_t err_ = (x);                                                           \
+    if (err_ != cudaSuccess) {                                                        \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x,                 \
+                   cudaGetErrorString(err_));                                         \
+      std::exit(2);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+int g_failures = 0;
+
+#define EXPECT(cond, ...)                          \
+  do {                                             \
+    if (!(cond)) {                                 \
+      ++g_failures;                                \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);           \
+      std::fprintf(stderr, "\n");                  \
+    }                                              \
+  } while (0)
+
+uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float FromBf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------- cases
+
+enum class Routing { kUniform, kZipf, kOneExpert, kOneRank, kWithUnused };
+
+struct Case {
+  std::string name;
+  int R = 2, E = 16, k = 4, H = 256, T = 32;
+  int dispatch_bytes = 2, combine_bytes = 2;
+  int align = 1;
+  int max_recv = 0;  // 0: the default
+  Routing routing = Routing::kUniform;
+  int num_tokens = -1;  // -1: T
+  int steps = 3;
+  bool expect_capacity_error = false;
+  int bad_expert_rank = -1;  // this rank puts an out-of-range id in token 0
+
+  Layout MakeLayout() const {
+    Layout l;
+    l.num_ranks = R;
+    l.num_experts = E;
+    l.experts_per_token = k;
+    l.hidden = H;
+    l.max_tokens = T;
+    l.expert_alignment = align;
+    l.dispatch_elem_bytes = dispatch_bytes;
+    l.combine_elem_bytes = combine_bytes;
+    l.has_scales = dispatch_bytes == 1;
+    l.max_recv_tokens =
+        max_recv > 0 ? max_recv : Layout::DefaultMaxRecvTokens(R, E, k, T, align);
+    return l;
+  }
+};
+
+// One rank's inputs of one step, identical in every process (seeded by case, step, rank).
+struct RankInput {
+  int num_tokens = 0;
+  std::vector<uint8_t> x;         // [T, H * dispatch_bytes]
+  std::vector<float> x_scale;     // [T, S]
+  std::vector<int32_t> ids;       // [T, k]
+  std::vector<float> weights;     // [T, k]
+  std::vector<uint8_t> y;         // [M, H * combine_bytes], the expert outputs of this rank
+};
+
+RankInput MakeInput(const Case& c, const Layout& l, int step, int rank, bool with_y = true) {
+  std::mt19937_64 rng(1000003ull * step + 7919ull * rank + std::hash<std::string>()(c.name));
+  RankInput in;
+  const int T = c.T, k = c.k, E = c.E;
+  in.num_tokens = c.num_tokens >= 0 ? c.num_tokens : T;
+  in.x.resize(static_cast<size_t>(T) * l.x_bytes());
+  for (auto& b : in.x) b = static_cast<uint8_t>(rng());
+  in.x_scale.resize(static_cast<size_t>(T) * l.num_scales());
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  for (auto& s : in.x_scale) s = unit(rng);
+  in.ids.assign(static_cast<size_t>(T) * k, -1);
+  in.weights.resize(static_cast<size_t>(T) * k);
+  for (auto& w : in.weights) w = unit(rng);
+  const int L = E / c.R;
+  std::vector<double> zipf(E);
+  for (int e = 0; e < E; ++e) zipf[e] = 1.0 / (e + 1);
+  std::discrete_distribution<int> zipf_pick(zipf.begin(), zipf.end());
+  for (int t = 0; t < T; ++t) {
+    std::vector<int> chosen;
+    auto pick = [&]() -> int {
+      switch (c.routing) {
+        case Routing::kZipf: return zipf_pick(rng);
+        case Routing::kOneExpert: return 3 % E;
+        case Routing::kOneRank: return static_cast<int>(rng() % L);  // rank 0's experts
+        default: return static_cast<int>(rng() % E);
+      }
+    };
+    for (int i = 0; i < k; ++i) {
+      int e = pick();
+      // distinct experts per token where possible (the router's top-k), except kOneExpert
+      for (int tries = 0; c.routing != Routing::kOneExpert && tries < 64 &&
+                          std::find(chosen.begin(), chosen.end(), e) != chosen.end();
+           ++tries) {
+        e = pick();
+      }
+      chosen.push_back(e);
+      in.ids[t * k + i] = e;
+      if (c.routing == Routing::kWithUnused && rng() % 3 == 0) in.ids[t * k + i] = -1;
+    }
+  }
+  if (c.bad_expert_rank == rank) in.ids[0] = E + 5;
+  if (!with_y) return in;
+  in.y.resize(static_cast<size_t>(l.max_recv_tokens) * l.hidden * l.combine_elem_bytes);
+  if (l.combine_elem_bytes == 2) {
+    auto* p = reinterpret_cast<uint16_t*>(in.y.data());
+    for (size_t i = 0; i < in.y.size() / 2; ++i) p[i] = ToBf16(unit(rng));
+  } else {
+    auto* p = reinterpret_cast<float*>(in.y.data());
+    for (size_t i = 0; i < in.y.size() / 4; ++i) p[i] = unit(rng);
+  }
+  return in;
+}
+
+// ---------------------------------------------------------------- reference
+
+struct Expected {
+  // sender side
+  std::vector<int32_t> send_tokens, send_index;
+  // receiver side
+  std::vector<uint8_t> expert_x;
+  std::vector<float> expert_x_scale;
+  std::vector<int32_t> expert_counts, group_sizes, recv_tokens, record_rows, home_offsets;
+  std::vector<float> record_weights;
+  std::vector<uint8_t> out;  // combine result
+  int64_t rows_needed = 0, records_needed = 0;
+};
+
+// Every rank's expectation from every rank's inputs, straight from the README's definitions.
+std::vector<Expected> Reference(const Layout& l, const std::vector<RankInput>& in) {
+  const int R = l.num_ranks, k = l.experts_per_token, T = l.max_tokens;
+  const int64_t L = l.local_experts(), M = l.max_recv_tokens, N = l.max_recv_records();
+  const int64_t xb = l.x_bytes(), S = l.num_scales(), H = l.hidden;
+  std::vector<Expected> ex(R);
+  // records[s][d] = tokens of s for d, in token order
+  std::vector<std::vector<std::vector<int>>> records(R, std::vector<std::vector<int>>(R));
+  for (int s = 0; s < R; ++s) {
+    Expected& e = ex[s];
+    e.send_tokens.assign(R, 0);
+    e.send_index.assign(static_cast<size_t>(T) * k, -1);
+    for (int t = 0; t < in[s].num_tokens; ++t) {
+      for (int i = 0; i < k; ++i) {
+        const int id = in[s].ids[t * k + i];
+        if (id < 0) continue;
+        const int d = static_cast<int>(id / L);
+        bool first = true;
+        for (int j = 0; j < i; ++j) {
+          const int o = in[s].ids[t * k + j];
+          if (o >= 0 && o / L == d) first = false;
+        }
+        if (first) records[s][d].push_back(t);
+      }
+    }
+    std::vector<int> base(R, 0);
+    for (int d = 1; d < R; ++d) base[d] = base[d - 1] + static_cast<int>(records[s][d - 1].size());
+    for (int d = 0; d < R; ++d) {
+      e.send_tokens[d] = static_cast<int>(records[s][d].size());
+      for (size_t j = 0; j < records[s][d].size(); ++j) {
+        const int t = records[s][d][j];
+        for (int i = 0; i < k; ++i) {
+          const int id = in[s].ids[t * k + i];
+          if (id >= 0 && id / L == d) {  // the first such slot owns the record
+            e.send_index[t * k + i] = base[d] + static_cast<int>(j);
+            break;
+          }
+        }
+      }
+    }
+  }
+  // partial[d][s][j] of the combine, float32 before the combine dtype
+  std::vector<std::vector<std::vector<std::vector<float>>>> partial(R);
+  for (int d = 0; d < R; ++d) {
+    Expected& e = ex[d];
+    e.expert_counts.assign(L, 0);
+    for (int s = 0; s < R; ++s) {
+      for (int t : records[s][d]) {
+        for (int i = 0; i < k; ++i) {
+          const int id = in[s].ids[t * k + i];
+          if (id >= 0 && id / L == d) e.expert_counts[id % L] += 1;
+        }
+      }
+    }
+    std::vector<int64_t> start(L), cursor(L);
+    int64_t row = 0;
+    e.group_sizes.resize(L);
+    for (int64_t x = 0; x < L; ++x) {
+      e.group_sizes[x] = static_cast<int32_t>(AlignUp(e.expert_counts[x], l.expert_alignment));
+      start[x] = cursor[x] = row;
+      row += e.group_sizes[x];
+    }
+    e.rows_needed = row;
+    e.recv_tokens.resize(R);
+    e.home_offsets.assign(R, 0);
+    e.records_needed = 0;
+    for (int s = 0; s < R; ++s) {
+      e.recv_tokens[s] = static_cast<int32_t>(records[s][d].size());
+      e.records_needed += e.recv_tokens[s];
+      for (int d2 = 0; d2 < d; ++d2) e.home_offsets[s] += static_cast<int32_t>(records[s][d2].size());
+    }
+    if (row > M || e.records_needed > N) continue;
+    e.expert_x.assign(static_cast<size_t>(M) * xb, 0);
+    e.expert_x_scale.assign(static_cast<size_t>(M) * S, 0.0f);
+    e.record_rows.assign(static_cast<size_t>(N) * k, -1);
+    e.record_weights.assign(static_cast<size_t>(N) * k, 0.0f);
+    int64_t g = 0;
+    partial[d].resize(R);
+    for (int s = 0; s < R; ++s) {
+      for (int t : records[s][d]) {
+        std::vector<float> acc(H, 0.0f);
+        for (int i = 0; i < k; ++i) {
+          const int id = in[s].ids[t * k + i];
+          if (id < 0 || id / L != d) continue;
+          const int64_t r = cursor[id % L]++;
+          e.record_rows[g * k + i] = static_cast<int32_t>(r);
+          const float w = in[s].weights[t * k + i];
+          e.record_weights[g * k + i] = w;
+          std::memcpy(&e.expert_x[r * xb], &in[s].x[t * xb], xb);
+          for (int64_t c = 0; c < S; ++c) e.expert_x_scale[r * S + c] = in[s].x_scale[t * S + c];
+          for (int64_t h = 0; h < H; ++h) {
+            const float yv = l.combine_elem_bytes == 2
+                                 ? FromBf16(reinterpret_cast<const uint16_t*>(in[d].y.data())[r * H + h])
+                                 : reinterpret_cast<const float*>(in[d].y.data())[r * H + h];
+            acc[h] = std::fmaf(w, yv, acc[h]);
+          }
+        }
+        if (l.combine_elem_bytes == 2) {
+          for (auto& v : acc) v = FromBf16(ToBf16(v));
+        }
+        partial[d][s].push_back(std::move(acc));
+        ++g;
+      }
+    }
+  }
+  for (int s = 0; s < R; ++s) {
+    Expected& e = ex[s];
+    const int64_t cb = l.combine_elem_bytes;
+    e.out.assign(static_cast<size_t>(T) * H * cb, 0);
+    std::vector<int> base(R, 0);
+    for (int d = 1; d < R; ++d) base[d] = base[d - 1] + e.send_tokens[d - 1];
+    for (int t = 0; t < in[s].num_tokens; ++t) {
+      std::vector<float> acc(H, 0.0f);
+      for (int i = 0; i < k; ++i) {
+        const int idx = e.send_index[t * k + i];
+        if (idx < 0) continue;
+        int d = R - 1;
+        while (base[d] > idx) --d;
+        if (partial[d].empty()) continue;
+        const auto& p = partial[d][s][idx - base[d]];
+        for (int64_t h = 0; h < H; ++h) acc[h] += p[h];
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        if (cb == 2) {
+          reinterpret_cast<uint16_t*>(e.out.data())[t * H + h] = ToBf16(acc[h]);
+        } else {
+          reinterpret_cast<float*>(e.out.data())[t * H + h] = acc[h];
+        }
+      }
+    }
+  }
+  return ex;
+}
+
+// ---------------------------------------------------------------- device buffers
+
+template <typename T>
+struct DeviceArray {
+  T* p = nullptr;
+  size_t n = 0;
+  void Alloc(size_t count) {
+    n = count;
+    CHECK_CUDA(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)));
+  }
+  void Upload(const std::vector<T>& v) {
+    if (v.size() != n) std::abort();
+    CHECK_CUDA(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void Poison() { CHECK_CUDA(cudaMemset(p, 0xA5, std::max<size_t>(1, n) * sizeof(T))); }
+  std::vector<T> Download() const {
+    std::vector<T> v(n);
+    CHECK_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+  ~DeviceArray() {
+    if (p) cudaFree(p);
+  }
+};
+
+// One rank's operands and results on its GPU.
+struct RankBuffers {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  DeviceArray<uint8_t> x, expert_x, y, out;
+  DeviceArray<float> x_scale, topk_weights, expert_x_scale, record_weights;
+  DeviceArray<int32_t> topk_ids, num_tokens, send_tokens, send_index, expert_counts, group_sizes,
+      recv_tokens, record_rows, home_offsets, sent;
+
+  RankBuffers(const Layout& l, int dev) : device(dev) {
+    CHECK_CUDA(cudaSetDevice(dev));
+    CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const int64_t T = l.max_tokens, k = l.experts_per_token, M = l.max_recv_tokens;
+    const int64_t N = l.max_recv_records(), S = l.num_scales(), H = l.hidden;
+    x.Alloc(T * l.x_bytes());
+    x_scale.Alloc(T * S);
+    topk_ids.Alloc(T * k);
+    topk_weights.Alloc(T * k);
+    num_tokens.Alloc(1);
+    send_tokens.Alloc(l.num_ranks);
+    send_index.Alloc(T * k);
+    expert_x.Alloc(M * l.x_bytes());
+    expert_x_scale.Alloc(M * S);
+    expert_counts.Alloc(l.local_experts());
+    group_sizes.Alloc(l.local_experts());
+    recv_tokens.Alloc(l.num_ranks);
+    record_rows.Alloc(N * k);
+    record_weights.Alloc(N * k);
+    home_offsets.Alloc(l.num_ranks);
+    y.Alloc(M * H * l.combine_elem_bytes);
+    sent.Alloc(l.num_ranks);
+    out.Alloc(T * H * l.combine_elem_bytes);
+  }
+  ~RankBuffers() { cudaStreamDestroy(stream); }
+
+  void Upload(const RankInput& in) {
+    CHECK_CUDA(cudaSetDevice(device));
+    x.Upload(in.x);
+    x_scale.Upload(in.x_scale);
+    topk_ids.Upload(in.ids);
+    topk_weights.Upload(in.weights);
+    num_tokens.Upload({in.num_tokens});
+    if (in.y.empty()) {
+      CHECK_CUDA(cudaMemset(y.p, 0x3C, y.n));  // bf16 0x3C3C: about 0.0115
+    } else {
+      y.Upload(in.y);
+    }
+    for (auto* a : {&send_tokens, &send_index, &expert_counts, &group_sizes, &recv_tokens,
+                    &record_rows, &home_offsets, &sent}) {
+      a->Poison();
+    }
+    expert_x.Poison();
+    out.Poison();
+    expert_x_scale.Poison();
+    record_weights.Poison();
+  }
+
+  void DispatchSend(const NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    CHECK_CUDA(LaunchDispatchSend(
+        c.args(),
+        DispatchSendIo{x.p, x_scale.p, topk_ids.p, topk_weights.p, num_tokens.p, send_tokens.p,
+                       send_index.p},
+        stream));
+  }
+  void DispatchRecv(const NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    CHECK_CUDA(LaunchDispatchRecv(
+        c.args(),
+        DispatchRecvIo{expert_x.p, expert_x_scale.p, expert_counts.p, group_sizes.p,
+                       recv_tokens.p, record_rows.p, record_weights.p, home_offsets.p},
+        stream));
+  }
+  void CombineSend(const NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    CHECK_CUDA(LaunchCombineSend(
+        c.args(), CombineSendIo{y.p, recv_tokens.p, record_rows.p, record_weights.p, sent.p},
+        stream));
+  }
+  void CombineRecv(const NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    CHECK_CUDA(LaunchCombineRecv(
+        c.args(), CombineRecvIo{send_tokens.p, send_index.p, num_tokens.p, out.p}, stream));
+  }
+  void Sync() {
+    CHECK_CUDA(cudaSetDevice(device));
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+  }
+};
+
+// ---------------------------------------------------------------- rendezvous
+
+// Ranks of this process and their contexts: all ranks (one process), or one (IPC).
+struct World {
+  int world = 0;
+  std::vector<int> local;  // ranks in this process
+  std::string rendezvous;  // directory for IPC handles, empty in one process
+  int generation = 0;      // contexts created so far (file names differ per context)
+};
+
+// Every process waits for every other at `tag` (files in the rendezvous directory).
+void Barrier(const World& w, const std::string& tag) {
+  if (w.rendezvous.empty()) return;
+  const std::string prefix = w.rendezvous + "/" + tag + "_";
+  std::ofstream(prefix + std::to_string(w.local[0])) << "1";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  for (int r = 0; r < w.world; ++r) {
+    while (!std::ifstream(prefix + std::to_string(r))) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "rank %d: rank %d never reached %s\n", w.local[0], r, tag.c_str());
+        std::exit(3);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+}
+
+// Contexts go only once no process's kernels can still write into them.
+void Disconnect(const World& w, std::vector<std::unique_ptr<NvlinkContext>>& ctx) {
+  for (auto& c : ctx) c->Synchronize();
+  Barrier(w, "done" + std::to_string(w.generation));
+  ctx.clear();
+}
+
+std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, double timeout_s) {
+  std::vector<std::unique_ptr<NvlinkContext>> ctx;
+  for (int r : w.local) ctx.push_back(std::make_unique<NvlinkContext>(l, r, r, timeout_s, true));
+  std::vector<NvlinkContext*> local(w.world, nullptr);
+  std::vector<Bytes> handles(w.world);
+  for (auto& c : ctx) local[c->rank()] = c.get();
+  ++w.generation;
+  if (!w.rendezvous.empty()) {
+    const int me = w.local[0];
+    const std::string prefix = w.rendezvous + "/g" + std::to_string(w.generation) + "_";
+    {
+      const Bytes h = ctx[0]->IpcHandle();
+      std::ofstream(prefix + std::to_string(me) + ".tmp", std::ios::binary)
+          .write(reinterpret_cast<const char*>(h.data()), h.size());
+      std::rename((prefix + std::to_string(me) + ".tmp").c_str(),
+                  (prefix + std::to_string(me)).c_str());
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    for (int r = 0; r < w.world; ++r) {
+      if (r == me) continue;
+      while (true) {
+        std::ifstream f(prefix + std::to_string(r), std::ios::binary);
+        if (f) {
+          handles[r].assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+          if (handles[r].size() == sizeof(cudaIpcMemHandle_t)) break;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          std::fprintf(stderr, "rank %d: no IPC handle from rank %d\n", me, r);
+          std::exit(3);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
+  }
+  for (auto& c : ctx) c->Connect(local, handles);
+  Barrier(w, "connected" + std::to_string(w.generation));
+  return ctx;
+}
+
+// ---------------------------------------------------------------- checks
+
+template <typename T>
+int64_t CountDiff(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size()) return -1;
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(T)) != 0;
+  return n;
+}
+
+void RunCase(World& w, const Case& c) {
+  const Layout l = c.MakeLayout();
+  auto ctx = Connect(w, l, 20.0);
+  std::vector<std::unique_ptr<RankBuffers>> buf;
+  for (int r : w.local) buf.push_back(std::make_unique<RankBuffers>(l, r));
+  const bool expect_error = c.expect_capacity_error || c.bad_expert_rank >= 0;
+  for (int step = 0; step < c.steps; ++step) {
+    std::vector<RankInput> in;
+    for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, step, r));
+    for (size_t i = 0; i < buf.size(); ++i) buf[i]->Upload(in[w.local[i]]);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      buf[i]->DispatchSend(*ctx[i]);
+      buf[i]->DispatchRecv(*ctx[i]);
+      buf[i]->CombineSend(*ctx[i]);
+      buf[i]->CombineRecv(*ctx[i]);
+    }
+    for (auto& b : buf) b->Sync();
+    if (expect_error) {
+      for (size_t i = 0; i < buf.size(); ++i) {
+        const std::string f = ctx[i]->Failure();
+        const bool right = c.expect_capacity_error
+                               ? f.find("routing needs") != std::string::npos
+                               : (f.find("not an expert id") != std::string::npos ||
+                                  f.find("failed before packing") != std::string::npos);
+        EXPECT(right, "%s rank %d: expected an error, got '%s'", c.name.c_str(), w.local[i],
+               f.c_str());
+        std::printf("  %s rank %d reports: %s\n", c.name.c_str(), w.local[i], f.c_str());
+      }
+      break;
+    }
+    const std::vector<Expected> ex = Reference(l, in);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      const int r = w.local[i];
+      const Expected& e = ex[r];
+      RankBuffers& b = *buf[i];
+      CHECK_CUDA(cudaSetDevice(b.device));
+      const std::string f = ctx[i]->Failure();
+      EXPECT(f.empty(), "%s step %d rank %d: unexpected error %s", c.name.c_str(), step, r,
+             f.c_str());
+      const char* n = c.name.c_str();
+      EXPECT(CountDiff(b.send_tokens.Download(), e.send_tokens) == 0, "%s r%d send_tokens", n, r);
+      EXPECT(CountDiff(b.send_index.Download(), e.send_index) == 0, "%s r%d send_index", n, r);
+      EXPECT(CountDiff(b.expert_counts.Download(), e.expert_counts) == 0, "%s r%d expert_counts", n, r);
+      EXPECT(CountDiff(b.group_sizes.Download(), e.group_sizes) == 0, "%s r%d group_sizes", n, r);
+      EXPECT(CountDiff(b.recv_tokens.Download(), e.recv_tokens) == 0, "%s r%d recv_tokens", n, r);
+      EXPECT(CountDiff(b.record_rows.Download(), e.record_rows) == 0, "%s r%d record_rows (%lld)", n,
+             r, (long long)CountDiff(b.record_rows.Download(), e.record_rows));
+      EXPECT(CountDiff(b.record_weights.Download(), e.record_weights) == 0, "%s r%d record_weights",
+             n, r);
+      EXPECT(CountDiff(b.expert_x.Download(), e.expert_x) == 0, "%s r%d expert_x (%lld bytes)", n,
+             r, (long long)CountDiff(b.expert_x.Download(), e.expert_x));
+      EXPECT(CountDiff(b.expert_x_scale.Download(), e.expert_x_scale) == 0, "%s r%d expert_x_scale",
+             n, r);
+      EXPECT(CountDiff(b.home_offsets.Download(), e.home_offsets) == 0, "%s r%d home_offsets", n, r);
+      EXPECT(CountDiff(b.sent.Download(), e.recv_tokens) == 0, "%s r%d sent", n, r);
+      const int64_t out_diff = CountDiff(b.out.Download(), e.out);
+      EXPECT(out_diff == 0, "%s step %d r%d combine out differs in %lld bytes", n, step, r,
+             (long long)out_diff);
+    }
+  }
+  buf.clear();
+  Disconnect(w, ctx);
+  std::printf("%-28s %s\n", c.name.c_str(), g_failures ? "(failures so far)" : "ok");
+  std::fflush(stdout);
+}
+
+std::vector<Case> Cases(int world, bool small) {
+  std::vector<Case> cases;
+  auto add = [&](Case c) {
+    c.R = world;
+    cases.push_back(c);
+  };
+  Case c;
+  c.name = "uniform_bf16";
+  add(c);
+  c = Case();
+  c.name = "fp8_scales_align8_partial";
+  c.dispatch_bytes = 1;
+  c.H = 512;
+  c.align = 8;
+  c.num_tokens = 21;
+  add(c);
+  c = Case();
+  c.name = "fp32_zipf_fp32combine";
+  c.dispatch_bytes = 4;
+  c.combine_bytes = 4;
+  c.routing = Routing::kZipf;
+  add(c);
+  c = Case();
+  c.name = "unused_slots_k6";
+  c.k = 6;
+  c.E = 24;
+  c.routing = Routing::kWithUnused;
+  add(c);
+  c = Case();
+  c.name = "one_expert";
+  c.routing = Routing::kOneExpert;
+  add(c);
+  c = Case();
+  c.name = "one_rank_zero_tokens";
+  c.routing = Routing::kOneRank;
+  c.num_tokens = 0;
+  add(c);
+  c = Case();
+  c.name = "one_rank";
+  c.routing = Routing::kOneRank;
+  c.steps = small ? 2 : 20;
+  add(c);
+  c = Case();
+  c.name = "capacity_error";
+  c.routing = Routing::kOneRank;
+  c.max_recv = 40;
+  c.expect_capacity_error = true;
+  add(c);
+  c = Case();
+  c.name = "bad_expert_id";
+  c.bad_expert_rank = 0;
+  add(c);
+  if (!small) {
+    c = Case();
+    c.name = "deepseek_T128_fp8";
+    c.dispatch_bytes = 1;
+    c.E = 256;
+    c.k = 8;
+    c.H = 7168;
+    c.T = 128;
+    c.steps = 2;
+    add(c);
+  }
+  return cases;
+}
+
+// ---------------------------------------------------------------- benchmark
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+double P99(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[std::min(v.size() - 1, v.size() * 99 / 100)];
+}
+
+std::string Bench(World& w, int T, int iters) {
+  Case c;
+  c.name = "bench";
+  c.R = w.world;
+  c.E = 256;
+  c.k = 8;
+  c.H = 7168;
+  c.T = T;
+  c.dispatch_bytes = 1;
+  c.combine_bytes = 2;
+  const Layout l = c.MakeLayout();
+  auto ctx = Connect(w, l, 20.0);
+  std::vector<std::unique_ptr<RankBuffers>> buf;
+  std::vector<RankInput> in;
+  for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r, /*with_y=*/false));
+  for (int r : w.local) {
+    buf.push_back(std::make_unique<RankBuffers>(l, r));
+    buf.back()->Upload(in[r]);
+  }
+  // events on every local rank: before send, after dispatch send, after dispatch recv, after
+  // combine send, after combine recv
+  const int kMarks = 5;
+  std::vector<std::vector<cudaEvent_t>> ev(buf.size(), std::vector<cudaEvent_t>(kMarks * iters));
+  for (size_t i = 0; i < buf.size(); ++i) {
+    CHECK_CUDA(cudaSetDevice(buf[i]->device));
+    for (auto& e : ev[i]) CHECK_CUDA(cudaEventCreate(&e));
+  }
+  auto run = [&](int it, bool mark) {
+    for (size_t i = 0; i < buf.size(); ++i) {
+      RankBuffers& b = *buf[i];
+      auto m = [&](int j) {
+        if (mark) CHECK_CUDA(cudaEventRecord(ev[i][it * kMarks + j], b.stream));
+      };
+      m(0);
+      b.DispatchSend(*ctx[i]);
+      m(1);
+      b.DispatchRecv(*ctx[i]);
+      m(2);
+      b.CombineSend(*ctx[i]);
+      m(3);
+      b.CombineRecv(*ctx[i]);
+      m(4);
+    }
+  };
+  for (int it = 0; it < 20; ++it) run(it, false);
+  for (auto& b : buf) b->Sync();
+  for (int it = 0; it < iters; ++it) run(it, true);
+  for (auto& b : buf) b->Sync();
+  for (size_t i = 0; i < buf.size(); ++i) {
+    EXPECT(ctx[i]->Failure().empty(), "bench error %s", ctx[i]->Failure().c_str());
+  }
+  std::vector<double> phase[4], dispatch, combine;
+  for (int it = 0; it < iters; ++it) {
+    float ms[4];
+    for (int j = 0; j < 4; ++j) {
+      CHECK_CUDA(cudaEventElapsedTime(&ms[j], ev[0][it * kMarks + j], ev[0][it * kMarks + j + 1]));
+      phase[j].push_back(ms[j] * 1e3);
+    }
+    dispatch.push_back((ms[0] + ms[1]) * 1e3);
+    combine.push_back((ms[2] + ms[3]) * 1e3);
+  }
+  // bytes of this rank's records and partials that cross NVLink (to other ranks)
+  std::vector<int32_t> st = buf[0]->send_tokens.Download();
+  int64_t remote = 0;
+  for (int d = 0; d < c.R; ++d) remote += d == w.local[0] ? 0 : st[d];
+  std::vector<int32_t> rt = buf[0]->recv_tokens.Download();
+  int64_t remote_back = 0;
+  for (int s = 0; s < c.R; ++s) remote_back += s == w.local[0] ? 0 : rt[s];
+  const double dispatch_bytes = static_cast<double>(remote) * l.record_bytes();
+  const double combine_bytes = static_cast<double>(remote_back) * l.combine_row_bytes();
+  std::ostringstream js;
+  const char* names[4] = {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv"};
+  js << "{\"T\": " << T << ", \"iters\": " << iters;
+  for (int j = 0; j < 4; ++j) {
+    js << ", \"" << names[j] << "_us\": {\"median\": " << Median(phase[j])
+       << ", \"p99\": " << P99(phase[j]) << "}";
+  }
+  js << ", \"dispatch_us\": {\"median\": " << Median(dispatch) << ", \"p99\": " << P99(dispatch)
+     << "}, \"combine_us\": {\"median\": " << Median(combine) << ", \"p99\": " << P99(combine)
+     << "}, \"dispatch_nvlink_bytes\": " << dispatch_bytes
+     << ", \"combine_nvlink_bytes\": " << combine_bytes << "}";
+  std::printf("T=%5d  dispatch %8.2f us (send %7.2f recv %7.2f)  combine %8.2f us (send %7.2f "
+              "recv %7.2f)  p99 %8.2f / %8.2f  NVLink bytes out %.1f MB / %.1f MB\n",
+              T, Median(dispatch), Median(phase[0]), Median(phase[1]), Median(combine),
+              Median(phase[2]), Median(phase[3]), P99(dispatch), P99(combine),
+              dispatch_bytes / 1e6, combine_bytes / 1e6);
+  for (size_t i = 0; i < buf.size(); ++i) {
+    CHECK_CUDA(cudaSetDevice(buf[i]->device));
+    for (auto& e : ev[i]) cudaEventDestroy(e);
+  }
+  buf.clear();
+  Disconnect(w, ctx);
+  return js.str();
+}
+
+// One-way peer copy GPU0 -> GPU1 of `bytes`: the NVLink ceiling.
+double PeerCopyGBps(size_t bytes) {
+  void *src = nullptr, *dst = nullptr;
+  for (int d = 0; d < 2; ++d) {
+    CHECK_CUDA(cudaSetDevice(d));
+    const cudaError_t err = cudaDeviceEnablePeerAccess(1 - d, 0);
+    if (err != cudaErrorPeerAccessAlreadyEnabled) CHECK_CUDA(err);
+    cudaGetLastError();
+  }
+  CHECK_CUDA(cudaSetDevice(1));
+  CHECK_CUDA(cudaMalloc(&dst, bytes));
+  CHECK_CUDA(cudaSetDevice(0));
+  CHECK_CUDA(cudaMalloc(&src, bytes));
+  CHECK_CUDA(cudaMemset(src, 1, bytes));
+  cudaStream_t s;
+  CHECK_CUDA(cudaStreamCreate(&s));
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  std::vector<double> gbps;
+  for (int i = 0; i < 6; ++i) {
+    CHECK_CUDA(cudaEventRecord(a, s));
+    CHECK_CUDA(cudaMemcpyPeerAsync(dst, 1, src, 0, bytes, s));
+    CHECK_CUDA(cudaEventRecord(b, s));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    if (i > 0) gbps.push_back(bytes / (ms * 1e-3) / 1e9);
+  }
+  cudaFree(src);
+  CHECK_CUDA(cudaSetDevice(1));
+  cudaFree(dst);
+  CHECK_CUDA(cudaSetDevice(0));
+  return Median(gbps);
+}
+
+}  // namespace
+}  // namespace jem
+
+int main(int argc, char** argv) {
+  using namespace jem;
+  World w;
+  bool small = false;
+  std::string bench_out;
+  int rank = -1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--rank" && i + 1 < argc) rank = std::atoi(argv[++i]);
+    else if (a == "--world" && i + 1 < argc) w.world = std::atoi(argv[++i]);
+    else if (a == "--rendezvous" && i + 1 < argc) w.rendezvous = argv[++i];
+    else if (a == "--small") small = true;
+    else if (a == "--bench" && i + 1 < argc) bench_out = argv[++i];
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  int devices = 0;
+  CHECK_CUDA(cudaGetDeviceCount(&devices));
+  if (rank >= 0) {
+    if (w.world < 1 || w.rendezvous.empty()) {
+      std::fprintf(stderr, "--rank needs --world and --rendezvous\n");
+      return 2;
+    }
+    w.local = {rank};
+  } else {
+    w.world = std::min(devices, 2);
+    for (int r = 0; r < w.world; ++r) w.local.push_back(r);
+  }
+  std::printf("world %d, local ranks:", w.world);
+  for (int r : w.local) std::printf(" %d", r);
+  std::printf(" (%d GPUs visible)\n", devices);
+  if (!bench_out.empty()) {
+    std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
+    std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
+    const std::string small = Bench(w, 128, 500);
+    const std::string large = Bench(w, 4096, 100);
+    js += ", \"runs\": [" + small + ", " + large + "]}";
+    std::ofstream(bench_out) << js << "\n";
+  } else {
+    for (const Case& c : Cases(w.world, small)) RunCase(w, c);
+  }
+  std::printf("%s: %d failures\n", g_failures ? "FAILED" : "PASSED", g_failures);
+  return g_failures ? 1 : 0;
+}

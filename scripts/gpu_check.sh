@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
+#
+#   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
+#                                        pytest sanitizer bench (default: all, in that order)
+#
+# Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
+# python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
+# or LIBFABRIC_ROOT, or headers unpacked from Debian's libfabric-dev into .deps/libfabric
+# (`apt-get download libfabric-dev && dpkg -x libfabric-dev_*.deb x`, then copy x/usr/include
+# to .deps/libfabric/include) next to a libfabric.so.1 runtime the loader knows.
+#
+# The extension is built with CMake into build/gpu and copied into jax_efa_moe/, so that the
+# tests and the processes they launch import this checkout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+STAGES=${*:-info build kernels pytest sanitizer bench}
+# NVLink multicast stays off, for every program started from here.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY=$OUT/summary.txt
+FAILED=0
+
+stage() {  # stage NAME LOG TIMEOUT_S command...
+  local name=$1 log=$OUT/$2 limit=$3
+  shift 3
+  local t0=$SECONDS
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$log" "$SUMMARY"
+  [ $rc -eq 0 ] || FAILED=1
+  return $rc
+}
+
+fabric_root() {
+  pkg-config --exists libfabric 2>/dev/null && return 0
+  if [ -z "${LIBFABRIC_ROOT:-}" ]; then
+    for d in .deps/libfabric ../.deps/libfabric; do
+      [ -f "$d/include/rdma/fabric.h" ] && LIBFABRIC_ROOT=$(cd "$d" && pwd) && break
+    done
+  fi
+  [ -n "${LIBFABRIC_ROOT:-}" ] || { echo "no libfabric headers found" >&2; return 1; }
+  if ! ls "$LIBFABRIC_ROOT"/lib*/libfabric.so* >/dev/null 2>&1; then
+    # Headers only: pair them with the runtime library in a scratch prefix.
+    local runtime
+    runtime=$(ldconfig -p | awk '/libfabric\.so\.1 /{print $NF; exit}')
+    [ -n "$runtime" ] || { echo "no libfabric.so.1 runtime found" >&2; return 1; }
+    local prefix=/tmp/jem_libfabric
+    mkdir -p "$prefix/lib"
+    ln -sfn "$LIBFABRIC_ROOT/include" "$prefix/include"
+    ln -sf "$runtime" "$prefix/lib/libfabric.so"
+    LIBFABRIC_ROOT=$prefix
+  fi
+  export LIBFABRIC_ROOT
+}
+
+build() {
+  fabric_root || return 1
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DPython_EXECUTABLE="$(command -v "$PY")" || return 1
+  ninja -C build/gpu _jem nvlink_kernels_test || return 1
+  cp build/gpu/_jem*.so jax_efa_moe/ || return 1
+  "$PY" -c "from jax_efa_moe import _jem; assert _jem.has_cuda; print('GPUs:', _jem.cuda_device_count())"
+}
+
+kernels_two_processes() {  # nvlink_kernels_test as 2 processes over CUDA IPC; $1 = wrapper
+  local dir
+  dir=$(mktemp -d)
+  local pids=()
+  for r in 0 1; do
+    $1 build/gpu/nvlink_kernels_test --rank $r --world 2 --rendezvous "$dir" ${2:-} \
+      >"$dir/rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for r in 0 1; do echo "--- rank $r"; cat "$dir/rank$r.log"; done
+  rm -rf "$dir"
+  return $rc
+}
+
+sanitize() {  # compute-sanitizer TOOL on the small cases, one process per GPU
+  local tool=$1
+  kernels_two_processes "compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20" \
+    --small
+}
+
+export -f fabric_root build kernels_two_processes sanitize
+export PY OUT
+
+for s in $STAGES; do
+  case $s in
+    info)
+      stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
+        "$PY" -c "import jax; print(jax.__version__, jax.devices())"' ;;
+    build)
+      stage build build.log 300 build ;;
+    kernels)
+      stage "kernels, one process" kernels.log 90 build/gpu/nvlink_kernels_test
+      stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
+    pytest)
+      stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ${PYTEST_ARGS:-} ;;
+    sanitizer)
+      stage memcheck sanitizer.log 120 sanitize memcheck
+      stage racecheck sanitizer.log 120 sanitize racecheck ;;
+    bench)
+      stage "kernel benchmark" bench.log 120 build/gpu/nvlink_kernels_test \
+        --bench "$OUT/bench_kernels.json"
+      if [ -f benchmarks/bench_all_to_all.py ]; then
+        stage bench_all_to_all bench.log 400 "$PY" benchmarks/bench_all_to_all.py \
+          --platform=cuda --out="$OUT/bench_all_to_all.json"
+      fi ;;
+    *) echo "unknown stage $s (info build kernels pytest sanitizer bench)" >&2; exit 2 ;;
+  esac
+done
+echo "--- summary"
+cat "$SUMMARY"
+exit $FAILED

@@ -1,0 +1,301 @@
+"""AllToAll on CUDA GPUs over NVLink, in both process models: one process driving two GPUs,
+and two processes with one GPU each (``jax.distributed``, CUDA IPC between them).
+
+The cases, the inputs and the NumPy oracle are the CPU suite's (test_all_to_all), so the GPU
+path is held to the same results. Errors differ in timing only: kernels report them into a
+status the host reads afterwards, so a bad step raises at ``raise_if_failed()`` (or at the
+next call), not at the call itself. Every test runs in child processes, so that the pytest
+process never holds a GPU. Skipped without two GPUs (CI has none).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jax_efa_moe import launch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+NO_COMMAND_BUFFERS = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+
+
+def _gpus() -> int:
+    try:
+        from jax_efa_moe import _jem
+    except ImportError:
+        return 0
+    return _jem.cuda_device_count() if _jem.has_cuda else 0
+
+
+pytestmark = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {"PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "NCCL_NVLS_ENABLE": "0"}
+    env.update(extra or {})
+    return env
+
+
+def _two_processes(function: str, *args: str, env: dict | None = None,
+                   timeout_s: float = 400.0) -> list[str]:
+    return launch.run(f"test_gpu:{function}", 2, list(args), timeout_s=timeout_s,
+                      env=_env(env), platform="cuda")
+
+
+def _one_process(function: str, *args: str, env: dict | None = None,
+                 timeout_s: float = 400.0) -> str:
+    code = f"import sys, test_gpu; test_gpu.{function}(0, 1, sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **_env(env)},
+                          capture_output=True, text=True, timeout=timeout_s)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The parent side: what pytest runs.
+# --------------------------------------------------------------------------------------------
+
+def test_one_process_two_gpus_every_routing_and_dtype():
+    out = _one_process("check_cases", "all")
+    assert "checked 4 configs" in out, out[-3000:]
+
+
+def test_one_process_without_command_buffers():
+    out = _one_process("check_cases", "fp8", env=NO_COMMAND_BUFFERS)
+    assert "checked 1 configs" in out, out[-3000:]
+
+
+def test_two_processes_every_routing():
+    outputs = _two_processes("check_cases", "two")
+    assert all("checked 2 configs" in o for o in outputs), outputs
+
+
+def test_two_processes_without_command_buffers():
+    outputs = _two_processes("check_cases", "fp8", env=NO_COMMAND_BUFFERS)
+    assert all("checked 1 configs" in o for o in outputs), outputs
+
+
+def test_bad_input_one_process():
+    out = _one_process("check_bad_input")
+    assert "bad input ok" in out, out[-3000:]
+
+
+def test_bad_input_two_processes():
+    outputs = _two_processes("check_bad_input")
+    assert all("bad input ok" in o for o in outputs), outputs
+
+
+def test_dead_peer_two_processes():
+    outputs = _two_processes("check_dead_peer", timeout_s=200.0)
+    assert "dead peer reported" in outputs[0], outputs
+
+
+# --------------------------------------------------------------------------------------------
+# The children.
+# --------------------------------------------------------------------------------------------
+
+def _mesh():
+    import jax
+
+    return jax.make_mesh((2,), ("ep",), devices=jax.devices()[:2])
+
+
+def _local_ranks(mesh) -> list[int]:
+    import jax
+
+    return [r for r, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+
+
+def _put(mesh, per_rank):
+    """A global array sharded over "ep" from the full per-rank list (this process's part)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    local = np.concatenate([per_rank[r] for r in _local_ranks(mesh)])
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("ep")), local)
+
+
+def _get(array) -> dict[int, np.ndarray]:
+    """This process's per-rank blocks of a result sharded over "ep", by rank."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows = array.shape[0] // 2
+    return {(s.index[0].start or 0) // rows: np.asarray(s.data) for s in shards}
+
+
+def check_cases(rank, world, args):
+    import jax.numpy as jnp
+    import test_all_to_all as cpu
+    from jax_efa_moe import AllToAll
+
+    mesh = _mesh()
+    R, T, H, k = 2, 24, 256, 3
+    E = 4 * R
+    configs = {
+        "all": [("bfloat16", "bfloat16", 1), ("float32", "float32", 8),
+                ("float8_e4m3fn", "bfloat16", 1), ("bfloat16", "float32", 8)],
+        "two": [("float8_e4m3fn", "bfloat16", 8), ("float32", "float32", 1)],
+        "fp8": [("float8_e4m3fn", "bfloat16", 1)],
+    }[args[0]]
+    rng = np.random.default_rng(1234)
+    for dispatch_dtype, combine_dtype, align in configs:
+        comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                        max_tokens_per_rank=T, dispatch_dtype=getattr(jnp, dispatch_dtype),
+                        combine_dtype=getattr(jnp, combine_dtype), expert_alignment=align,
+                        timeout_s=30.0)
+        assert comm.fabric_provider == "nvlink", comm.fabric_provider
+        whole, halves, loop = cpu._programs(comm, mesh)
+        cdt = np.dtype(comm.combine_dtype)
+        for kind in cpu.ROUTINGS:
+            ids, num_tokens = cpu.make_routing(kind, rng, R, T, E, k)
+            weights = rng.random((R, T, k)).astype(np.float32)
+            x, scale = cpu.make_tokens(rng, R, T, H, dispatch_dtype)
+            scales = scale if scale is not None else np.zeros((R, T, 0), np.float32)
+            inputs = [_put(mesh, a) for a in (x, ids, weights, scales, num_tokens[:, None])]
+            got = [None if a is None else _get(a) for a in whole(*inputs)]
+            comm.raise_if_failed()
+            where = f"{dispatch_dtype}/{combine_dtype}/align {align}/{kind}"
+            for r in _local_ranks(mesh):
+                mine = [None if a is None else a[r] for a in got]
+                try:
+                    cpu.check_dispatch(r, R, E, align, ids, num_tokens, x, scale, mine[:4])
+                    cpu.check_combine(r, E, cdt, ids, weights, num_tokens, x, scale, mine[4])
+                except AssertionError as e:
+                    raise AssertionError(f"rank {r}, {where}: {e}") from e
+            if kind in ("uniform", "partial"):
+                split = [None if a is None else _get(a) for a in halves(*inputs)]
+                for a, b in zip(got, split):
+                    for r in _local_ranks(mesh):
+                        assert (a is None and b is None) or np.array_equal(
+                            a[r].view(np.uint8), b[r].view(np.uint8)), f"halves differ: {where}"
+            if kind == "zipf":
+                mismatches = _get(loop(*inputs))
+                assert all(m[0] == 0 for m in mismatches.values()), (
+                    f"100 steps changed the result: {where}")
+            comm.raise_if_failed()
+        comm.close()
+    print(f"ranks {_local_ranks(mesh)}: checked {len(configs)} configs x {len(cpu.ROUTINGS)} "
+          f"routings on {comm.fabric_provider}", flush=True)
+
+
+def check_bad_input(rank, world, args):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    import test_all_to_all as cpu
+    from jax_efa_moe import AllToAll
+
+    mesh = _mesh()
+    R, T, H, k, E = 2, 16, 128, 2, 8
+    rng = np.random.default_rng(7)
+    ids, _ = cpu.make_routing("uniform", rng, R, T, E, k)
+    weights = rng.random((R, T, k)).astype(np.float32)
+    x, _ = cpu.make_tokens(rng, R, T, H, "bfloat16")
+
+    def new(**overrides):
+        kw = dict(num_experts=E, experts_per_token=k, hidden=H, max_tokens_per_rank=T,
+                  timeout_s=20.0)
+        return AllToAll(mesh, "ep", **{**kw, **overrides})
+
+    def run(comm, ids_all, n_all):
+        def f(x, ids, w, n):
+            d = comm.dispatch(x, ids, w, num_tokens=n[0])
+            y = d.expert_x.astype(comm.combine_dtype)
+            return comm.combine(y, d.handle), d.expert_counts
+
+        program = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        outs = program(*[_put(mesh, a) for a in (x, ids_all, weights,
+                                                 np.array(n_all, np.int32)[:, None])])
+        jax.block_until_ready(outs)
+        return outs
+
+    # Shapes and dtypes are refused in Python, before anything runs.
+    comm = new()
+    cpu._expect_error(lambda: comm.dispatch(x[0][:, :64], ids[0], weights[0]), "has shape")
+    cpu._expect_error(lambda: comm.dispatch(x[0].astype(np.float32), ids[0], weights[0]),
+                      "dtype")
+    run(comm, ids, [T, T])
+    comm.raise_if_failed()  # still healthy
+
+    # An expert id out of range on rank 0: rank 0 names it, the others learn from its route row.
+    bad = ids.copy()
+    bad[0, 5, 1] = E
+    start = time.monotonic()
+    run(comm, bad, [T, T])
+    message = cpu._expect_error(comm.raise_if_failed, "topk_ids[5, 1] = 8 is not an expert id",
+                                "rank 0 failed before packing")
+    assert time.monotonic() - start < 10, "the error took as long as a timeout"
+    cpu._expect_error(lambda: run(comm, ids, [T, T]), "failed earlier")
+    print(f"bad expert: {message[:200]}", flush=True)
+    comm.close()
+
+    # num_tokens above the maximum (a traced value, so checked on the GPU) on rank 1.
+    comm = new()
+    run(comm, ids, [T, T + 1])
+    cpu._expect_error(comm.raise_if_failed, f"num_tokens = {T + 1} is outside",
+                      "rank 1 failed before packing")
+    comm.close()
+
+    # max_recv_tokens too small for the routing: every rank reaches the same verdict.
+    comm = new(max_recv_tokens=T)
+    crowded, _ = cpu.make_routing("one_expert", rng, R, T, E, k)
+    run(comm, crowded, [T, T])
+    message = cpu._expect_error(comm.raise_if_failed, "more than max_recv_tokens")
+    assert f"needs {R * T} rows" in message, message
+    comm.close()
+
+    # A new AllToAll works; routing that fits a small buffer passes.
+    comm = new(max_recv_tokens=R * T * k)
+    out, counts = run(comm, ids, [T, T])
+    comm.raise_if_failed()
+    for r, c in _get(counts).items():
+        assert c.sum() == (ids // (E // R) == r).sum(), (r, c)
+    comm.close()
+    print(f"ranks {_local_ranks(mesh)}: bad input ok", flush=True)
+
+
+def check_dead_peer(rank, world, args):
+    import jax
+    from jax.sharding import PartitionSpec as P
+    import test_all_to_all as cpu
+    from jax_efa_moe import AllToAll
+
+    mesh = _mesh()
+    T, H, k, E = 8, 128, 2, 4
+    timeout_s = 3.0
+    comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                    max_tokens_per_rank=T, timeout_s=timeout_s)
+    rng = np.random.default_rng(3)
+    ids, _ = cpu.make_routing("uniform", rng, 2, T, E, k)
+    x, _ = cpu.make_tokens(rng, 2, T, H, "bfloat16")
+    weights = rng.random((2, T, k)).astype(np.float32)
+
+    def f(x, ids, w):
+        d = comm.dispatch(x, ids, w)
+        return comm.combine(d.expert_x, d.handle)
+
+    program = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    inputs = [_put(mesh, a) for a in (x, ids, weights)]
+    jax.block_until_ready(program(*inputs))  # one good step: both ranks are connected
+    comm.raise_if_failed()
+    if rank == 1:
+        sys.stdout.flush()
+        os._exit(0)  # dies without a word
+    time.sleep(0.5)
+    start = time.monotonic()
+
+    def step_then_check():
+        jax.block_until_ready(program(*inputs))
+        comm.raise_if_failed()
+
+    message = cpu._expect_error(step_then_check, "timed out", "rank 1")
+    elapsed = time.monotonic() - start
+    assert elapsed < timeout_s + 10, f"the error took {elapsed:.1f} s"
+    print(f"rank {rank}: dead peer reported after {elapsed:.1f} s: {message[:300]}", flush=True)
+    os._exit(0)  # skip teardown: the dead peer's arena is gone

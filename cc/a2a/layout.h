@@ -5,8 +5,13 @@
 // Per rank, one symmetric "arena" (same size and offsets on every rank) is allocated and
 // registered once:
 //
-//   route[R][1 + L]            int32: row s = what sender s sends to this rank:
-//                              [tokens, tokens for local expert 0 .. L-1]
+//   route[R][R][1 + L]         int32: row s = sender s's whole send plan, one entry per
+//                              destination d: [tokens, tokens for d's local expert 0 .. L-1].
+//                              Every rank receives every row, so each knows the full count
+//                              matrix: capacity verdicts agree on all ranks, and overflow and
+//                              combine offsets into any peer's buffers can be computed.
+//                              Entry 0's token count is kRouteFailed when the sender
+//                              failed before packing (bad input): receivers fail at once.
 //   dispatch_send[send_cap]    records, one contiguous chunk per destination rank,
 //                              chunk d at sum_{d' < d} tokens(me -> d')
 //   dispatch_recv_private[R][P] records: sender s writes its first min(n, P) records here at
@@ -37,6 +42,8 @@ namespace jem {
 
 constexpr int64_t kScaleBlock = 128;   // fp8 scales: one float32 per 128 channels
 constexpr int64_t kRecordAlign = 16;   // 16-byte vector loads and stores
+constexpr int32_t kRouteFailed = -1;   // token count of a route row whose sender failed
+constexpr int32_t kRouteAwaited = INT32_MIN;  // a receiver's mark on a row not yet arrived
 
 JEM_HD constexpr int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 JEM_HD constexpr int64_t CeilDiv(int64_t x, int64_t a) { return (x + a - 1) / a; }
@@ -102,7 +109,8 @@ struct Layout {
   }
 
   // --- arena ---
-  JEM_HD int64_t route_row_ints() const { return 1 + local_experts(); }
+  JEM_HD int64_t route_entry_ints() const { return 1 + local_experts(); }
+  JEM_HD int64_t route_row_ints() const { return num_ranks * route_entry_ints(); }
   JEM_HD int64_t route_offset() const { return 0; }
   JEM_HD int64_t route_row_offset(int64_t sender) const {
     return route_offset() + sender * route_row_ints() * 4;

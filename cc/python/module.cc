@@ -9,4 +9,5 @@ NB_MODULE(_jem, m) {
   m.attr("has_cuda") = false;
 #endif
   jem::BindEngine(m);
+  jem::BindAllToAll(m);
 }

@@ -1,0 +1,123 @@
+// One rank's all-to-all state: the layout, its own TransferEngine, the arena (allocated and
+// registered once), the peer group over every other rank's arena, the step sequence numbers,
+// what a send half leaves for its recv half, and the first failure.
+#pragma once
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cc/a2a/layout.h"
+#include "cc/a2a/plan.h"
+#include "cc/transfer_engine/api.h"
+
+namespace jem {
+
+// Input a user can fix (expert ids, num_tokens, capacity, misuse of the halves): reported as
+// an invalid argument rather than an internal error.
+class InputError : public Error {
+ public:
+  using Error::Error;
+};
+
+// "2.5 s", for messages.
+std::string FormatSeconds(double seconds);
+
+// Where one phase (dispatch or combine) stands: its step number and whether the send half has
+// run without its recv half.
+struct PhaseState {
+  uint32_t seq = 0;
+  bool pending = false;
+};
+
+class AllToAllContext {
+ public:
+  // Creates the engine, allocates and registers the arena. Throws Error when the provider is
+  // missing or the layout is inconsistent.
+  AllToAllContext(const EngineOptions& engine_options, const Layout& layout, int rank,
+                  double timeout_s);
+  ~AllToAllContext();
+  AllToAllContext(const AllToAllContext&) = delete;
+  AllToAllContext& operator=(const AllToAllContext&) = delete;
+
+  // What the other ranks need to reach this one: the engine's address and the arena's
+  // remote descriptor.
+  Bytes Address() const { return engine_->Address(); }
+  Bytes ArenaDescriptor() const { return engine_->Descriptor(region_); }
+  // Joins the other ranks; `ranks` holds every rank in order, this rank's own entry unused.
+  void Connect(const std::vector<PeerSpec>& ranks);
+
+  const Layout& layout() const { return layout_; }
+  int rank() const { return rank_; }
+  double timeout_s() const { return timeout_s_; }
+  TransferEngine& engine() { return *engine_; }
+  PeerGroupId peers() const { return peers_; }
+  uint8_t* arena() { return arena_; }
+  RouteTable route() const {
+    return RouteTable{reinterpret_cast<const int32_t*>(arena_ + layout_.route_offset()), layout_};
+  }
+  int32_t* route_row(int sender) {
+    return reinterpret_cast<int32_t*>(arena_ + layout_.route_row_offset(sender));
+  }
+  // Index of `rank` in the peer group (every rank but this one, in rank order).
+  uint32_t PeerIndex(int rank) const { return static_cast<uint32_t>(rank < rank_ ? rank : rank - 1); }
+
+  PhaseState dispatch;
+  PhaseState combine;
+
+  // Steps run one at a time per context.
+  std::mutex& step_mutex() { return step_mutex_; }
+
+  // Waits for `count` arrivals of MakeImm(kind, seq) within timeout_s; a timeout says what was
+  // awaited.
+  void WaitArrivals(ImmKind kind, uint32_t seq, uint32_t count, const std::string& what);
+
+  // Remembers submitted writes; WaitAllSent returns once their source bytes may be reused.
+  void Track(SendTicket ticket) { tickets_.push_back(ticket); }
+  void WaitAllSent();
+
+  // Throws unless Connect has run and no step has failed.
+  void CheckUsable() const;
+  // Keeps the first failure; every later step fails at once with it.
+  void Fail(const std::string& message);
+
+ private:
+  Layout layout_;
+  int rank_;
+  double timeout_s_;
+  std::unique_ptr<TransferEngine> engine_;
+  uint8_t* arena_ = nullptr;
+  MemoryRegionId region_;
+  PeerGroupId peers_;
+  bool connected_ = false;
+  std::vector<SendTicket> tickets_;
+  std::mutex step_mutex_;
+  mutable std::mutex failure_mutex_;
+  std::string failure_;
+};
+
+// Runs one step (half) of the protocol: one at a time per context, refused after a failure,
+// and any error marks the context failed and is prefixed with the step's name.
+template <typename Body>
+void RunStep(AllToAllContext& ctx, const char* step, Body&& body) {
+  std::lock_guard<std::mutex> lock(ctx.step_mutex());
+  ctx.CheckUsable();
+  const std::string prefix = std::string(step) + ": ";
+  try {
+    body();
+  } catch (const InputError& e) {
+    ctx.Fail(prefix + e.what());
+    throw InputError(prefix + e.what());
+  } catch (const TimeoutError& e) {
+    ctx.Fail(prefix + e.what());
+    throw TimeoutError(prefix + e.what());
+  } catch (const std::exception& e) {
+    ctx.Fail(prefix + e.what());
+    throw Error(prefix + e.what());
+  }
+}
+
+}  // namespace jem

@@ -1,0 +1,219 @@
+"""Per-rank bodies of the multi-process TransferEngine tests (run through launch.run).
+
+Every rank derives what it sends from (seed, rank, step), so a receiver recomputes each
+sender's bytes and slices independently and checks what landed bit for bit. Ranks print
+one line ``RESULT {json}`` that the test reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+from jax._src import distributed
+
+from jax_efa_moe import _jem, bootstrap
+
+SLOT = 1 << 16  # bytes of a receiver's buffer reserved per (step, sender)
+SEND_BYTES = 1 << 18
+TIMEOUT_S = 60.0
+
+
+def _flags(args):
+    p = argparse.ArgumentParser()
+    p.add_argument("--provider", default="tcp;ofi_rxm")
+    p.add_argument("--domains", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--victim", type=int, default=-1)
+    p.add_argument("--deadline", type=float, default=3.0)
+    return p.parse_args(args)
+
+
+class Rank:
+    """An engine with a random send buffer and a zeroed receive buffer, wired to every peer."""
+
+    def __init__(self, rank, world, flags, recv_bytes):
+        self.rank, self.world, self.flags = rank, world, flags
+        self.engine = _jem.Engine(provider=flags.provider, num_domains=flags.domains)
+        self.send = source_bytes(flags.seed, rank)
+        self.recv = np.zeros(recv_bytes, np.uint8)
+        self.send_region = self.engine.register(self.send)
+        self.recv_region = self.engine.register(self.recv)
+        addresses = bootstrap.all_gather_bytes("addr", self.engine.address(), rank, world)
+        descriptors = bootstrap.all_gather_bytes(
+            "desc", self.recv_region.descriptor(), rank, world)
+        self.peers = [r for r in range(world) if r != rank]  # group index -> rank
+        self.group = self.engine.add_peer_group(
+            self.send_region, [(addresses[r], descriptors[r]) for r in self.peers])
+
+    def barrier(self, imm):
+        ticket = self.engine.barrier(self.group, imm)
+        self.engine.wait_imm(imm, self.world - 1, TIMEOUT_S)
+        self.engine.wait_sent(ticket, TIMEOUT_S)
+
+    def finish(self, result):
+        # Every rank has received everything before anyone closes its endpoints.
+        self.barrier(1)
+        bootstrap.all_gather_bytes("done", b"", self.rank, self.world)
+        self.engine.close()
+        print("RESULT " + json.dumps(result), flush=True)
+        leave_last(self.rank, range(self.world))
+
+
+def leave_last(rank, ranks):
+    """Rank 0 hosts jax.distributed's service and the launcher exits ranks without its shutdown
+    barrier, so rank 0 returns only once the other `ranks` are done: were it to vanish first,
+    they would be aborted."""
+    client = distributed.global_state.client
+    client.key_value_set(f"engine_worker/left/{rank}", "")
+    if rank == 0:
+        for r in ranks:
+            client.blocking_key_value_get(f"engine_worker/left/{r}", int(TIMEOUT_S * 1000))
+        time.sleep(0.5)  # their last key is set; let them reach exit
+
+
+def source_bytes(seed, rank):
+    return np.random.default_rng([seed, rank, 1]).integers(0, 256, SEND_BYTES, dtype=np.uint8)
+
+
+def slices(seed, sender, receiver, step):
+    """(src_offset, dst_offset_in_slot, length) of sender's write to receiver at step."""
+    rng = np.random.default_rng([seed, sender, receiver, step, 2])
+    length = int(rng.integers(0, SLOT + 1))
+    return int(rng.integers(0, SEND_BYTES - length + 1)), int(rng.integers(0, SLOT - length + 1)), length
+
+
+def slot_offset(step, sender, world):
+    return (step * world + sender) * SLOT
+
+
+def imm_plan(seed, sender, world):
+    """Scatters of the concurrency check: per scatter an immediate and writes per peer."""
+    rng = np.random.default_rng([seed, sender, 3])
+    return [(int(1000 + rng.integers(0, 5)), int(rng.integers(1, 4))) for _ in range(40)]
+
+
+def exchange(rank, world, args):
+    """Random slices to every peer, exact immediate counts under concurrency, barriers."""
+    f = _flags(args)
+    me = Rank(rank, world, f, f.steps * world * SLOT)
+    checked = 0
+    for step in range(f.steps):
+        writes = []
+        for i, peer in enumerate(me.peers):
+            src, dst, length = slices(f.seed, rank, peer, step)
+            writes.append((i, src, slot_offset(step, rank, world) + dst, length))
+        ticket = me.engine.scatter(me.group, writes, 100 + step)
+        me.engine.wait_imm(100 + step, world - 1, TIMEOUT_S)
+        me.engine.wait_sent(ticket, TIMEOUT_S)
+        for sender in me.peers:
+            src, dst, length = slices(f.seed, sender, rank, step)
+            got = me.recv[slot_offset(step, sender, world) + dst:][:length]
+            want = source_bytes(f.seed, sender)[src:src + length]
+            if not np.array_equal(got, want):
+                raise AssertionError(f"step {step}: bytes from rank {sender} differ at "
+                                     f"{int(np.argmax(got != want))} of {length}")
+            checked += length
+
+    # Many scatters in flight from two threads at once, each of several zero-length and short
+    # writes per peer; receivers know each sender's plan and expect exact counts.
+    plan = imm_plan(f.seed, rank, world)
+    tickets = []
+
+    def submit(part):
+        for imm, per_peer in part:
+            writes = np.array([[i, 0, 0, (k * 8) % 24] for i in range(len(me.peers))
+                               for k in range(per_peer)], np.int64)
+            tickets.append(me.engine.scatter(me.group, writes, imm))
+
+    threads = [threading.Thread(target=submit, args=(plan[j::2],)) for j in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {}
+    for sender in me.peers:
+        for imm, per_peer in imm_plan(f.seed, sender, world):
+            expected[imm] = expected.get(imm, 0) + per_peer
+    for imm, count in sorted(expected.items()):
+        me.engine.wait_imm(imm, count, TIMEOUT_S)
+    for t in tickets:
+        me.engine.wait_sent(t, TIMEOUT_S)
+    me.barrier(2)  # every rank has consumed its arrivals; nothing more is in flight
+    extra = []
+    for imm in expected:
+        try:
+            me.engine.wait_imm(imm, 1, 0.05)
+            extra.append(imm)
+        except TimeoutError:
+            pass
+    for i in range(3):
+        me.barrier(10 + i)
+    me.finish({"checked_bytes": checked, "imm_counts": expected, "extra": extra,
+               "domains": f.domains})
+
+
+def _rss_kib():
+    with open("/proc/self/status") as s:
+        return next(int(line.split()[1]) for line in s if line.startswith("VmRSS:"))
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def soak(rank, world, args):
+    """Many small steps; memory and open file descriptors must not grow after warm-up."""
+    f = _flags(args)
+    me = Rank(rank, world, f, world * SLOT)
+    rng = np.random.default_rng([f.seed, rank, 4])
+    samples = {}
+    warmup = min(1000, f.steps // 5)
+    for step in range(f.steps):
+        if step == warmup:
+            samples["warm"] = (_rss_kib(), _fds())
+        n = len(me.peers)
+        writes = np.empty((n, 4), np.int64)
+        writes[:, 0] = np.arange(n)
+        writes[:, 1] = rng.integers(0, 1024, n)
+        writes[:, 2] = rank * SLOT
+        writes[:, 3] = rng.integers(0, 256, n)
+        ticket = me.engine.scatter(me.group, writes, step % 3)
+        me.engine.wait_imm(step % 3, n, TIMEOUT_S)
+        me.engine.wait_sent(ticket, TIMEOUT_S)
+    samples["end"] = (_rss_kib(), _fds())
+    me.finish(samples)
+
+
+def kill(rank, world, args):
+    """Rank `victim` dies abruptly mid-run; the others must fail with an error in time."""
+    f = _flags(args)
+    me = Rank(rank, world, f, world * SLOT)
+    n = len(me.peers)
+    writes = [(i, 0, rank * SLOT, 4096) for i in range(n)]
+    last_ok = time.monotonic()
+    for step in range(100000):
+        if rank == f.victim and step == 20:
+            print("RESULT " + json.dumps({"victim": True}), flush=True)
+            os._exit(0)  # no cleanup: like a crash, the kernel closes the sockets
+        try:
+            ticket = me.engine.scatter(me.group, writes, 5)
+            me.engine.wait_imm(5, n, f.deadline)
+            me.engine.wait_sent(ticket, f.deadline)
+        except (RuntimeError, TimeoutError) as e:
+            detected = time.monotonic() - last_ok
+            t0 = time.monotonic()
+            me.engine.close()
+            print("RESULT " + json.dumps({
+                "error": type(e).__name__, "message": str(e), "step": step,
+                "detect_s": detected, "close_s": time.monotonic() - t0}), flush=True)
+            leave_last(rank, [r for r in range(world) if r != f.victim])
+            return
+        last_ok = time.monotonic()
+    raise AssertionError("the victim's death was never noticed")

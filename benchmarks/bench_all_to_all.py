@@ -205,11 +205,17 @@ class _Flat:
         return jax.tree.unflatten(self.treedef, [l.reshape(s) for l, s in zip(leaves, self.shapes)])
 
 
-def _varying_zeros(shape, dtype):
-    """A loop-carry init that, like the values carried, differs per rank."""
+def _varying(v):
+    """v marked as differing per rank, so loop carries type-check whatever an op marks."""
     import jax
+    t = jax.typeof(v)
+    vma = t.vma if hasattr(t, "vma") else t.manual_axis_type.varying  # named per jax version
+    return v if AXIS in vma else jax.lax.pcast(v, AXIS, to="varying")
+
+
+def _varying_zeros(shape, dtype):
     import jax.numpy as jnp
-    return jax.lax.pcast(jnp.zeros(shape, dtype), AXIS, to="varying")
+    return _varying(jnp.zeros(shape, dtype))
 
 
 def _sharded(mesh):
@@ -232,7 +238,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
         def body(_, c):
             ids, _ = c
             d = comm.dispatch(x, ids, w, x_scale=sc)
-            return jnp.where(d.expert_counts.sum() < 0, -1, ids), d.expert_x
+            return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(d.expert_x)
         return jax.lax.fori_loop(0, iters, body, (ids, _varying_zeros(shape.shape, shape.dtype)))[1]
 
     def round_trip_loop(x, sc, ids, w, y):
@@ -243,7 +249,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
             ids, _, _ = c
             d = comm.dispatch(x, ids, w, x_scale=sc)
             out = comm.combine(y, d.handle)
-            return nan_guard(out, ids), d.expert_x, out
+            return nan_guard(out, ids), _varying(d.expert_x), _varying(out)
         init = (ids, _varying_zeros(shape.shape, shape.dtype), _varying_zeros(x.shape, y.dtype))
         return jax.lax.fori_loop(0, iters, body, init)[1:]
 
@@ -321,8 +327,8 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
             a = jnp.dot(a, b).astype(jnp.bfloat16)
             pending, a = jax.lax.optimization_barrier((pending, a))
             d = comm.dispatch_recv(pending)
-            return jnp.where(d.expert_counts.sum() < 0, -1, ids), a, d.expert_x
-        init = (ids, a + _varying_zeros(a.shape, a.dtype), _varying_zeros(shape.shape, shape.dtype))
+            return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(a), _varying(d.expert_x)
+        init = (ids, _varying(a), _varying_zeros(shape.shape, shape.dtype))
         _, a, ex = jax.lax.fori_loop(0, iters, body, init)
         return a, ex
 

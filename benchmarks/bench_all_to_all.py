@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 AXIS = "ep"
 DTYPES = {"fp8": "float8_e4m3fn", "bf16": "bfloat16", "f32": "float32"}
+RAGGED_MULTIPROCESS_FLAG = "--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
 
 flags.DEFINE_list("tokens", None, "Tokens per rank; default 16,64,128 on CPU, 128,4096 on GPU.")
 flags.DEFINE_integer("hidden", 7168, "Hidden size.")
@@ -61,6 +62,7 @@ flags.DEFINE_integer("ranks", 0, "Processes; 0: 2 on CPU, one per GPU on cuda.")
 flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
 flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
 flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
+flags.DEFINE_bool("stock_check", False, "Stock paths validate routing through a host callback.")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Results folder.")
 flags.DEFINE_string("name", None, "File name stem; default a2a_<platform>.")
 flags.DEFINE_bool("plot", False, "Also write a PNG of latency against tokens per rank.")
@@ -140,8 +142,17 @@ def _stats(seconds, per):
     return {"median": float(np.median(us)), "p99": float(np.percentile(us, 99))}
 
 
+_T0 = time.perf_counter()
+
+
+def _progress(what):
+    """A timestamped line on stderr, so a slow or stuck step shows where it is."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def _timed(fn, args, repeats):
     import jax
+    _progress(f"compile and time {getattr(fn, '__name__', 'fn')}")
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -160,7 +171,8 @@ def _make(impl, mesh, T):
         from jax_efa_moe import AllToAll
         return AllToAll(mesh, AXIS, **kw)
     from jax_efa_moe.reference import PaddedAllToAll, ReferenceAllToAll
-    return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(mesh, AXIS, check=False, **kw)
+    return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(
+        mesh, AXIS, check=FLAGS.stock_check, **kw)
 
 
 def _routing(rng, T, E, k):
@@ -273,6 +285,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
     csend = shard(lambda y, *h: fc.out(comm.combine_send(y, fh.into(h))))
     crecv = shard(lambda *leaves: comm.combine_recv(fc.into(leaves)))
     half = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
+    _progress("time the send/recv halves")
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         p = jax.block_until_ready(send(*inputs))
@@ -429,7 +442,7 @@ def worker(rank, world, args):
                 "hidden": H, "experts": E, "topk": k, "dispatch_dtype": FLAGS.dispatch_dtype,
                 "combine_dtype": FLAGS.combine_dtype, "iters": iters, "repeats": repeats,
                 "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
-                if cpu else "jax.lax.ragged_all_to_all"}
+                if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
         print("BENCH_JSON " + json.dumps({"meta": meta, "runs": runs}))
 
 
@@ -545,6 +558,10 @@ def main(argv):
     if plat == "cpu":
         # The ranks share the host's cores: one compute thread each keeps them from fighting.
         env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+    else:
+        # With one process per GPU, XLA treats ragged_all_to_all as multi-host and refuses it
+        # unless told to run it as NCCL send/recv.
+        env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + RAGGED_MULTIPROCESS_FLAG).strip()
     try:
         outputs = launch.run("bench_all_to_all:worker", num_processes=n, args=sys.argv[1:],
                              timeout_s=FLAGS.timeout_s, env=env, platform=plat)

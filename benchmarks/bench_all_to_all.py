@@ -318,19 +318,8 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
     import jax.numpy as jnp
 
     shard = _sharded(mesh)
-    mm = _matmul_loop(n, iters)
-
-    def operands():
-        a = jnp.ones((n, n), jnp.bfloat16)
-        b = jnp.full((n, n), 1.0 / n, jnp.bfloat16)
-        return a, b
-
-    def matmul_only(x, sc, ids, w):
-        a, b = operands()
-        return mm(a + x[:1, :1].astype(jnp.bfloat16) * 0, b)
-
     def overlapped(x, sc, ids, w):
-        a, b = operands()
+        a, b = jnp.ones((n, n), jnp.bfloat16), jnp.full((n, n), 1.0 / n, jnp.bfloat16)
         shape = jax.eval_shape(lambda: comm.dispatch(x, ids, w, x_scale=sc).expert_x)
 
         def body(_, c):
@@ -345,7 +334,7 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
         _, a, ex = jax.lax.fori_loop(0, iters, body, init)
         return a, ex
 
-    mm_t = _timed(shard(matmul_only), inputs, repeats)
+    mm_t = _timed(shard(_matmul_only(n, iters)), inputs, repeats)
     ov_t = _timed(shard(overlapped), inputs, repeats)
     matmul_us = float(np.median(mm_t)) * 1e6 / iters
     overlapped_us = float(np.median(ov_t)) * 1e6 / iters
@@ -355,18 +344,22 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
             "hidden_fraction": (serial - overlapped_us) / max(min(matmul_us, dispatch_us), 1e-9)}
 
 
-def _calibrate_matmul(mesh, target_us, iters, repeats):
-    """n (multiple of 128) whose n x n bf16 matmul takes about target_us per rank."""
-    import jax
+def _matmul_only(n, iters):
+    """Per rank: the n x n bf16 matmul loop alone, its operands made on the device."""
     import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
+    def run(x, sc, ids, w):
+        a = jnp.ones((n, n), jnp.bfloat16) + x[:1, :1].astype(jnp.bfloat16) * 0
+        return _matmul_loop(n, iters)(a, jnp.full((n, n), 1.0 / n, jnp.bfloat16))
+    return run
+
+
+def _calibrate_matmul(mesh, inputs, target_us, iters, repeats):
+    """n (multiple of 128) whose n x n bf16 matmul takes about target_us per rank."""
     n = 512
     for _ in range(3):
-        f = jax.jit(jax.shard_map(lambda a, b: _matmul_loop(n, iters)(a, b), mesh=mesh,
-                                  in_specs=P(), out_specs=P(), check_vma=False))
-        a, b = jnp.ones((n, n), jnp.bfloat16), jnp.full((n, n), 1.0 / n, jnp.bfloat16)
-        us = float(np.median(_timed(f, (a, b), max(3, repeats // 5)))) * 1e6 / iters
+        f = _sharded(mesh)(_matmul_only(n, iters))
+        us = float(np.median(_timed(f, inputs, max(3, repeats // 5)))) * 1e6 / iters
         n = int(max(128, min(16384, round(n * (target_us / us) ** (1 / 3) / 128) * 128)))
     return n
 
@@ -424,7 +417,7 @@ def worker(rank, world, args):
                 dispatch_us = entry["loop_us"]["dispatch"]["median"]
                 if overlap_n is None:
                     # Sized once per T against the first implementation's dispatch, then shared.
-                    overlap_n = _calibrate_matmul(mesh, dispatch_us, iters, repeats)
+                    overlap_n = _calibrate_matmul(mesh, inputs, dispatch_us, iters, repeats)
                 entry["overlap"] = _overlap(comm, mesh, inputs, iters, repeats, overlap_n,
                                             dispatch_us)
             comm.close()
@@ -463,6 +456,7 @@ def write_report(results, stem, plot):
              f"stock `ragged` exchange: {meta['ragged_exchange']}",
              f"- ceiling: {ceiling['kind']} {ceiling['GBps']:.1f} GB/s one way"
              + (f" (memcpy {ceiling['memcpy_GBps']:.1f} GB/s)" if ceiling.get("memcpy_GBps") else ""),
+             *(f"- note: {n}" for n in meta.get("notes", [])),
              "", "Latency in µs per step, median / p99. Bytes: what must cross ranks per rank "
              "(tokens once per remote rank); GB/s and % of ceiling from those bytes.", "",
              "| T | impl | dispatch | combine | round trip | dispatch send | dispatch recv | "

@@ -23,6 +23,12 @@ Per tokens-per-rank and implementation, inside one ``jax.jit``:
 - overlap: dispatch_send, a bf16 matmul sized to take about a dispatch, dispatch_recv,
   against the serial sum of the two.
 
+On GPUs, one process per GPU, XLA refuses ``ragged_all_to_all`` as a multi-host op unless
+``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is set (this script sets
+it). Seen with jax 0.11.2 on 2 H200s: with it, one step per jit is right (the reference test
+passes), but a jit holding several ragged dispatch steps did not finish; run ``--impls`` without
+``ragged`` there until that is understood.
+
 Writes ``<out>/<name>.json`` and ``.md`` (date, machine, command) and, with ``--plot``, a PNG
 of latency against tokens per rank (needs matplotlib; ``--replot=FILE.json`` redraws one).
 """
@@ -512,6 +518,9 @@ def _plot(results, path):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="tokens per rank", title=phase)
+        ticks = sorted({r["tokens"] for r in results["runs"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("µs per step (median)")
     axes[0].legend()

@@ -17,7 +17,9 @@ XLA:CPU has no ``ragged-all-to-all`` (jax 0.10.2 fails with "HLO opcode `ragged-
 is not supported by XLA:CPU ThunkEmitter", in one process with several host devices and
 across processes alike). On CPU meshes the ragged exchange is therefore carried by a padded
 ``jax.lax.all_to_all`` (every rank sends a fixed-capacity block per peer), which gloo runs
-across processes. :class:`PaddedAllToAll` uses that padded exchange on every platform: it is
+across processes. On GPUs with one process per GPU, XLA (jax 0.11.2) rejects
+``ragged_all_to_all`` as multi-host unless
+``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is in ``XLA_FLAGS``. :class:`PaddedAllToAll` uses that padded exchange on every platform: it is
 the second stock baseline.
 
 Differences from the real AllToAll, by design of the stock path: a token crosses the wire

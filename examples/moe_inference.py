@@ -80,8 +80,10 @@ def _make_comm(kind, mesh, cfg, tokens):
         from jax_efa_moe import AllToAll
         return AllToAll(mesh, AXIS, max_tokens_per_rank=tokens, **cfg.comm_kwargs())
     from jax_efa_moe.reference import ReferenceAllToAll
+    # The padded exchange: same rows as the ragged one, and it runs on every backend in either
+    # process model (XLA:CPU has no ragged_all_to_all; see benchmarks/ for GPU caveats).
     return ReferenceAllToAll(mesh, AXIS, max_tokens_per_rank=tokens, check=False,
-                             **cfg.comm_kwargs())
+                             exchange="padded", **cfg.comm_kwargs())
 
 
 def _median_ms(fn, args, repeats):

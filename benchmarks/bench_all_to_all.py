@@ -1,0 +1,596 @@
+"""Dispatch/combine latency: ours against the stock JAX paths, on the same inputs in one run.
+
+    python benchmarks/bench_all_to_all.py                           # CPU, 2 processes
+    python benchmarks/bench_all_to_all.py --platform=cuda --tokens=128,4096 --plot
+
+Implementations: ``ours`` (``jax_efa_moe.AllToAll``), ``ragged`` (the MaxText-style
+``ReferenceAllToAll``: sort by expert, ``jax.lax.ragged_all_to_all``; on CPU, where XLA lacks
+that op, its exchange is a padded all_to_all) and ``padded`` (``PaddedAllToAll``, the padded
+``jax.lax.all_to_all`` round trip).
+
+Per tokens-per-rank and implementation, inside one ``jax.jit``:
+- dispatch: a ``lax.fori_loop`` of ``--iters`` dispatches; round trip: the same of
+  dispatch+combine; combine = round trip - dispatch, repeat by repeat. Median and p99 over
+  ``--repeats`` loops, per step.
+- each send/recv half: one jitted call per half, timed with block_until_ready (launch
+  included), median and p99 over the repeats.
+- bytes: what must cross between ranks (a token once per remote destination rank for
+  dispatch: its row plus fp8 scales; one combine-dtype row per (token, remote rank) for
+  combine), and the bytes each implementation actually puts on the wire; GB/s and the fraction
+  of a measured ceiling. Ceiling on GPU: a 1 GiB peer copy between GPU 0 and 1; on CPU:
+  loopback TCP between two threads (the path gloo and libfabric's tcp provider take), with
+  a memcpy figure beside it.
+- overlap: dispatch_send, a bf16 matmul sized to take about a dispatch, dispatch_recv,
+  against the serial sum of the two.
+
+On GPUs, one process per GPU, XLA refuses ``ragged_all_to_all`` as a multi-host op unless
+``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is set (this script sets
+it). Seen with jax 0.11.2 on 2 H200s: with it, one step per jit is right (the reference test
+passes), but a jit holding several ragged dispatch steps did not finish; run ``--impls`` without
+``ragged`` there until that is understood.
+
+Writes ``<out>/<name>.json`` and ``.md`` (date, machine, command) and, with ``--plot``, a PNG
+of latency against tokens per rank (needs matplotlib; ``--replot=FILE.json`` redraws one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform as host_platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from absl import app, flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+AXIS = "ep"
+DTYPES = {"fp8": "float8_e4m3fn", "bf16": "bfloat16", "f32": "float32"}
+RAGGED_MULTIPROCESS_FLAG = "--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
+
+flags.DEFINE_list("tokens", None, "Tokens per rank; default 16,64,128 on CPU, 128,4096 on GPU.")
+flags.DEFINE_integer("hidden", 7168, "Hidden size.")
+flags.DEFINE_integer("experts", 256, "Routed experts.")
+flags.DEFINE_integer("topk", 8, "Experts per token.")
+flags.DEFINE_enum("dispatch_dtype", "fp8", list(DTYPES), "Dispatch dtype (fp8: e4m3 + f32 scales).")
+flags.DEFINE_enum("combine_dtype", "bf16", ["bf16", "f32"], "Combine dtype.")
+flags.DEFINE_list("impls", ["ours", "ragged", "padded"], "Implementations to time.")
+flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "cuda"], "auto: cuda where GPUs exist.")
+flags.DEFINE_integer("ranks", 0, "Processes; 0: 2 on CPU, one per GPU on cuda.")
+flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
+flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
+flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
+flags.DEFINE_bool("stock_check", False, "Stock paths validate routing through a host callback.")
+flags.DEFINE_string("out", os.path.join(HERE, "results"), "Results folder.")
+flags.DEFINE_string("name", None, "File name stem; default a2a_<platform>.")
+flags.DEFINE_bool("plot", False, "Also write a PNG of latency against tokens per rank.")
+flags.DEFINE_string("replot", None, "Only redraw the .md and .png of this results JSON.")
+flags.DEFINE_integer("seed", 0, "Routing and data seed.")
+flags.DEFINE_float("timeout_s", 1800.0, "Deadline for the whole run.")
+FLAGS = flags.FLAGS
+
+
+# ---- ceilings (measured in the parent, before the ranks start) -------------------------------
+
+def loopback_tcp_gbps(total=1 << 28, chunk=1 << 22) -> float:
+    """One-way bytes/s through a TCP connection on 127.0.0.1 between two threads."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    sender = socket.create_connection(server.getsockname())
+    receiver, _ = server.accept()
+    buf = bytearray(chunk)
+
+    def drain():
+        view, left = memoryview(bytearray(chunk)), total
+        while left:
+            left -= receiver.recv_into(view, min(chunk, left))
+
+    t = threading.Thread(target=drain)
+    t0 = time.perf_counter()
+    t.start()
+    for _ in range(total // chunk):
+        sender.sendall(buf)
+    t.join(timeout=120)
+    seconds = time.perf_counter() - t0
+    for s in (sender, receiver, server):
+        s.close()
+    return total / seconds / 1e9
+
+
+def memcpy_gbps(total=1 << 28) -> float:
+    src, dst = np.ones(total, np.uint8), np.empty(total, np.uint8)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        np.copyto(dst, src)
+    return 5 * total / (time.perf_counter() - t0) / 1e9
+
+
+_PEER_COPY = r"""
+import time, torch
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+for _ in range(3):
+    b.copy_(a)
+torch.cuda.synchronize(0); torch.cuda.synchronize(1)
+t = time.perf_counter()
+for _ in range(10):
+    b.copy_(a)
+torch.cuda.synchronize(0); torch.cuda.synchronize(1)
+print(10 * n / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def peer_copy_gbps() -> float | None:
+    """GB/s of a 1 GiB copy GPU 0 -> GPU 1 (PyTorch, peer access), in its own process."""
+    out = subprocess.run([sys.executable, "-c", _PEER_COPY], capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode:
+        print(f"peer copy ceiling not measured: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# ---- one rank ------------------------------------------------------------------------------
+
+def _stats(seconds, per):
+    us = np.asarray(seconds) * 1e6 / per
+    return {"median": float(np.median(us)), "p99": float(np.percentile(us, 99))}
+
+
+_T0 = time.perf_counter()
+
+
+def _progress(what):
+    """A timestamped line on stderr, so a slow or stuck step shows where it is."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def _timed(fn, args, repeats):
+    import jax
+    _progress(f"compile and time {getattr(fn, '__name__', 'fn')}")
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _make(impl, mesh, T):
+    import jax.numpy as jnp
+    kw = dict(num_experts=FLAGS.experts, experts_per_token=FLAGS.topk, hidden=FLAGS.hidden,
+              max_tokens_per_rank=T, dispatch_dtype=jnp.dtype(DTYPES[FLAGS.dispatch_dtype]),
+              combine_dtype=jnp.dtype(DTYPES[FLAGS.combine_dtype]))
+    if impl == "ours":
+        from jax_efa_moe import AllToAll
+        return AllToAll(mesh, AXIS, **kw)
+    from jax_efa_moe.reference import PaddedAllToAll, ReferenceAllToAll
+    return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(
+        mesh, AXIS, check=FLAGS.stock_check, **kw)
+
+
+def _routing(rng, T, E, k):
+    return np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
+
+
+def _bytes(ids_all, R, T, H, S):
+    """Per-rank mean bytes that must cross ranks, and what each stock path sends."""
+    E, k = FLAGS.experts, FLAGS.topk
+    L = E // R
+    size = {"fp8": 1, "bf16": 2, "f32": 4}
+    row = H * size[FLAGS.dispatch_dtype] + 4 * S
+    crow = H * size[FLAGS.combine_dtype]
+    pairs = copies = 0
+    for r in range(R):
+        dest = ids_all[r] // L
+        for d in range(R):
+            if d != r:
+                pairs += int((dest == d).any(axis=1).sum())
+                copies += int((dest == d).sum())
+    pairs, copies = pairs / R, copies / R
+    capacity = T * k
+    return {"dispatch": pairs * row, "combine": pairs * crow,
+            "ragged_wire": {"dispatch": copies * row, "combine": copies * crow},
+            "padded_wire": {"dispatch": (R - 1) * capacity * row,
+                            "combine": (R - 1) * capacity * crow}}
+
+
+class _Flat:
+    """Moves a pytree of per-rank arrays (handles, pending halves) in and out of shard_map."""
+
+    def __init__(self):
+        self.treedef = self.shapes = None
+
+    def out(self, tree):
+        leaves, self.treedef = __import__("jax").tree.flatten(tree)
+        self.shapes = [leaf.shape for leaf in leaves]
+        return [leaf.reshape((1,) + leaf.shape) for leaf in leaves]
+
+    def into(self, leaves):
+        import jax
+        return jax.tree.unflatten(self.treedef, [l.reshape(s) for l, s in zip(leaves, self.shapes)])
+
+
+def _varying(v):
+    """v marked as differing per rank, so loop carries type-check whatever an op marks."""
+    import jax
+    t = jax.typeof(v)
+    vma = t.vma if hasattr(t, "vma") else t.manual_axis_type.varying  # named per jax version
+    return v if AXIS in vma else jax.lax.pcast(v, AXIS, to="varying")
+
+
+def _varying_zeros(shape, dtype):
+    import jax.numpy as jnp
+    return _varying(jnp.zeros(shape, dtype))
+
+
+def _sharded(mesh):
+    """jit(shard_map(f)) with every argument and result split over the EP axis."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    return lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+
+
+def _measure(comm, mesh, inputs, expert_y, iters, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    shard = _sharded(mesh)
+    nan_guard = lambda out, ids: jnp.where(jnp.isnan(out[0, 0].astype(jnp.float32)), -1, ids)
+
+    def dispatch_loop(x, sc, ids, w):
+        shape = jax.eval_shape(lambda: comm.dispatch(x, ids, w, x_scale=sc).expert_x)
+
+        def body(_, c):
+            ids, _ = c
+            d = comm.dispatch(x, ids, w, x_scale=sc)
+            return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(d.expert_x)
+        return jax.lax.fori_loop(0, iters, body, (ids, _varying_zeros(shape.shape, shape.dtype)))[1]
+
+    def round_trip_loop(x, sc, ids, w, y):
+        shape = jax.eval_shape(lambda: comm.dispatch(x, ids, w, x_scale=sc).expert_x)
+
+        # expert_x is carried too, or XLA would drop the stock paths' token exchange.
+        def body(_, c):
+            ids, _, _ = c
+            d = comm.dispatch(x, ids, w, x_scale=sc)
+            out = comm.combine(y, d.handle)
+            return nan_guard(out, ids), _varying(d.expert_x), _varying(out)
+        init = (ids, _varying_zeros(shape.shape, shape.dtype), _varying_zeros(x.shape, y.dtype))
+        return jax.lax.fori_loop(0, iters, body, init)[1:]
+
+    res = {}
+    d_loop = shard(dispatch_loop)
+    rt_loop = shard(round_trip_loop)
+    d_times = _timed(d_loop, inputs, repeats)
+    rt_times = _timed(rt_loop, inputs + (expert_y,), repeats)
+    res["loop_us"] = {"dispatch": _stats(d_times, iters), "round_trip": _stats(rt_times, iters),
+                      "combine": _stats(np.subtract(rt_times, d_times), iters)}
+
+    # The halves, one jitted call each; pending state and handles cross as per-rank arrays.
+    fs, fr, fh, fc = _Flat(), _Flat(), _Flat(), _Flat()
+    send = shard(lambda x, sc, ids, w: fs.out(comm.dispatch_send(x, ids, w, x_scale=sc)))
+    jax.eval_shape(send, *inputs)
+
+    def recv_fn(*leaves):
+        d = comm.dispatch_recv(fs.into(leaves))
+        return d.expert_x, d.expert_counts, fh.out(d.handle)
+    recv = shard(recv_fn)
+    csend = shard(lambda y, *h: fc.out(comm.combine_send(y, fh.into(h))))
+    crecv = shard(lambda *leaves: comm.combine_recv(fc.into(leaves)))
+    half = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")}
+    _progress("time the send/recv halves")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        p = jax.block_until_ready(send(*inputs))
+        t1 = time.perf_counter()
+        _, _, h = jax.block_until_ready(recv(*p))
+        t2 = time.perf_counter()
+        c = jax.block_until_ready(csend(expert_y, *h))
+        t3 = time.perf_counter()
+        jax.block_until_ready(crecv(*c))
+        t4 = time.perf_counter()
+        if i:  # the first round compiles
+            for name, dt in zip(half, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                half[name].append(dt)
+    res["per_call_us"] = {name: _stats(v, 1) for name, v in half.items()}
+    return res
+
+
+def _matmul_loop(n, iters):
+    import jax
+    import jax.numpy as jnp
+
+    def run(a, b):
+        return jax.lax.fori_loop(0, iters, lambda _, a: jnp.dot(a, b).astype(jnp.bfloat16), a)
+    return run
+
+
+def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
+    """dispatch_send, an n x n bf16 matmul, dispatch_recv; against matmul and dispatch alone."""
+    import jax
+    import jax.numpy as jnp
+
+    shard = _sharded(mesh)
+    def overlapped(x, sc, ids, w):
+        a, b = jnp.ones((n, n), jnp.bfloat16), jnp.full((n, n), 1.0 / n, jnp.bfloat16)
+        shape = jax.eval_shape(lambda: comm.dispatch(x, ids, w, x_scale=sc).expert_x)
+
+        def body(_, c):
+            ids, a, _ = c
+            pending = comm.dispatch_send(x, ids, w, x_scale=sc)
+            pending, a = jax.lax.optimization_barrier((pending, a))
+            a = jnp.dot(a, b).astype(jnp.bfloat16)
+            pending, a = jax.lax.optimization_barrier((pending, a))
+            d = comm.dispatch_recv(pending)
+            return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(a), _varying(d.expert_x)
+        init = (ids, _varying(a), _varying_zeros(shape.shape, shape.dtype))
+        _, a, ex = jax.lax.fori_loop(0, iters, body, init)
+        return a, ex
+
+    mm_t = _timed(shard(_matmul_only(n, iters)), inputs, repeats)
+    ov_t = _timed(shard(overlapped), inputs, repeats)
+    matmul_us = float(np.median(mm_t)) * 1e6 / iters
+    overlapped_us = float(np.median(ov_t)) * 1e6 / iters
+    serial = matmul_us + dispatch_us
+    return {"matmul_n": n, "matmul_us": matmul_us, "dispatch_us": dispatch_us,
+            "serial_us": serial, "overlapped_us": overlapped_us,
+            "hidden_fraction": (serial - overlapped_us) / max(min(matmul_us, dispatch_us), 1e-9)}
+
+
+def _matmul_only(n, iters):
+    """Per rank: the n x n bf16 matmul loop alone, its operands made on the device."""
+    import jax.numpy as jnp
+
+    def run(x, sc, ids, w):
+        a = jnp.ones((n, n), jnp.bfloat16) + x[:1, :1].astype(jnp.bfloat16) * 0
+        return _matmul_loop(n, iters)(a, jnp.full((n, n), 1.0 / n, jnp.bfloat16))
+    return run
+
+
+def _calibrate_matmul(mesh, inputs, target_us, iters, repeats):
+    """n (multiple of 128) whose n x n bf16 matmul takes about target_us per rank."""
+    n = 512
+    for _ in range(3):
+        f = _sharded(mesh)(_matmul_only(n, iters))
+        us = float(np.median(_timed(f, inputs, max(3, repeats // 5)))) * 1e6 / iters
+        n = int(max(128, min(16384, round(n * (target_us / us) ** (1 / 3) / 128) * 128)))
+    return n
+
+
+def worker(rank, world, args):
+    """Each rank runs every measurement; rank 0 prints the results as one JSON line."""
+    FLAGS(["bench_all_to_all"] + list(args))
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import per_rank
+
+    mesh = per_rank.ep_mesh(AXIS)
+    R = mesh.shape[AXIS]
+    cpu = jax.devices()[0].platform == "cpu"
+    tokens = [int(t) for t in (FLAGS.tokens or (["16", "64", "128"] if cpu else ["128", "4096"]))]
+    iters = FLAGS.iters or (20 if cpu else 50)
+    repeats = FLAGS.repeats or (10 if cpu else 50)
+    H, E, k = FLAGS.hidden, FLAGS.experts, FLAGS.topk
+    fp8 = FLAGS.dispatch_dtype == "fp8"
+    S = H // 128 if fp8 else 0
+    ddt, cdt = jnp.dtype(DTYPES[FLAGS.dispatch_dtype]), jnp.dtype(DTYPES[FLAGS.combine_dtype])
+    runs = []
+    for T in tokens:
+        rng = np.random.default_rng([FLAGS.seed, T])
+        ids_all = np.stack([_routing(rng, T, E, k) for _ in range(R)])
+        nbytes = _bytes(ids_all, R, T, H, S)
+
+        def block(r, what):
+            g = np.random.default_rng([FLAGS.seed, T, r, what])
+            if what == 0:
+                return (g.standard_normal((T, H), np.float32) * (8 if fp8 else 1)).astype(ddt)
+            if what == 1:
+                return g.uniform(0.5, 2.0, (T, S)).astype(np.float32)
+            return g.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+
+        inputs = (per_rank.put(mesh, AXIS, lambda r: block(r, 0)),
+                  per_rank.put(mesh, AXIS, lambda r: block(r, 1)) if fp8 else None,
+                  per_rank.put(mesh, AXIS, lambda r: ids_all[r]),
+                  per_rank.put(mesh, AXIS, lambda r: block(r, 2)))
+        overlap_n = None
+        for impl in FLAGS.impls:
+            entry = {"tokens": T, "impl": impl}
+            try:
+                comm = _make(impl, mesh, T)
+            except ImportError as e:
+                entry.update(available=False, note=f"not available: {e}")
+                runs.append(entry)
+                continue
+            M = comm.max_recv_tokens
+            expert_y = per_rank.put(mesh, AXIS, lambda r: np.random.default_rng(
+                [FLAGS.seed, T, r, 3]).standard_normal((M, H), np.float32).astype(cdt))
+            entry.update(available=True, max_recv_tokens=M,
+                         **_measure(comm, mesh, inputs, expert_y, iters, repeats))
+            if FLAGS.overlap:
+                dispatch_us = entry["loop_us"]["dispatch"]["median"]
+                if overlap_n is None:
+                    # Sized once per T against the first implementation's dispatch, then shared.
+                    overlap_n = _calibrate_matmul(mesh, inputs, dispatch_us, iters, repeats)
+                entry["overlap"] = _overlap(comm, mesh, inputs, iters, repeats, overlap_n,
+                                            dispatch_us)
+            comm.close()
+            entry["bytes"] = {"dispatch": nbytes["dispatch"], "combine": nbytes["combine"]}
+            if impl in ("ragged", "padded"):
+                entry["wire_bytes"] = nbytes[f"{impl}_wire"]
+            runs.append(entry)
+            if rank == 0:
+                lu = entry["loop_us"]
+                print(f"T={T} {impl}: dispatch {lu['dispatch']['median']:.1f} us, combine "
+                      f"{lu['combine']['median']:.1f} us", file=sys.stderr, flush=True)
+    if rank == 0:
+        meta = {"ranks": R, "platform": jax.devices()[0].platform,
+                "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                "hidden": H, "experts": E, "topk": k, "dispatch_dtype": FLAGS.dispatch_dtype,
+                "combine_dtype": FLAGS.combine_dtype, "iters": iters, "repeats": repeats,
+                "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
+                if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
+        print("BENCH_JSON " + json.dumps({"meta": meta, "runs": runs}))
+
+
+# ---- report --------------------------------------------------------------------------------
+
+def _fmt(s):
+    return f"{s['median']:.1f} / {s['p99']:.1f}"
+
+
+def write_report(results, stem, plot):
+    meta, ceiling = results["meta"], results["ceiling"]
+    lines = [f"# all-to-all benchmark: {meta['platform']}, {meta['ranks']} ranks", "",
+             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}`",
+             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
+             f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}",
+             f"- loops of {meta['iters']} steps inside one jit, {meta['repeats']} repeats; "
+             f"stock `ragged` exchange: {meta['ragged_exchange']}",
+             f"- ceiling: {ceiling['kind']} {ceiling['GBps']:.1f} GB/s one way"
+             + (f" (memcpy {ceiling['memcpy_GBps']:.1f} GB/s)" if ceiling.get("memcpy_GBps") else ""),
+             *(f"- note: {n}" for n in meta.get("notes", [])),
+             "", "Latency in µs per step, median / p99. Bytes: what must cross ranks per rank "
+             "(tokens once per remote rank); GB/s and % of ceiling from those bytes.", "",
+             "| T | impl | dispatch | combine | round trip | dispatch send | dispatch recv | "
+             "combine send | combine recv | dispatch MB | GB/s (% ceiling) | combine GB/s (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if not r.get("available"):
+            lines.append(f"| {r['tokens']} | {r['impl']} | {r.get('note', '')} |||||||||")
+            continue
+        lu, pc, b = r["loop_us"], r["per_call_us"], r["bytes"]
+        bw = lambda phase: b[phase] / lu[phase]["median"] / 1e3 if lu[phase]["median"] > 0 else None
+
+        def rate(phase):
+            if bw(phase) is None:
+                return "n/a"
+            pct = f" ({100 * bw(phase) / ceiling['GBps']:.2g}%)" if ceiling["GBps"] else ""
+            return f"{bw(phase):.3g}{pct}"
+        lines.append(
+            f"| {r['tokens']} | {r['impl']} | {_fmt(lu['dispatch'])} | {_fmt(lu['combine'])} | "
+            f"{_fmt(lu['round_trip'])} | {_fmt(pc['dispatch_send'])} | {_fmt(pc['dispatch_recv'])} | "
+            f"{_fmt(pc['combine_send'])} | {_fmt(pc['combine_recv'])} | {b['dispatch'] / 1e6:.2f} | "
+            f"{rate('dispatch')} | {rate('combine')} |")
+    lines += ["", "Send/recv halves are single jitted calls (launch and host sync included); "
+              "dispatch, combine and round trip are per step of a fused loop.", "",
+              "Overlap: dispatch_send, an n×n bf16 matmul, dispatch_recv, per step (µs).", "",
+              "| T | impl | n | matmul | dispatch | serial sum | overlapped | hidden |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        o = r.get("overlap")
+        if o:
+            lines.append(f"| {r['tokens']} | {r['impl']} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
+                         f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {o['overlapped_us']:.1f} | "
+                         f"{100 * o['hidden_fraction']:.0f}% |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if plot:
+        _plot(results, stem + ".png")
+
+
+def _plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, phase in zip(axes, ("dispatch", "combine")):
+        for impl in dict.fromkeys(r["impl"] for r in results["runs"]):
+            pts = sorted((r["tokens"], r["loop_us"][phase]["median"]) for r in results["runs"]
+                         if r["impl"] == impl and r.get("available"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="tokens per rank", title=phase)
+        ticks = sorted({r["tokens"] for r in results["runs"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("µs per step (median)")
+    axes[0].legend()
+    m = results["meta"]
+    fig.suptitle(f"{m['platform']} x{m['ranks']}: hidden {m['hidden']}, {m['experts']} experts, "
+                 f"top-{m['topk']}, {m['dispatch_dtype']} dispatch, {m['combine_dtype']} combine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _gpu_count() -> int:
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def main(argv):
+    if FLAGS.replot:
+        with open(FLAGS.replot) as f:
+            write_report(json.load(f), FLAGS.replot[:-len(".json")], True)
+        return 0
+    from jax_efa_moe import launch
+
+    gpus = _gpu_count()
+    plat = FLAGS.platform if FLAGS.platform != "auto" else ("cuda" if gpus else "cpu")
+    if plat == "cuda" and gpus < 2 and not FLAGS.ranks:
+        raise app.UsageError(f"--platform=cuda needs 2 GPUs or --ranks, found {gpus}")
+    n = FLAGS.ranks or (gpus if plat == "cuda" else 2)
+    if plat == "cuda":
+        gbps = peer_copy_gbps()
+        ceiling = {"kind": "1 GiB peer copy GPU0->GPU1", "GBps": gbps or 0.0}
+    else:
+        ceiling = {"kind": "loopback TCP (127.0.0.1, two threads)", "GBps": loopback_tcp_gbps(),
+                   "memcpy_GBps": memcpy_gbps()}
+    print(f"ceiling: {ceiling}", flush=True)
+    env = {"PYTHONPATH": os.pathsep.join([HERE, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    if plat == "cpu":
+        # The ranks share the host's cores: one compute thread each keeps them from fighting.
+        env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+    else:
+        # With one process per GPU, XLA treats ragged_all_to_all as multi-host and refuses it
+        # unless told to run it as NCCL send/recv.
+        env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + RAGGED_MULTIPROCESS_FLAG).strip()
+    try:
+        outputs = launch.run("bench_all_to_all:worker", num_processes=n, args=sys.argv[1:],
+                             timeout_s=FLAGS.timeout_s, env=env, platform=plat)
+    except launch.LaunchError as e:
+        print(e, file=sys.stderr)
+        return 1
+    line = next(l for l in outputs[0].splitlines() if l.startswith("BENCH_JSON "))
+    results = json.loads(line[len("BENCH_JSON "):])
+    results["ceiling"] = ceiling
+    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                      if l.startswith("model name")), host_platform.processor()) \
+        if os.path.exists("/proc/cpuinfo") else host_platform.processor()
+    results["meta"].update(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{socket.gethostname()}: {os.cpu_count()} cores, {cpu_model}"
+                + (f", {gpus} x {results['meta']['device']}" if plat == "cuda" else ""),
+        command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    os.makedirs(FLAGS.out, exist_ok=True)
+    stem = os.path.join(FLAGS.out, FLAGS.name or f"a2a_{plat}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    write_report(results, stem, FLAGS.plot)
+    print(open(stem + ".md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [ROOT]
+    app.run(main)

@@ -1,13 +1,15 @@
 """AllToAll end to end on the CPU backend: 2 and 4 processes, one CPU device each.
 
-Every rank draws every rank's inputs from one seed, so each can check its own results against
-a NumPy oracle written here, independently of the C++ code. Many cases share one launch
+Every rank draws every rank's inputs from one seed, drawn fresh for each run (printed, so a
+failure can be replayed with JEM_TEST_SEED), so each can check its own results against a NumPy
+oracle written here, independently of the C++ code. Many cases share one launch
 (each launch costs a JAX start-up per process).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 
@@ -17,6 +19,7 @@ import pytest
 from jax_efa_moe import launch, providers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SEED = int(os.environ.get("JEM_TEST_SEED") or secrets.randbits(32))
 ROUTINGS = ("uniform", "zipf", "one_expert", "same_experts", "one_rank", "unused_slots",
             "repeated", "partial", "empty")
 # Routings that fit max_recv_tokens = 1.5 T only through the overflow region.
@@ -25,8 +28,9 @@ OVERFLOW_ROUTINGS = ("overflow_peers", "overflow_self")
 
 def _run(function: str, num_processes: int, *args: str, timeout_s: float = 240.0) -> list[str]:
     path = os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])
+    print(f"JEM_TEST_SEED={SEED}")
     return launch.run(f"test_all_to_all:{function}", num_processes, list(args),
-                      timeout_s=timeout_s, env={"PYTHONPATH": path})
+                      timeout_s=timeout_s, env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +66,7 @@ def test_one_rank_in_this_process():
 
     mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices("cpu")[:1])
     T, H, k, E = 8, 128, 2, 4
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng([SEED, 11])
     ids, num_tokens = make_routing("unused_slots", rng, 1, T, E, k)
     weights = rng.random((1, T, k)).astype(np.float32)
     x, _ = make_tokens(rng, 1, T, H, "float32")
@@ -317,7 +321,7 @@ def check_cases(rank, world, args):
                ("bfloat16", "bfloat16", 1, T + T // 2, OVERFLOW_ROUTINGS)]
     if world > 2:
         configs = configs[1:3] + configs[4:]
-    rng = np.random.default_rng(1234)
+    rng = np.random.default_rng([SEED, 1234])
     checked = 0
     for dispatch_dtype, combine_dtype, align, max_recv_tokens, routings in configs:
         comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
@@ -374,7 +378,7 @@ def check_bad_input(rank, world, args):
 
     mesh = _setup(world)
     R, T, H, k, E = world, 16, 128, 2, 8
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng([SEED, 7])
     ids, num_tokens = make_routing("uniform", rng, R, T, E, k)
     weights = rng.random((R, T, k)).astype(np.float32)
     x, _ = make_tokens(rng, R, T, H, "bfloat16")
@@ -469,7 +473,7 @@ def check_dead_peer(rank, world, args):
     timeout_s = 3.0
     comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
                     max_tokens_per_rank=T, timeout_s=timeout_s)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng([SEED, 3])
     ids, _ = make_routing("uniform", rng, world, T, E, k)
     x, _ = make_tokens(rng, world, T, H, "bfloat16")
     weights = rng.random((world, T, k)).astype(np.float32)

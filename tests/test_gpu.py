@@ -11,6 +11,7 @@ process never holds a GPU. Skipped without two GPUs (CI has none).
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ import pytest
 from jax_efa_moe import launch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Fresh inputs every run; printed, so a failure can be replayed with JEM_TEST_SEED.
+SEED = int(os.environ.get("JEM_TEST_SEED") or secrets.randbits(32))
 NO_COMMAND_BUFFERS = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
 
 
@@ -37,7 +40,9 @@ pytestmark = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
 
 def _env(extra: dict | None = None) -> dict:
     env = {"PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
-           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "NCCL_NVLS_ENABLE": "0"}
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "NCCL_NVLS_ENABLE": "0",
+           "JEM_TEST_SEED": str(SEED)}
+    print(f"JEM_TEST_SEED={SEED}")
     env.update(extra or {})
     return env
 
@@ -143,7 +148,7 @@ def check_cases(rank, world, args):
         "two": [("float8_e4m3fn", "bfloat16", 8), ("float32", "float32", 1)],
         "fp8": [("float8_e4m3fn", "bfloat16", 1)],
     }[args[0]]
-    rng = np.random.default_rng(1234)
+    rng = np.random.default_rng([SEED, 1234])
     for dispatch_dtype, combine_dtype, align in configs:
         comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
                         max_tokens_per_rank=T, dispatch_dtype=getattr(jnp, dispatch_dtype),
@@ -193,7 +198,7 @@ def check_bad_input(rank, world, args):
 
     mesh = _mesh()
     R, T, H, k, E = 2, 16, 128, 2, 8
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng([SEED, 7])
     ids, _ = cpu.make_routing("uniform", rng, R, T, E, k)
     weights = rng.random((R, T, k)).astype(np.float32)
     x, _ = cpu.make_tokens(rng, R, T, H, "bfloat16")
@@ -271,7 +276,7 @@ def check_dead_peer(rank, world, args):
     timeout_s = 3.0
     comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
                     max_tokens_per_rank=T, timeout_s=timeout_s)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng([SEED, 3])
     ids, _ = cpu.make_routing("uniform", rng, 2, T, E, k)
     x, _ = cpu.make_tokens(rng, 2, T, H, "bfloat16")
     weights = rng.random((2, T, k)).astype(np.float32)

@@ -77,7 +77,12 @@ def percentile(values, q):
 
 
 def worker(rank, world, args):
-    """Rank 0 drives and times; rank 1 mirrors. Prints one RESULT line on rank 0."""
+    """Rank 0 drives and times; rank 1 mirrors. Prints one RESULT line on rank 0.
+
+    For each size, repeats alternate an engine stream, an engine ping-pong and (on rank 0)
+    one fi_pingpong run, so that both see the same machine load; during fi_pingpong both
+    ranks wait in the key-value store, leaving their engines idle.
+    """
     cfg = json.loads(args[0])
     engine = _jem.Engine(provider=cfg["provider"], busy_poll=cfg["busy_poll"])
     largest = max(cfg["sizes"])
@@ -89,49 +94,56 @@ def worker(rank, world, args):
     peer = 1 - rank
     group = engine.add_peer_group(src_region, [(addresses[peer], descriptors[peer])])
     wait = lambda imm, n=1: engine.wait_imm(imm, n, TIMEOUT_S)  # noqa: E731
+    sync = lambda: bootstrap.all_gather_bytes("bench_sync", b"", rank, world)  # noqa: E731
     results = []
     for size in cfg["sizes"]:
         iters = iterations(size, cfg["bytes_per_point"], cfg["min_iters"], cfg["max_iters"])
         one = np.array([[0, 0, 0, size]], np.int64)
-        point = {"size": size, "iters": iters}
-
-        # Ping-pong: one write each way per iteration, timed per iteration on rank 0.
-        engine.wait_sent(engine.barrier(group, 9), TIMEOUT_S)
-        wait(9)
-        half_rtt = []
-        for _ in range(iters + 2):  # the first two warm the path up and are dropped
-            if rank == 0:
-                t0 = time.perf_counter()
-                engine.scatter(group, one, 1)
-                wait(2)
-                half_rtt.append((time.perf_counter() - t0) / 2)
-            else:
-                wait(1)
-                engine.scatter(group, one, 2)
-        engine.wait_sent(engine.barrier(group, 9), TIMEOUT_S)
-        wait(9)
-        if rank == 0:
-            half_rtt = half_rtt[2:]
-            point["pingpong_us_median"] = statistics.median(half_rtt) * 1e6
-            point["pingpong_us_p99"] = percentile(half_rtt, 99) * 1e6
-            point["pingpong_MBps"] = size / statistics.median(half_rtt) / 1e6
-
-        # Stream: `iters` writes in flight at once, then one zero-length answer.
-        stream = []
-        for _ in range(cfg["repeats"] + 1):  # the first warms up and is dropped
+        stream, half_rtt, pingpong = [], [], []
+        for repeat in range(cfg["repeats"] + 1):  # repeat 0 warms up and is dropped
+            # Stream: `iters` writes in flight at once, then one zero-length answer.
+            sync()
             if rank == 0:
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     engine.scatter(group, one, 3)
                 wait(4)
-                stream.append(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
             else:
                 wait(3, iters)
                 engine.barrier(group, 4)
+            # Ping-pong: one write each way per iteration, timed per iteration on rank 0.
+            sync()
+            times = []
+            for _ in range(iters):
+                if rank == 0:
+                    t0 = time.perf_counter()
+                    engine.scatter(group, one, 1)
+                    wait(2)
+                    times.append((time.perf_counter() - t0) / 2)
+                else:
+                    wait(1)
+                    engine.scatter(group, one, 2)
+            sync()
+            if rank == 0 and cfg["pingpong"]:
+                result = fi_pingpong_once(cfg["provider"], size, iters)
+            if rank == 0 and repeat > 0:
+                stream.append(elapsed)
+                half_rtt += times
+                if cfg["pingpong"]:
+                    pingpong.append(result)
         if rank == 0:
-            stream = stream[1:]
-            point["stream_MBps_median"] = iters * size / statistics.median(stream) / 1e6
-            point["stream_MBps_p99"] = iters * size / percentile(stream, 99) / 1e6
+            point = {"size": size, "iters": iters, "repeats": cfg["repeats"],
+                     "stream_MBps_median": iters * size / statistics.median(stream) / 1e6,
+                     "stream_MBps_p99": iters * size / percentile(stream, 99) / 1e6,
+                     "pingpong_us_median": statistics.median(half_rtt) * 1e6,
+                     "pingpong_us_p99": percentile(half_rtt, 99) * 1e6,
+                     "pingpong_MBps": size / statistics.median(half_rtt) / 1e6}
+            if pingpong:
+                us, mbps = [r[0] for r in pingpong], [r[1] for r in pingpong]
+                point["fi_pingpong"] = {
+                    "us_median": statistics.median(us), "us_p99": percentile(us, 99),
+                    "MBps_median": statistics.median(mbps), "MBps_p99": percentile(mbps, 1)}
             results.append(point)
 
     # Immediates per second: zero-length writes, one per scatter and 64 per scatter.
@@ -139,8 +151,7 @@ def worker(rank, world, args):
     n = cfg["imm_writes"]
     for batch in (1, 64):
         writes = np.zeros((batch, 4), np.int64)
-        engine.wait_sent(engine.barrier(group, 9), TIMEOUT_S)
-        wait(9)
+        sync()
         if rank == 0:
             t0 = time.perf_counter()
             for _ in range(n // batch):
@@ -151,20 +162,21 @@ def worker(rank, world, args):
             wait(5, (n // batch) * batch)
             engine.barrier(group, 6)
     # Both sides are done before either closes.
-    bootstrap.all_gather_bytes("bench_done", b"", rank, world)
+    sync()
     engine.close()
     if rank == 0:
         print("RESULT " + json.dumps({"points": results, "imm_per_s": imm_rates}), flush=True)
         time.sleep(0.5)  # rank 0 hosts jax.distributed's service: let rank 1 leave first
 
 
-def run_engine(provider, size_list):
+def run(provider, size_list, pingpong):
     cfg = {"provider": provider, "sizes": size_list, "busy_poll": FLAGS.busy_poll,
            "bytes_per_point": FLAGS.bytes_per_point, "min_iters": FLAGS.min_iters,
-           "max_iters": FLAGS.max_iters, "repeats": FLAGS.repeats, "imm_writes": FLAGS.imm_writes}
+           "max_iters": FLAGS.max_iters, "repeats": FLAGS.repeats, "imm_writes": FLAGS.imm_writes,
+           "pingpong": pingpong}
     here = os.path.dirname(os.path.abspath(__file__))
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    outputs = launch.run("bench_transfer:worker", 2, [json.dumps(cfg)], timeout_s=1800, env=env)
+    outputs = launch.run("bench_transfer:worker", 2, [json.dumps(cfg)], timeout_s=3600, env=env)
     line = next(l for l in outputs[0].splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -207,19 +219,6 @@ def fi_pingpong_once(provider, size, iters):
                        f"{client.stdout}\n{client.stderr}")
 
 
-def run_pingpong(provider, size_list):
-    out = {}
-    for size in size_list:
-        iters = iterations(size, FLAGS.bytes_per_point, FLAGS.min_iters, FLAGS.max_iters)
-        runs = [fi_pingpong_once(provider, size, iters) for _ in range(FLAGS.repeats)]
-        us = [r[0] for r in runs]
-        mbps = [r[1] for r in runs]
-        out[size] = {"iters": iters, "us_median": statistics.median(us),
-                     "us_p99": percentile(us, 99), "MBps_median": statistics.median(mbps),
-                     "MBps_p99": percentile(mbps, 1)}
-    return out
-
-
 # --- report ------------------------------------------------------------------------------
 
 
@@ -249,9 +248,11 @@ def markdown(report):
         f"- command: `{report['command']}`",
         f"- engine busy_poll: {report['busy_poll']}",
         "",
-        "Stream: back-to-back writes, one-way MB/s (median; p99 = the slowest repeat's). "
-        "Ping-pong: one write each way in turn, half a round trip per transfer, as fi_pingpong "
-        "measures it. fi_pingpong: its usec/xfer and MB/sec, median (p99) over repeats.",
+        "Stream: back-to-back writes, one-way MB/s, median (p99: the slowest repeat). "
+        "Ping-pong: one write each way in turn, half a round trip per transfer as fi_pingpong "
+        "measures it, median (p99) over all iterations. fi_pingpong: its usec/xfer and MB/sec, "
+        "median (p99) over repeats. Engine and fi_pingpong runs alternate within each size, "
+        "so both see the same machine load.",
         "",
         "| provider | size | engine stream MB/s | engine ping-pong µs | engine ping-pong MB/s "
         "| fi_pingpong µs | fi_pingpong MB/s | stream / fi_pingpong |",
@@ -259,7 +260,7 @@ def markdown(report):
     ]
     for prov in report["providers"]:
         for p in prov["points"]:
-            pp = prov["fi_pingpong"].get(str(p["size"])) if prov["fi_pingpong"] else None
+            pp = p.get("fi_pingpong")
             ratio = f"{p['stream_MBps_median'] / pp['MBps_median']:.2f}×" if pp else "—"
             pp_us = f"{pp['us_median']:.1f} ({pp['us_p99']:.1f})" if pp else "—"
             pp_bw = f"{pp['MBps_median']:.0f}" if pp else "—"
@@ -292,13 +293,8 @@ def main(argv):
             report["skipped"].append({"provider": provider,
                                       "reason": f"not offered here (available: {available})"})
             continue
-        print(f"{provider}: engine ...", flush=True)
-        engine = run_engine(provider, size_list)
-        pingpong = {}
-        if have_pingpong:
-            print(f"{provider}: fi_pingpong ...", flush=True)
-            pingpong = {str(k): v for k, v in run_pingpong(provider, size_list).items()}
-        report["providers"].append({"provider": provider, **engine, "fi_pingpong": pingpong})
+        print(f"{provider} ...", flush=True)
+        report["providers"].append({"provider": provider, **run(provider, size_list, have_pingpong)})
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     base = os.path.join(FLAGS.out_dir, FLAGS.name)
     with open(base + ".json", "w") as f:

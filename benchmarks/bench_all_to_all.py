@@ -23,11 +23,11 @@ Per tokens-per-rank and implementation, inside one ``jax.jit``:
 - overlap: dispatch_send, a bf16 matmul sized to take about a dispatch, dispatch_recv,
   against the serial sum of the two.
 
-On GPUs, one process per GPU, XLA refuses ``ragged_all_to_all`` as a multi-host op unless
-``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is set (this script sets
-it). Seen with jax 0.11.2 on 2 H200s: with it, one step per jit is right (the reference test
-passes), but a jit holding several ragged dispatch steps did not finish; run ``--impls`` without
-``ragged`` there until that is understood.
+On GPUs the default is one process driving every GPU, where XLA runs ``ragged_all_to_all``
+natively. With ``--processes=N`` (one process per GPU), XLA refuses it as a multi-host op
+unless ``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is set (this script
+sets it then); seen with jax 0.11.2 on 2 H200s: one step per jit is right, but a jit holding
+several ragged dispatch steps did not finish.
 
 Writes ``<out>/<name>.json`` and ``.md`` (date, machine, command) and, with ``--plot``, a PNG
 of latency against tokens per rank (needs matplotlib; ``--replot=FILE.json`` redraws one).
@@ -64,7 +64,8 @@ flags.DEFINE_enum("dispatch_dtype", "fp8", list(DTYPES), "Dispatch dtype (fp8: e
 flags.DEFINE_enum("combine_dtype", "bf16", ["bf16", "f32"], "Combine dtype.")
 flags.DEFINE_list("impls", ["ours", "ragged", "padded"], "Implementations to time.")
 flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "cuda"], "auto: cuda where GPUs exist.")
-flags.DEFINE_integer("ranks", 0, "Processes; 0: 2 on CPU, one per GPU on cuda.")
+flags.DEFINE_integer("processes", 0, "0: 2 on CPU (a device each), 1 on cuda (every GPU); "
+                     "on cuda N > 1 gives process i GPU i.")
 flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
 flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
 flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
@@ -436,7 +437,7 @@ def worker(rank, world, args):
                 print(f"T={T} {impl}: dispatch {lu['dispatch']['median']:.1f} us, combine "
                       f"{lu['combine']['median']:.1f} us", file=sys.stderr, flush=True)
     if rank == 0:
-        meta = {"ranks": R, "platform": jax.devices()[0].platform,
+        meta = {"ranks": R, "processes": world, "platform": jax.devices()[0].platform,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "hidden": H, "experts": E, "topk": k, "dispatch_dtype": FLAGS.dispatch_dtype,
                 "combine_dtype": FLAGS.combine_dtype, "iters": iters, "repeats": repeats,
@@ -547,9 +548,9 @@ def main(argv):
 
     gpus = _gpu_count()
     plat = FLAGS.platform if FLAGS.platform != "auto" else ("cuda" if gpus else "cpu")
-    if plat == "cuda" and gpus < 2 and not FLAGS.ranks:
-        raise app.UsageError(f"--platform=cuda needs 2 GPUs or --ranks, found {gpus}")
-    n = FLAGS.ranks or (gpus if plat == "cuda" else 2)
+    if plat == "cuda" and gpus < 2:
+        raise app.UsageError(f"--platform=cuda needs 2 GPUs, found {gpus}")
+    n = FLAGS.processes or (1 if plat == "cuda" else 2)
     if plat == "cuda":
         gbps = peer_copy_gbps()
         ceiling = {"kind": "1 GiB peer copy GPU0->GPU1", "GBps": gbps or 0.0}
@@ -561,7 +562,7 @@ def main(argv):
     if plat == "cpu":
         # The ranks share the host's cores: one compute thread each keeps them from fighting.
         env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    else:
+    elif n > 1:
         # With one process per GPU, XLA treats ragged_all_to_all as multi-host and refuses it
         # unless told to run it as NCCL send/recv.
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + RAGGED_MULTIPROCESS_FLAG).strip()

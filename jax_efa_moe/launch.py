@@ -40,7 +40,8 @@ def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (),
         platform: str = "cpu") -> list[str]:
     """Runs ``target`` ("module:function") in ``num_processes`` processes; returns their stdout.
 
-    ``platform`` "cpu" gives each process one CPU device; "cuda" gives process i GPU i.
+    ``platform`` "cpu" gives each process one CPU device; "cuda" gives process i GPU i, or
+    every GPU to a single process.
     """
     coordinator = f"127.0.0.1:{free_port()}"
     child_env = dict(os.environ)
@@ -107,7 +108,7 @@ def _child() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         local_devices = None
     else:
-        local_devices = [rank]
+        local_devices = [rank] if world > 1 else None
     jax.distributed.initialize(os.environ["JEM_COORDINATOR"], num_processes=world,
                                process_id=rank, local_device_ids=local_devices)
     module, function = target.split(":")

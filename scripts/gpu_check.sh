@@ -2,7 +2,9 @@
 # Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
 #
 #   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
-#                                        pytest sanitizer bench (default: all, in that order)
+#                                        sanitizer kbench pytest bench (default: all, in that
+#                                        order; kbench times the kernels alone, bench runs
+#                                        benchmarks/bench_all_to_all.py against the stock paths)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -18,7 +20,7 @@ OUT=${OUT:-build/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-STAGES=${*:-info build kernels pytest sanitizer bench}
+STAGES=${*:-info build kernels sanitizer kbench pytest bench}
 # NVLink multicast stays off, for every program started from here.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -109,14 +111,13 @@ for s in $STAGES; do
     sanitizer)
       stage memcheck sanitizer.log 120 sanitize memcheck
       stage racecheck sanitizer.log 120 sanitize racecheck ;;
+    kbench)
+      stage "kernel benchmark" bench.log 180 build/gpu/nvlink_kernels_test \
+        --bench "$OUT/bench_kernels.json" ;;
     bench)
-      stage "kernel benchmark" bench.log 120 build/gpu/nvlink_kernels_test \
-        --bench "$OUT/bench_kernels.json"
-      if [ -f benchmarks/bench_all_to_all.py ]; then
-        stage bench_all_to_all bench.log 400 "$PY" benchmarks/bench_all_to_all.py \
-          --platform=cuda --out="$OUT/bench_all_to_all.json"
-      fi ;;
-    *) echo "unknown stage $s (info build kernels pytest sanitizer bench)" >&2; exit 2 ;;
+      stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
+        benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
+    *) echo "unknown stage $s (info build kernels sanitizer kbench pytest bench)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -6,7 +6,8 @@
 //                                              one rank per process (CUDA IPC), handles
 //                                              exchanged as files in DIR
 //   nvlink_kernels_test --small                only the small cases (for compute-sanitizer)
-//   nvlink_kernels_test --bench OUT.json       timings at T=128 and T=4096 (one process)
+//   nvlink_kernels_test --bench OUT.json       timings at T=128 and T=4096, and the variants
+//                                              that break T=128 down (one process)
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -461,9 +462,12 @@ void Disconnect(const World& w, std::vector<std::unique_ptr<NvlinkContext>>& ctx
   ctx.clear();
 }
 
-std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, double timeout_s) {
+std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, double timeout_s,
+                                                    bool zero_unused_rows = true) {
   std::vector<std::unique_ptr<NvlinkContext>> ctx;
-  for (int r : w.local) ctx.push_back(std::make_unique<NvlinkContext>(l, r, r, timeout_s, true));
+  for (int r : w.local) {
+    ctx.push_back(std::make_unique<NvlinkContext>(l, r, r, timeout_s, zero_unused_rows));
+  }
   std::vector<NvlinkContext*> local(w.world, nullptr);
   std::vector<Bytes> handles(w.world);
   for (auto& c : ctx) local[c->rank()] = c.get();
@@ -653,18 +657,38 @@ double P99(std::vector<double> v) {
   return v.empty() ? 0 : v[std::min(v.size() - 1, v.size() * 99 / 100)];
 }
 
-std::string Bench(World& w, int T, int iters) {
+// Keeps a GPU idle until the host has queued a whole batch of steps, so that the events time
+// the GPU and not the host's launches (as when XLA runs ahead of the device).
+__global__ void Hold(const volatile uint32_t* go, uint64_t timeout_ns) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (*go == 0 && now - start < timeout_ns);
+}
+
+struct BenchConfig {
+  std::string name;
+  int T = 128;
+  int H = 7168;
+  bool zero_unused_rows = true;
+  int iters = 500;
+};
+
+std::string Bench(World& w, const BenchConfig& bc) {
+  const int T = bc.T, iters = bc.iters;
   Case c;
   c.name = "bench";
   c.R = w.world;
   c.E = 256;
   c.k = 8;
-  c.H = 7168;
+  c.H = bc.H;
   c.T = T;
   c.dispatch_bytes = 1;
   c.combine_bytes = 2;
   const Layout l = c.MakeLayout();
-  auto ctx = Connect(w, l, 20.0);
+  auto ctx = Connect(w, l, 20.0, bc.zero_unused_rows);
   std::vector<std::unique_ptr<RankBuffers>> buf;
   std::vector<RankInput> in;
   for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r, /*with_y=*/false));
@@ -672,6 +696,8 @@ std::string Bench(World& w, int T, int iters) {
     buf.push_back(std::make_unique<RankBuffers>(l, r));
     buf.back()->Upload(in[r]);
   }
+  uint32_t* go = nullptr;
+  CHECK_CUDA(cudaHostAlloc(&go, sizeof(uint32_t), cudaHostAllocMapped | cudaHostAllocPortable));
   // events on every local rank: before send, after dispatch send, after dispatch recv, after
   // combine send, after combine recv
   const int kMarks = 5;
@@ -699,8 +725,19 @@ std::string Bench(World& w, int T, int iters) {
   };
   for (int it = 0; it < 20; ++it) run(it, false);
   for (auto& b : buf) b->Sync();
-  for (int it = 0; it < iters; ++it) run(it, true);
-  for (auto& b : buf) b->Sync();
+  constexpr int kBatch = 25;
+  for (int first = 0; first < iters; first += kBatch) {
+    *reinterpret_cast<volatile uint32_t*>(go) = 0;
+    for (auto& b : buf) {
+      CHECK_CUDA(cudaSetDevice(b->device));
+      Hold<<<1, 1, 0, b->stream>>>(go, 5'000'000'000ull);
+      CHECK_CUDA(cudaGetLastError());
+    }
+    for (int it = first; it < std::min(iters, first + kBatch); ++it) run(it, true);
+    *reinterpret_cast<volatile uint32_t*>(go) = 1;
+    for (auto& b : buf) b->Sync();
+  }
+  CHECK_CUDA(cudaFreeHost(go));
   for (size_t i = 0; i < buf.size(); ++i) {
     EXPECT(ctx[i]->Failure().empty(), "bench error %s", ctx[i]->Failure().c_str());
   }
@@ -725,7 +762,9 @@ std::string Bench(World& w, int T, int iters) {
   const double combine_bytes = static_cast<double>(remote_back) * l.combine_row_bytes();
   std::ostringstream js;
   const char* names[4] = {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv"};
-  js << "{\"T\": " << T << ", \"iters\": " << iters;
+  js << "{\"name\": \"" << bc.name << "\", \"T\": " << T << ", \"H\": " << bc.H
+     << ", \"zero_unused_rows\": " << (bc.zero_unused_rows ? "true" : "false")
+     << ", \"iters\": " << iters;
   for (int j = 0; j < 4; ++j) {
     js << ", \"" << names[j] << "_us\": {\"median\": " << Median(phase[j])
        << ", \"p99\": " << P99(phase[j]) << "}";
@@ -734,9 +773,9 @@ std::string Bench(World& w, int T, int iters) {
      << "}, \"combine_us\": {\"median\": " << Median(combine) << ", \"p99\": " << P99(combine)
      << "}, \"dispatch_nvlink_bytes\": " << dispatch_bytes
      << ", \"combine_nvlink_bytes\": " << combine_bytes << "}";
-  std::printf("T=%5d  dispatch %8.2f us (send %7.2f recv %7.2f)  combine %8.2f us (send %7.2f "
+  std::printf("%-22s T=%5d  dispatch %8.2f us (send %7.2f recv %7.2f)  combine %8.2f us (send %7.2f "
               "recv %7.2f)  p99 %8.2f / %8.2f  NVLink bytes out %.1f MB / %.1f MB\n",
-              T, Median(dispatch), Median(phase[0]), Median(phase[1]), Median(combine),
+              bc.name.c_str(), T, Median(dispatch), Median(phase[0]), Median(phase[1]), Median(combine),
               Median(phase[2]), Median(phase[3]), P99(dispatch), P99(combine),
               dispatch_bytes / 1e6, combine_bytes / 1e6);
   for (size_t i = 0; i < buf.size(); ++i) {
@@ -823,9 +862,19 @@ int main(int argc, char** argv) {
   if (!bench_out.empty()) {
     std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
     std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
-    const std::string small = Bench(w, 128, 500);
-    const std::string large = Bench(w, 4096, 100);
-    js += ", \"runs\": [" + small + ", " + large + "]}";
+    // The variants time T=128 without its payload (H=128) and without zeroing expert_x's
+    // unused rows, and one token alone: what is left is the fixed cost of each kernel.
+    const std::vector<BenchConfig> configs = {
+        {"T=128", 128, 7168, true, 500},
+        {"T=128 no zeroing", 128, 7168, false, 500},
+        {"T=128 H=128 no zeroing", 128, 128, false, 500},
+        {"T=1 H=128 no zeroing", 1, 128, false, 500},
+        {"T=4096", 4096, 7168, true, 100},
+        {"T=4096 no zeroing", 4096, 7168, false, 100},
+    };
+    js += ", \"runs\": [";
+    for (size_t i = 0; i < configs.size(); ++i) js += (i ? ", " : "") + Bench(w, configs[i]);
+    js += "]}";
     std::ofstream(bench_out) << js << "\n";
   } else {
     for (const Case& c : Cases(w.world, small)) RunCase(w, c);

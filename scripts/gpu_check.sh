@@ -2,9 +2,11 @@
 # Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
 #
 #   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
-#                                        sanitizer kbench pytest bench (default: all, in that
-#                                        order; kbench times the kernels alone, bench runs
-#                                        benchmarks/bench_all_to_all.py against the stock paths)
+#                                        sanitizer kbench profile pytest bench (default: all
+#                                        but profile, in that order; kbench times the kernels
+#                                        alone, profile runs them under ncu with one rank, bench
+#                                        runs benchmarks/bench_all_to_all.py against the stock
+#                                        paths)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -87,13 +89,23 @@ kernels_two_processes() {  # nvlink_kernels_test as 2 processes over CUDA IPC; $
   return $rc
 }
 
+profile() {  # ncu on one rank's kernels at T=128 (one rank: ncu serializes launches)
+  local rep=$OUT/kernels_r1
+  ncu --clock-control none --set full --import-source yes -f -o "$rep" \
+    -k regex:'DispatchSend|DispatchRecv|CombineSend|CombineRecv' --launch-skip 8 --launch-count 4 \
+    build/gpu/nvlink_kernels_test --world 1 --profile "T=128" || return 1
+  ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
+  ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
+  ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" || true
+}
+
 sanitize() {  # compute-sanitizer TOOL on the small cases, one process per GPU
   local tool=$1
   kernels_two_processes "compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20" \
     --small
 }
 
-export -f fabric_root build kernels_two_processes sanitize
+export -f fabric_root build kernels_two_processes sanitize profile
 export PY OUT
 
 for s in $STAGES; do
@@ -113,11 +125,15 @@ for s in $STAGES; do
       stage racecheck sanitizer.log 120 sanitize racecheck ;;
     kbench)
       stage "kernel benchmark" bench.log 180 build/gpu/nvlink_kernels_test \
-        --bench "$OUT/bench_kernels.json" ;;
+        --bench "$OUT/bench_kernels.json"
+      stage "kernel benchmark, one rank" bench.log 180 build/gpu/nvlink_kernels_test \
+        --world 1 --bench "$OUT/bench_kernels_r1.json" ;;
+    profile)
+      stage profile profile.log 300 profile ;;
     bench)
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
-    *) echo "unknown stage $s (info build kernels sanitizer kbench pytest bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest bench)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

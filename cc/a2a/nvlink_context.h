@@ -3,8 +3,11 @@
 // process, CUDA IPC between processes), and the sticky status its kernels report into.
 //
 // Set-up (create, exchange handles, connect, close) may allocate and synchronize; the step
-// functions only enqueue kernels on the caller's stream.
+// functions only enqueue work: kernels on the caller's stream, and for a staged send, copies
+// on this rank's copy stream.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <mutex>
@@ -41,6 +44,12 @@ class NvlinkContext {
   uint8_t* arena() const { return arena_; }
   const NvlinkArgs& args() const { return args_; }
 
+  // Enqueues dispatch's send half on `stream`. Staged, the kernel packs what goes to peers into
+  // the outboxes, and the copy stream moves them over NVLink once the kernel is done, then
+  // raises the ready flags: `stream` is free for other work while the bytes move. Direct, the
+  // kernel stores straight into the peers' arenas (the least latency when nothing overlaps).
+  cudaError_t EnqueueDispatchSend(const DispatchSendIo& io, bool staged, cudaStream_t stream);
+
   // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
   void Synchronize() const;
 
@@ -59,6 +68,9 @@ class NvlinkContext {
   uint8_t* arena_ = nullptr;
   DeviceStatus* status_ = nullptr;
   std::vector<void*> opened_;  // IPC mappings to close
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t packed_ = nullptr;       // the staged send kernel is done
+  cudaEvent_t copies_done_ = nullptr;  // the copy stream has read the outboxes
   bool connected_ = false;
   bool pending_[2] = {false, false};  // dispatch, combine: send half without its recv half
   std::mutex mutex_;

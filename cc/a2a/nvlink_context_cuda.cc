@@ -89,6 +89,9 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   Check(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
   args_.status = static_cast<DeviceStatus*>(status_on_device);
   args_.arenas[rank] = arena_;
+  Check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  Check(cudaEventCreateWithFlags(&packed_, cudaEventDisableTiming), "cudaEventCreate");
+  Check(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
   Check(LoadNvlinkKernels(), "loading the NVLink kernels");
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
@@ -100,6 +103,9 @@ NvlinkContext::~NvlinkContext() {
   // Kernels of this rank may still be queued: let them finish before the memory goes.
   cudaDeviceSynchronize();
   for (void* p : opened_) cudaIpcCloseMemHandle(p);
+  if (packed_ != nullptr) cudaEventDestroy(packed_);
+  if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
+  if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
   if (arena_ != nullptr) cudaFree(arena_);
   if (status_ != nullptr) cudaFreeHost(status_);
   cudaSetDevice(previous);
@@ -157,6 +163,41 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
     }
   }
   connected_ = true;
+}
+
+cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
+                                               cudaStream_t stream) {
+  // The kernel rewrites the outboxes only once the last staged send's copies have read them.
+  cudaError_t err = cudaStreamWaitEvent(stream, copies_done_, 0);
+  if (err == cudaSuccess) err = LaunchDispatchSend(args_, io, staged, stream);
+  if (err != cudaSuccess || !staged) return err;
+  err = cudaEventRecord(packed_, stream);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_stream_, packed_, 0);
+  // Whole outboxes (T records each): the host does not know how many records the kernel
+  // packed, and the receiver reads only those.
+  const NvlinkLayout nl{args_.layout};
+  const int me = args_.rank;
+  const int64_t k = args_.layout.experts_per_token;
+  for (int d = 0; d < args_.layout.num_ranks && err == cudaSuccess; ++d) {
+    if (d == me) continue;
+    const struct {
+      int64_t to, from, bytes;
+    } parts[] = {
+        {nl.route_row_offset(me), nl.outbox_route_offset(d), nl.route_row_ints() * 4},
+        {nl.slot_rank_record_offset(me, 0), nl.outbox_slot_rank_offset(d, 0), nl.T() * k * 4},
+        {nl.record_offset(me, 0), nl.outbox_record_offset(d, 0),
+         nl.T() * args_.layout.record_bytes()},
+    };
+    for (const auto& part : parts) {
+      if (err == cudaSuccess) {
+        err = cudaMemcpyAsync(args_.arenas[d] + part.to, arena_ + part.from, part.bytes,
+                              cudaMemcpyDefault, copy_stream_);
+      }
+    }
+  }
+  if (err == cudaSuccess) err = LaunchSignalStaged(args_, copy_stream_);
+  if (err == cudaSuccess) err = cudaEventRecord(copies_done_, copy_stream_);
+  return err;
 }
 
 void NvlinkContext::Synchronize() const {

@@ -24,6 +24,10 @@
 //                 receiver turns it into an expert_x row without scanning other records
 //   records     [R][T] dispatch records (layout.h format): sender s's record j at s * T + j
 //   partials    [R][T] combine rows: expert rank d's partial of my record j at d * T + j
+//   staging     [R] outboxes, one per destination d, each laid out like what this rank owns
+//                 in d's arena: route row, slot ranks [T][k], records [T]. Only the staged
+//                 dispatch_send uses them: its kernel packs here, and the copy engine moves
+//                 each outbox into its destination while the SMs do other work.
 #pragma once
 
 #include <cstdint>
@@ -109,7 +113,29 @@ struct NvlinkLayout {
     return AlignUp(R() * T() * layout.combine_row_bytes(), 256);
   }
 
-  JEM_HD int64_t arena_bytes() const { return partials_offset() + partials_bytes(); }
+  // --- staging: [R] outboxes ---
+  JEM_HD int64_t outbox_route_bytes() const { return AlignUp(route_row_ints() * 4, 256); }
+  JEM_HD int64_t outbox_slot_rank_bytes() const {
+    return AlignUp(T() * layout.experts_per_token * 4, 256);
+  }
+  JEM_HD int64_t outbox_records_bytes() const { return AlignUp(T() * layout.record_bytes(), 256); }
+  JEM_HD int64_t outbox_bytes() const {
+    return outbox_route_bytes() + outbox_slot_rank_bytes() + outbox_records_bytes();
+  }
+  JEM_HD int64_t staging_offset() const { return partials_offset() + partials_bytes(); }
+  JEM_HD int64_t outbox_route_offset(int64_t dest) const {
+    return staging_offset() + dest * outbox_bytes();
+  }
+  JEM_HD int64_t outbox_slot_rank_offset(int64_t dest, int64_t index) const {
+    return outbox_route_offset(dest) + outbox_route_bytes() +
+           index * layout.experts_per_token * 4;
+  }
+  JEM_HD int64_t outbox_record_offset(int64_t dest, int64_t index) const {
+    return outbox_route_offset(dest) + outbox_route_bytes() + outbox_slot_rank_bytes() +
+           index * layout.record_bytes();
+  }
+
+  JEM_HD int64_t arena_bytes() const { return staging_offset() + R() * outbox_bytes(); }
 };
 
 }  // namespace jem

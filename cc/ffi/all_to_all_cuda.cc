@@ -104,15 +104,18 @@ ffi::Error CheckRecvResults(const Layout& l, const I32Buffer* send_tokens, AnyRe
   });
 }
 
-ffi::Error EnqueueDispatchSend(NvlinkContext& ctx, cudaStream_t stream, const AnyBuffer& x,
-                               const F32Buffer& x_scale, const I32Buffer& topk_ids,
-                               const F32Buffer& topk_weights, const I32Buffer& num_tokens,
-                               I32Result& send_tokens, I32Result& send_index) {
+// Staged for the send half, whose caller has other work for the SMs until the recv half;
+// direct for the whole op.
+ffi::Error EnqueueDispatchSend(NvlinkContext& ctx, cudaStream_t stream, bool staged,
+                               const AnyBuffer& x, const F32Buffer& x_scale,
+                               const I32Buffer& topk_ids, const F32Buffer& topk_weights,
+                               const I32Buffer& num_tokens, I32Result& send_tokens,
+                               I32Result& send_index) {
   const DispatchSendIo io{x.untyped_data(),     x_scale.typed_data(),
                           topk_ids.typed_data(), topk_weights.typed_data(),
                           num_tokens.typed_data(), send_tokens->typed_data(),
                           send_index->typed_data()};
-  return Launched(LaunchDispatchSend(ctx.args(), io, stream), "dispatch_send");
+  return Launched(ctx.EnqueueDispatchSend(io, staged, stream), "dispatch_send");
 }
 
 ffi::Error EnqueueDispatchRecv(NvlinkContext& ctx, cudaStream_t stream, AnyResult& expert_x,
@@ -140,8 +143,8 @@ ffi::Error DispatchSendCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F
     return e;
   }
   if (auto e = Misuse(c.BeginSend(false), "dispatch_send"); e.failure()) return e;
-  return EnqueueDispatchSend(c, stream, x, x_scale, topk_ids, topk_weights, num_tokens,
-                             send_tokens, send_index);
+  return EnqueueDispatchSend(c, stream, /*staged=*/true, x, x_scale, topk_ids, topk_weights,
+                             num_tokens, send_tokens, send_index);
 }
 
 ffi::Error DispatchRecvCuda(cudaStream_t stream, int64_t context, I32Buffer send_tokens,
@@ -187,8 +190,8 @@ ffi::Error DispatchCuda(cudaStream_t stream, int64_t context, AnyBuffer x, F32Bu
   }
   if (auto e = Misuse(c.BeginSend(false), "dispatch"); e.failure()) return e;
   c.BeginRecv(false);
-  if (auto e = EnqueueDispatchSend(c, stream, x, x_scale, topk_ids, topk_weights, num_tokens,
-                                   send_tokens, send_index);
+  if (auto e = EnqueueDispatchSend(c, stream, /*staged=*/false, x, x_scale, topk_ids,
+                                   topk_weights, num_tokens, send_tokens, send_index);
       e.failure()) {
     return e;
   }

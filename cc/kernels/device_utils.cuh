@@ -85,6 +85,15 @@ struct Arena {
   __device__ __forceinline__ uint8_t* partial(int64_t expert_rank, int64_t index) const {
     return base + nl.partial_offset(expert_rank, index);
   }
+  __device__ __forceinline__ int32_t* outbox_route(int64_t dest) const {
+    return reinterpret_cast<int32_t*>(base + nl.outbox_route_offset(dest));
+  }
+  __device__ __forceinline__ int32_t* outbox_slot_rank(int64_t dest, int64_t index) const {
+    return reinterpret_cast<int32_t*>(base + nl.outbox_slot_rank_offset(dest, index));
+  }
+  __device__ __forceinline__ uint8_t* outbox_record(int64_t dest, int64_t index) const {
+    return base + nl.outbox_record_offset(dest, index);
+  }
 };
 
 __device__ __forceinline__ Arena ArenaOf(const NvlinkArgs& a, int rank) {
@@ -157,13 +166,18 @@ __device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, 
   return __syncthreads_and(ok) != 0;
 }
 
-// Thread p < R of the last block raises this rank's `offset(me)` flag in peer p's arena.
-__device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
-  const int p = threadIdx.x;
-  if (p < a.layout.num_ranks && !TimedOut(ArenaOf(a, a.rank).state())) {
+// Raises this rank's flag for `what` in peer p's arena, unless this rank timed out.
+__device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what, int p,
+                                           uint64_t step) {
+  if (!TimedOut(ArenaOf(a, a.rank).state())) {
     const Arena peer = ArenaOf(a, p);
     StoreReleaseSys(peer.flag(WaitOffset(peer.nl, what, a.rank)), step);
   }
+}
+
+// Thread p < R of the last block raises this rank's flag in peer p's arena.
+__device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
+  if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) SignalPeer(a, what, threadIdx.x, step);
 }
 
 // ---------------------------------------------------------------- completion

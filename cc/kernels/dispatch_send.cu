@@ -2,6 +2,10 @@
 // receive slot (over NVLink for peers), with the route row and the slot ranks the receiver
 // needs, then raise this rank's ready flag at every destination.
 //
+// Staged (the dispatch_send half): what goes to a peer is packed into this rank's outbox for
+// that peer instead, and the copy engine moves it (NvlinkContext), so the SMs are free for
+// other work while the bytes cross NVLink; SignalStagedKernel then raises the ready flags.
+//
 // Blocks own contiguous token ranges. Each block counts every token (per destination rank,
 // and per expert for tokens before its range), so it knows the record index of each of its
 // tokens and the chunk offsets of send_index without waiting for any other block.
@@ -30,6 +34,27 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
   return p;
 }
 
+// Where this rank's route row, slot ranks and records for destination d go.
+struct Destination {
+  Arena me, dest;
+  int rank, d;
+  bool outbox;
+
+  __device__ __forceinline__ int32_t* route() const {
+    return outbox ? me.outbox_route(d) : dest.route_row(rank);
+  }
+  __device__ __forceinline__ int32_t* slot_rank(int64_t j) const {
+    return outbox ? me.outbox_slot_rank(d, j) : dest.slot_rank(rank, j);
+  }
+  __device__ __forceinline__ uint8_t* record(int64_t j) const {
+    return outbox ? me.outbox_record(d, j) : dest.record(rank, j);
+  }
+};
+
+__device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool staged, int d) {
+  return Destination{ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d, staged && d != a.rank};
+}
+
 __device__ __forceinline__ uint64_t DestMask(const int32_t* ids, int k, int64_t L) {
   uint64_t mask = 0;
   for (int i = 0; i < k; ++i) {
@@ -39,7 +64,8 @@ __device__ __forceinline__ uint64_t DestMask(const int32_t* ids, int k, int64_t 
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
-    DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io) {
+    DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
+                       bool staged) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
@@ -182,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           v = j == 0 ? s_tot[d] : s_etot[d * L + j - 1];
         }
-        ArenaOf(a, p).route_row(a.rank)[w] = v;
+        DestinationOf(a, staged, p).route()[w] = v;
       }
     }
   }
@@ -210,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int64_t lt = w / x_vecs;
           for (uint64_t m = s_mask[lt]; m; m &= m - 1) {
             const int d = __ffsll(m) - 1;
-            uint8_t* rec = ArenaOf(a, d).record(a.rank, s_index[lt * R + d]);
+            uint8_t* rec = DestinationOf(a, staged, d).record(s_index[lt * R + d]);
             Store16(rec + (w % x_vecs) * 16, v[u]);
           }
         }
@@ -223,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float s = io.x_scale[(start + lt) * S + c];
       for (uint64_t m = s_mask[lt]; m; m &= m - 1) {
         const int d = __ffsll(m) - 1;
-        uint8_t* rec = ArenaOf(a, d).record(a.rank, s_index[lt * R + d]);
+        uint8_t* rec = DestinationOf(a, staged, d).record(s_index[lt * R + d]);
         reinterpret_cast<float*>(rec + lay.scale_offset())[c] = s;
       }
     }
@@ -234,9 +260,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int32_t j = s_index[lt * R + d];
       if (j < 0) continue;
       const int64_t t = start + lt;
-      const Arena dst = ArenaOf(a, d);
-      uint8_t* rec = dst.record(a.rank, j);
-      int32_t* ranks = dst.slot_rank(a.rank, j);
+      const Destination dst = DestinationOf(a, staged, d);
+      uint8_t* rec = dst.record(j);
+      int32_t* ranks = dst.slot_rank(j);
       *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = static_cast<int32_t>(t);
       auto* experts = reinterpret_cast<int32_t*>(rec + lay.expert_offset());
       auto* weights = reinterpret_cast<float*>(rec + lay.weight_offset());
@@ -253,17 +279,38 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (LastBlock(a, kTicketDispatchSend, step)) SignalPeers(a, DeviceWait::kDispatchReady, step);
+  if (LastBlock(a, kTicketDispatchSend, step)) {
+    if (!staged) {
+      SignalPeers(a, DeviceWait::kDispatchReady, step);
+    } else if (tid == 0) {
+      SignalPeer(a, DeviceWait::kDispatchReady, a.rank, step);
+    }
+  }
+}
+
+// After the copy engine has moved the outboxes: the ready flag of this rank's last step, at
+// every peer. Thread p signals peer p.
+__global__ void SignalStagedKernel(const __grid_constant__ NvlinkArgs a) {
+  const int p = threadIdx.x;
+  if (p >= a.layout.num_ranks || p == a.rank) return;
+  __threadfence_system();
+  SignalPeer(a, DeviceWait::kDispatchReady, p, ArenaOf(a, a.rank).state()->dispatch_step[1]);
 }
 
 }  // namespace
 
 cudaError_t LoadDispatchSend() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, DispatchSendKernel);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, DispatchSendKernel);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, SignalStagedKernel);
 }
 
-cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io,
+cudaError_t LaunchSignalStaged(const NvlinkArgs& args, cudaStream_t stream) {
+  SignalStagedKernel<<<1, kMaxNvlinkRanks, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
                                cudaStream_t stream) {
   const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
   const SendPlan plan = PlanSend(args.layout, grid);
@@ -273,7 +320,7 @@ cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io,
         static_cast<int>(plan.shared_bytes));
     if (err != cudaSuccess) return err;
   }
-  DispatchSendKernel<<<grid, kThreads, plan.shared_bytes, stream>>>(args, io);
+  DispatchSendKernel<<<grid, kThreads, plan.shared_bytes, stream>>>(args, io, staged);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,9 @@
 //   nvlink_kernels_test --small                only the small cases (for compute-sanitizer)
 //   nvlink_kernels_test --bench OUT.json       timings at T=128 and T=4096, and the variants
 //                                              that break T=128 down (one process)
+//   nvlink_kernels_test --profile NAME         a few steps of one benchmark configuration,
+//                                              nothing held back: for ncu
+//   --world N (without --rank)                 N ranks in this process (default: 2 GPUs)
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -395,13 +398,12 @@ struct RankBuffers {
     record_weights.Poison();
   }
 
-  void DispatchSend(const NvlinkContext& c) {
+  void DispatchSend(NvlinkContext& c, bool staged) {
     CHECK_CUDA(cudaSetDevice(device));
-    CHECK_CUDA(LaunchDispatchSend(
-        c.args(),
+    CHECK_CUDA(c.EnqueueDispatchSend(
         DispatchSendIo{x.p, x_scale.p, topk_ids.p, topk_weights.p, num_tokens.p, send_tokens.p,
                        send_index.p},
-        stream));
+        staged, stream));
   }
   void DispatchRecv(const NvlinkContext& c) {
     CHECK_CUDA(cudaSetDevice(device));
@@ -525,7 +527,9 @@ void RunCase(World& w, const Case& c) {
     for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, step, r));
     for (size_t i = 0; i < buf.size(); ++i) buf[i]->Upload(in[w.local[i]]);
     for (size_t i = 0; i < buf.size(); ++i) {
-      buf[i]->DispatchSend(*ctx[i]);
+      // Staged and direct sends alternate, and differ between neighbouring ranks: a receiver
+      // cannot tell them apart.
+      buf[i]->DispatchSend(*ctx[i], (step + w.local[i]) % 2 == 1);
       buf[i]->DispatchRecv(*ctx[i]);
       buf[i]->CombineSend(*ctx[i]);
       buf[i]->CombineRecv(*ctx[i]);
@@ -674,6 +678,21 @@ struct BenchConfig {
   int H = 7168;
   bool zero_unused_rows = true;
   int iters = 500;
+  bool staged = false;
+  bool hold = true;  // off under a profiler, which serializes launches
+};
+
+// The variants time T=128 without its payload (H=128) and without zeroing expert_x's unused
+// rows, and one token alone: what is left is the fixed cost of each kernel.
+const std::vector<BenchConfig> kBenchConfigs = {
+    {"T=128", 128, 7168, true, 500},
+    {"T=128 no zeroing", 128, 7168, false, 500},
+    {"T=128 H=128 no zeroing", 128, 128, false, 500},
+    {"T=1 H=128 no zeroing", 1, 128, false, 500},
+    {"T=4096", 4096, 7168, true, 100},
+    {"T=4096 no zeroing", 4096, 7168, false, 100},
+    {"T=128 staged", 128, 7168, true, 500, true},
+    {"T=4096 staged", 4096, 7168, true, 100, true},
 };
 
 std::string Bench(World& w, const BenchConfig& bc) {
@@ -713,7 +732,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
         if (mark) CHECK_CUDA(cudaEventRecord(ev[i][it * kMarks + j], b.stream));
       };
       m(0);
-      b.DispatchSend(*ctx[i]);
+      b.DispatchSend(*ctx[i], bc.staged);
       m(1);
       b.DispatchRecv(*ctx[i]);
       m(2);
@@ -729,6 +748,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
   for (int first = 0; first < iters; first += kBatch) {
     *reinterpret_cast<volatile uint32_t*>(go) = 0;
     for (auto& b : buf) {
+      if (!bc.hold) break;
       CHECK_CUDA(cudaSetDevice(b->device));
       Hold<<<1, 1, 0, b->stream>>>(go, 5'000'000'000ull);
       CHECK_CUDA(cudaGetLastError());
@@ -764,6 +784,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
   const char* names[4] = {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv"};
   js << "{\"name\": \"" << bc.name << "\", \"T\": " << T << ", \"H\": " << bc.H
      << ", \"zero_unused_rows\": " << (bc.zero_unused_rows ? "true" : "false")
+     << ", \"staged\": " << (bc.staged ? "true" : "false")
      << ", \"iters\": " << iters;
   for (int j = 0; j < 4; ++j) {
     js << ", \"" << names[j] << "_us\": {\"median\": " << Median(phase[j])
@@ -830,7 +851,7 @@ int main(int argc, char** argv) {
   using namespace jem;
   World w;
   bool small = false;
-  std::string bench_out;
+  std::string bench_out, profile;
   int rank = -1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -839,6 +860,7 @@ int main(int argc, char** argv) {
     else if (a == "--rendezvous" && i + 1 < argc) w.rendezvous = argv[++i];
     else if (a == "--small") small = true;
     else if (a == "--bench" && i + 1 < argc) bench_out = argv[++i];
+    else if (a == "--profile" && i + 1 < argc) profile = argv[++i];
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -853,27 +875,30 @@ int main(int argc, char** argv) {
     }
     w.local = {rank};
   } else {
-    w.world = std::min(devices, 2);
+    if (w.world < 1) w.world = std::min(devices, 2);
     for (int r = 0; r < w.world; ++r) w.local.push_back(r);
   }
   std::printf("world %d, local ranks:", w.world);
   for (int r : w.local) std::printf(" %d", r);
   std::printf(" (%d GPUs visible)\n", devices);
-  if (!bench_out.empty()) {
+  if (!profile.empty()) {
+    auto it = std::find_if(kBenchConfigs.begin(), kBenchConfigs.end(),
+                           [&](const BenchConfig& c) { return c.name == profile; });
+    if (it == kBenchConfigs.end()) {
+      std::fprintf(stderr, "no benchmark configuration named '%s'\n", profile.c_str());
+      return 2;
+    }
+    BenchConfig c = *it;
+    c.iters = 10;
+    c.hold = false;
+    Bench(w, c);
+  } else if (!bench_out.empty()) {
     std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
     std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
-    // The variants time T=128 without its payload (H=128) and without zeroing expert_x's
-    // unused rows, and one token alone: what is left is the fixed cost of each kernel.
-    const std::vector<BenchConfig> configs = {
-        {"T=128", 128, 7168, true, 500},
-        {"T=128 no zeroing", 128, 7168, false, 500},
-        {"T=128 H=128 no zeroing", 128, 128, false, 500},
-        {"T=1 H=128 no zeroing", 1, 128, false, 500},
-        {"T=4096", 4096, 7168, true, 100},
-        {"T=4096 no zeroing", 4096, 7168, false, 100},
-    };
     js += ", \"runs\": [";
-    for (size_t i = 0; i < configs.size(); ++i) js += (i ? ", " : "") + Bench(w, configs[i]);
+    for (size_t i = 0; i < kBenchConfigs.size(); ++i) {
+      js += (i ? ", " : "") + Bench(w, kBenchConfigs[i]);
+    }
     js += "]}";
     std::ofstream(bench_out) << js << "\n";
   } else {

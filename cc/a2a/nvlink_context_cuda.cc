@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstring>
 #include <string>
 
@@ -53,6 +54,11 @@ std::string CheckNvlinkLayout(const Layout& l) {
   }
   if (l.combine_elem_bytes != 2 && l.combine_elem_bytes != 4) {
     return "the combine dtype must be bfloat16 or float32";
+  }
+  if (l.max_tokens > kMaxNvlinkTokens) {
+    // dispatch_send keeps a destination mask per token in shared memory.
+    return "max_tokens_per_rank = " + n(l.max_tokens) + " is more than the NVLink path's " +
+           n(kMaxNvlinkTokens);
   }
   if (l.max_tokens < 1 || l.max_recv_tokens < 1 || l.expert_alignment < 1) {
     return "max_tokens_per_rank, max_recv_tokens and expert_alignment must be positive";
@@ -174,7 +180,8 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
   err = cudaEventRecord(packed_, stream);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_stream_, packed_, 0);
   // Whole outboxes (T records each): the host does not know how many records the kernel
-  // packed, and the receiver reads only those.
+  // packed, and the receiver reads only those. The flag goes last, by the copy engine too:
+  // copies on one stream complete in order.
   const NvlinkLayout nl{args_.layout};
   const int me = args_.rank;
   const int64_t k = args_.layout.experts_per_token;
@@ -187,6 +194,8 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
         {nl.slot_rank_record_offset(me, 0), nl.outbox_slot_rank_offset(d, 0), nl.T() * k * 4},
         {nl.record_offset(me, 0), nl.outbox_record_offset(d, 0),
          nl.T() * args_.layout.record_bytes()},
+        {nl.dispatch_ready_offset(me),
+         nl.state_offset() + static_cast<int64_t>(offsetof(NvlinkState, staged_ready)), 8},
     };
     for (const auto& part : parts) {
       if (err == cudaSuccess) {
@@ -195,7 +204,6 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
       }
     }
   }
-  if (err == cudaSuccess) err = LaunchSignalStaged(args_, copy_stream_);
   if (err == cudaSuccess) err = cudaEventRecord(copies_done_, copy_stream_);
   return err;
 }

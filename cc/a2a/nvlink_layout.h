@@ -27,7 +27,8 @@
 //   staging     [R] outboxes, one per destination d, each laid out like what this rank owns
 //                 in d's arena: route row, slot ranks [T][k], records [T]. Only the staged
 //                 dispatch_send uses them: its kernel packs here, and the copy engine moves
-//                 each outbox into its destination while the SMs do other work.
+//                 each outbox into its destination while the SMs do other work, then copies
+//                 NvlinkState::staged_ready into the destination's ready flag.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,8 @@ namespace jem {
 
 // Peers addressed by one context over NVLink: one node's GPUs.
 constexpr int kMaxNvlinkRanks = 64;
+// Tokens per rank and step on the NVLink path.
+constexpr int kMaxNvlinkTokens = 16384;
 
 // A rank's own words in its arena, touched only by its own kernels.
 struct NvlinkState {
@@ -46,6 +49,8 @@ struct NvlinkState {
   uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
   uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
   uint64_t ticket[4];          // blocks finished, per kernel kind (see NvlinkTicket)
+  uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
+                               // copies it into each peer's dispatch_ready flag after the data
 };
 
 enum NvlinkTicket : int { kTicketDispatchSend, kTicketDispatchRecv, kTicketCombineSend,

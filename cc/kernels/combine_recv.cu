@@ -40,6 +40,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_src = s_base + R + 1;                      // [tpb][k] partial per slot, -1 = none
 
   const int32_t raw_num_tokens = *io.num_tokens;
+  for (int d = tid; d < R; d += kThreads) s_base[d + 1] = io.send_tokens[d];
+  __syncthreads();
   if (tid == 0) {
     s_bad[0] = -1;
     if (raw_num_tokens < 0 || raw_num_tokens > T_max) {
@@ -49,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     int32_t n = 0;
     for (int d = 0; d < R; ++d) {
-      const int32_t v = io.send_tokens[d];
+      const int32_t v = s_base[d + 1];
       if ((v < 0 || v > T_max) && s_bad[0] < 0) {
         s_bad[0] = static_cast<int32_t>(HandleOperand::kSendTokens);
         s_bad[1] = d;
@@ -60,42 +62,44 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     s_base[R] = n;
   }
-  const bool ok = WaitPeers(a, DeviceWait::kCombineReady, step);
-  const int64_t start = blockIdx.x * tpb;
-  const int64_t end = Min(start + tpb, T_max);
-  const int64_t nt = s_bad[0] < 0 ? raw_num_tokens : 0;
+  __syncthreads();
+  const int start = blockIdx.x * static_cast<int>(tpb);
+  const int end = static_cast<int>(Min(start + tpb, T_max));
+  const int nt = s_bad[0] < 0 ? raw_num_tokens : 0;
 
-  bool good = ok && s_bad[0] < 0;
-  if (blockIdx.x == 0 && tid == 0 && ok && !good) {
+  // Where each slot's partial is (own data, read while the partials are on their way).
+  bool sane = true;
+  for (int x = tid; x < (end - start) * k; x += kThreads) {
+    const int t = start + x / k;
+    const int64_t at = static_cast<int64_t>(start) * k + x;
+    const int32_t index = t < nt ? io.send_index[at] : -1;
+    int32_t src = -1;
+    if (index >= s_base[R] || index < -1) {
+      SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kSendIndex), at,
+               index);
+      sane = false;
+    } else if (index >= 0) {
+      int d = 0;
+      while (d + 1 < R && s_base[d + 1] <= index) ++d;
+      src = static_cast<int32_t>(d * T_max + (index - s_base[d]));
+    }
+    s_src[x] = src;
+  }
+  sane = __syncthreads_and(sane) != 0;
+
+  const bool ok = WaitPeers(a, DeviceWait::kCombineReady, step);
+  const bool good = ok && s_bad[0] < 0 && sane;
+  if (blockIdx.x == 0 && tid == 0 && ok && s_bad[0] >= 0) {
     SetError(a, DeviceError::kBadHandle, s_bad[0], s_bad[1], s_bad[2]);
   }
-  if (good) {
-    bool sane = true;
-    for (int64_t x = tid; x < (end - start) * k; x += kThreads) {
-      const int64_t t = start + x / k;
-      const int32_t index = t < nt ? io.send_index[t * k + x % k] : -1;
-      int32_t src = -1;
-      if (index >= s_base[R] || index < -1) {
-        SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kSendIndex),
-                 t * k + x % k, index);
-        sane = false;
-      } else if (index >= 0) {
-        int d = 0;
-        while (d + 1 < R && s_base[d + 1] <= index) ++d;
-        src = static_cast<int32_t>(d * T_max + (index - s_base[d]));
-      }
-      s_src[x] = src;
-    }
-    good = __syncthreads_and(sane) != 0;
-  }
 
-  const int64_t vecs = lay.combine_row_bytes() / 16;
+  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t out_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   auto* out = static_cast<uint8_t*>(io.out);
   const uint8_t* partials = me.base + me.nl.partials_offset();
   const int64_t partial_bytes = lay.combine_row_bytes();
-  for (int64_t w = tid; w < (end - start) * vecs; w += kThreads) {
-    const int64_t lt = w / vecs, c = w % vecs;
+  for (int w = tid; w < (end - start) * vecs; w += kThreads) {
+    const int lt = w / vecs, c = w % vecs;
     float acc[Vec16<T>::kLanes] = {};
     if (good) {
       for (int i0 = 0; i0 < k; i0 += 4) {

@@ -41,20 +41,41 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_bad = s_row + rpb * k;                                  // [4]
   int32_t* s_rbase = s_bad + 4;                                      // [R + 1]
 
+  for (int src = tid; src < R; src += kThreads) s_rbase[src + 1] = io.recv_tokens[src];
+  __syncthreads();
   if (tid == 0) {
     int32_t n = 0;
     s_bad[0] = -1;
-    for (int s = 0; s < R; ++s) {
-      const int32_t v = io.recv_tokens[s];
+    for (int src = 0; src < R; ++src) {
+      const int32_t v = s_rbase[src + 1];
       if ((v < 0 || v > T_max || n + v > N) && s_bad[0] < 0) {
-        s_bad[0] = s;
+        s_bad[0] = src;
         s_bad[1] = v;
       }
-      s_rbase[s] = n;
+      s_rbase[src] = n;
       n += (v < 0 || v > T_max) ? 0 : v;
     }
     s_rbase[R] = Min(n, N);
   }
+  __syncthreads();
+
+  // This block's records (own data, read while the credits may still be on their way).
+  const int64_t total = s_rbase[R];
+  const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
+  const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
+  const int nrec = s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) - g0 : 0;
+  for (int x = tid; x < nrec * k; x += kThreads) {
+    const int64_t at = static_cast<int64_t>(g0) * k + x;
+    const int32_t row = io.record_rows[at];
+    if (row < -1 || row >= M) {
+      SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows), at,
+               row);
+    }
+    const bool use = row >= 0 && row < M;
+    s_row[x] = use ? row : -1;
+    s_weight[x] = use ? io.record_weights[at] : 0.0f;
+  }
+
   const bool ok = WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && !good) {
@@ -62,34 +83,17 @@ __global__ void __launch_bounds__(kThreads, 2)
              s_bad[0], s_bad[1]);
   }
   if (blockIdx.x == 0 && io.sent != nullptr) {
-    for (int s = tid; s < R; s += kThreads) io.sent[s] = good ? io.recv_tokens[s] : 0;
+    for (int src = tid; src < R; src += kThreads) io.sent[src] = good ? io.recv_tokens[src] : 0;
   }
 
   if (good) {
-    const int64_t total = s_rbase[R];
-    const int64_t per_block = CeilDiv(total, gridDim.x);
-    const int64_t g0 = Min(total, blockIdx.x * per_block);
-    const int64_t nrec = Min(total, g0 + per_block) - g0;
-    for (int64_t x = tid; x < nrec * k; x += kThreads) {
-      const int64_t g = g0 + x / k;
-      const int32_t row = io.record_rows[g * k + x % k];
-      if (row < -1 || row >= M) {
-        SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows),
-                 g * k + x % k, row);
-      }
-      const bool use = row >= 0 && row < M;
-      s_row[x] = use ? row : -1;
-      s_weight[x] = use ? io.record_weights[g * k + x % k] : 0.0f;
-    }
-    __syncthreads();
-
     // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
-    const int64_t vecs = lay.combine_row_bytes() / 16;
+    const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
     const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
     const auto* y = static_cast<const uint8_t*>(io.expert_y);
-    for (int64_t w = tid; w < nrec * vecs; w += kThreads) {
-      const int64_t r = w / vecs, c = w % vecs;
-      const int64_t g = g0 + r;
+    for (int w = tid; w < nrec * vecs; w += kThreads) {
+      const int r = w / vecs, c = w % vecs;
+      const int g = g0 + r;
       float acc[Vec16<T>::kLanes] = {};
       for (int i0 = 0; i0 < k; i0 += 4) {
         int4 v[4];

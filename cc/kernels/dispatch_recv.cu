@@ -4,10 +4,10 @@
 // expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Finally
 // give every sender the credit to reuse its slot here.
 //
-// Every block derives the expert offsets from the route table itself; the row of each slot is
-// expert start + the rows of earlier senders + the slot rank the sender computed, so blocks
-// own contiguous record ranges and never wait for each other.
-#include "cc/a2a/plan.h"
+// Every block derives the expert offsets from the route table itself (one parallel pass of
+// loads into shared memory); the row of each slot is expert start + the rows of earlier
+// senders + the slot rank the sender computed, so blocks own contiguous record ranges and
+// never wait for each other.
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
@@ -29,6 +29,7 @@ __host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int grid) {
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
   p.shared_bytes = 4 * (8 +                          // verdicts
                         2 * R + (R + 1) +            // rows and records needed, record bases
+                        R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
                         p.records_per_block * k);    // rows of this block's slots
@@ -49,9 +50,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
-  const int64_t L = lay.local_experts(), M = lay.max_recv_tokens, N = lay.max_recv_records();
+  const int L = static_cast<int>(lay.local_experts());
+  const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
   const Arena me = ArenaOf(a, a.rank);
-  const RouteTable route{me.route_row(0), lay};
   NvlinkState* st = me.state();
   const RecvPlan plan = PlanRecv(lay, gridDim.x);
   const int tid = threadIdx.x;
@@ -66,7 +67,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_need_rows = s_verdict + 8;                    // [R]
   int32_t* s_need_recs = s_need_rows + R;                  // [R]
   int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
-  int32_t* s_count = s_rbase + R + 1;                      // [L] rows per local expert
+  int32_t* s_tok = s_rbase + R + 1;                        // [R][R] records sender -> dest
+  int32_t* s_col = s_tok + R * R;                          // [R][L] slots per (dest, expert)
+  int32_t* s_own = s_col + R * L;                          // [R][L] slots sender -> my experts
+  int32_t* s_count = s_own + R * L;                        // [L] rows per local expert
   int32_t* s_group = s_count + L + 1;                      // [L] rows with padding
   int32_t* s_pad = s_group + L + 1;                        // [L] padding rows
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
@@ -74,39 +78,49 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
   int32_t* s_rows = s_sbase + R * L;                       // [records_per_block][k]
 
+  if (tid == 0) {
+    s_verdict[0] = INT32_MAX;
+    s_verdict[1] = INT32_MAX;
+  }
+  for (int i = tid; i < 2 * R; i += kThreads) s_need_rows[i] = 0;  // and s_need_recs
+  for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
   const bool arrived = WaitPeers(a, DeviceWait::kDispatchReady, step);
 
-  // Verdicts from the full route table, identical on every rank.
-  if (tid == 0) {
-    s_verdict[0] = -1;
-    s_verdict[1] = -1;
-  }
-  for (int d = tid; d < R; d += kThreads) s_need_rows[d] = s_need_recs[d] = 0;
-  __syncthreads();
+  // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
+  // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
   if (arrived) {
-    for (int64_t x = tid; x < R * L; x += kThreads) {
-      const int64_t d = x / L, e = x % L;
-      int64_t n = 0;
-      for (int s = 0; s < R; ++s) n += route.expert_tokens(s, d, e);
-      atomicAdd(&s_need_rows[d], static_cast<int32_t>(AlignUp(n, lay.expert_alignment)));
+    const int entry = 1 + L, row = R * entry;
+    const int32_t* table = me.route_row(0);
+    for (int x = tid; x < R * row; x += kThreads) {
+      const int src = x / row, d = x % row / entry, j = x % entry;
+      const int32_t v = table[x];
+      if (j == 0) {
+        s_tok[src * R + d] = v;
+        if (d == 0 && v == kRouteFailed) atomicMin(&s_verdict[0], src);
+      } else {
+        atomicAdd(&s_col[d * L + j - 1], v);
+        if (d == a.rank) s_own[src * L + j - 1] = v;
+      }
+    }
+    __syncthreads();
+    for (int x = tid; x < R * L; x += kThreads) {
+      atomicAdd(&s_need_rows[x / L], static_cast<int32_t>(AlignUp(s_col[x], lay.expert_alignment)));
     }
     for (int d = tid; d < R; d += kThreads) {
-      int64_t n = 0;
-      for (int s = 0; s < R; ++s) n += route.tokens(s, d);
-      s_need_recs[d] = static_cast<int32_t>(n);
+      int32_t n = 0;
+      for (int src = 0; src < R; ++src) n += s_tok[src * R + d];
+      s_need_recs[d] = n;
     }
     __syncthreads();
     if (tid == 0) {
-      for (int s = R - 1; s >= 0; --s) {
-        if (route.sender_failed(s)) s_verdict[0] = s;
-      }
       for (int d = R - 1; d >= 0; --d) {
         if (s_need_rows[d] > M || s_need_recs[d] > N) s_verdict[1] = d;
       }
     }
   }
   __syncthreads();
-  const int failed_sender = s_verdict[0], full_rank = s_verdict[1];
+  const int failed_sender = s_verdict[0] == INT32_MAX ? -1 : s_verdict[0];
+  const int full_rank = s_verdict[1] == INT32_MAX ? -1 : s_verdict[1];
   const bool good = arrived && failed_sender < 0 && full_rank < 0;
   if (blockIdx.x == 0 && tid == 0) {
     if (arrived && failed_sender >= 0) {
@@ -124,16 +138,16 @@ __global__ void __launch_bounds__(kThreads, 2)
       io.record_weights[x] = 0.0f;
     }
     if (blockIdx.x == 0) {
-      for (int64_t e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
+      for (int e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
       for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
     }
   } else {
     // Expert starts and the rows of earlier senders, per local expert.
-    for (int64_t e = tid; e < L; e += kThreads) {
+    for (int e = tid; e < L; e += kThreads) {
       int32_t n = 0;
-      for (int s = 0; s < R; ++s) {
-        s_sbase[s * L + e] = n;
-        n += route.expert_tokens(s, a.rank, e);
+      for (int src = 0; src < R; ++src) {
+        s_sbase[src * L + e] = n;
+        n += s_own[src * L + e];
       }
       s_count[e] = n;
       s_group[e] = static_cast<int32_t>(AlignUp(n, lay.expert_alignment));
@@ -149,42 +163,42 @@ __global__ void __launch_bounds__(kThreads, 2)
       if ((tid & 31) == 0) s_pstart[L] = static_cast<int32_t>(total);
     } else if (tid == 64) {
       int32_t n = 0;
-      for (int s = 0; s < R; ++s) {
-        s_rbase[s] = n;
-        n += route.tokens(s, a.rank);
+      for (int src = 0; src < R; ++src) {
+        s_rbase[src] = n;
+        n += s_tok[src * R + a.rank];
       }
       s_rbase[R] = n;
     }
     __syncthreads();
     const int64_t total = s_rbase[R];
     if (blockIdx.x == 0) {
-      for (int64_t e = tid; e < L; e += kThreads) {
+      for (int e = tid; e < L; e += kThreads) {
         io.expert_counts[e] = s_count[e];
         io.group_sizes[e] = s_group[e];
       }
-      for (int s = tid; s < R; s += kThreads) {
-        io.recv_tokens[s] = s_rbase[s + 1] - s_rbase[s];
-        io.home_offsets[s] = static_cast<int32_t>(route.send_offset(s, a.rank));
+      for (int src = tid; src < R; src += kThreads) {
+        io.recv_tokens[src] = s_rbase[src + 1] - s_rbase[src];
+        int32_t offset = 0;
+        for (int d = 0; d < a.rank; ++d) offset += s_tok[src * R + d];
+        io.home_offsets[src] = offset;
       }
     }
 
     // This block's records: the row of every slot.
-    const int64_t per_block = CeilDiv(total, gridDim.x);
-    const int64_t g0 = Min(total, blockIdx.x * per_block);
-    const int64_t nrec = Min(total, g0 + per_block) - g0;
-    for (int64_t x = tid; x < nrec * k; x += kThreads) {
-      const int64_t g = g0 + x / k;
-      const int i = x % k;
+    const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
+    const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
+    const int nrec = static_cast<int>(Min(total, g0 + per_block)) - g0;
+    for (int x = tid; x < nrec * k; x += kThreads) {
+      const int g = g0 + x / k, i = x % k;
       const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
-      const int64_t j = g - s_rbase[s];
+      const int j = g - s_rbase[s];
       const uint8_t* rec = me.record(s, j);
       const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
       const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
       const int32_t rank = me.slot_rank(s, j)[i];
       int32_t row = -1;
       if (e != -1) {
-        const bool sane = e >= 0 && e < L && rank >= 0 &&
-                          rank < route.expert_tokens(s, a.rank, e);
+        const bool sane = e >= 0 && e < L && rank >= 0 && rank < s_own[s * L + e];
         if (sane) {
           row = s_estart[e] + s_sbase[s * L + e] + rank;
         } else {
@@ -192,48 +206,48 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
       s_rows[x] = row;
-      io.record_rows[g * k + i] = row;
-      io.record_weights[g * k + i] = row >= 0 ? w : 0.0f;
+      io.record_rows[static_cast<int64_t>(g) * k + i] = row;
+      io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
     }
     __syncthreads();
 
     // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
-    const int64_t x_vecs = lay.x_bytes() / 16;
+    const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
     constexpr int kUnroll = 4;
-    for (int64_t base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
+    for (int base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t w = base + u * kThreads;
+        const int w = base + u * kThreads;
         if (w < nrec * x_vecs) {
-          const int64_t g = g0 + w / x_vecs;
+          const int g = g0 + w / x_vecs;
           const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
           v[u] = Load16(me.record(s, g - s_rbase[s]) + (w % x_vecs) * 16);
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t w = base + u * kThreads;
+        const int w = base + u * kThreads;
         if (w < nrec * x_vecs) {
-          const int64_t r = w / x_vecs;
+          const int r = w / x_vecs, c = w % x_vecs;
           for (int i = 0; i < k; ++i) {
             const int32_t row = s_rows[r * k + i];
-            if (row >= 0) Store16(expert_x + row * lay.x_bytes() + (w % x_vecs) * 16, v[u]);
+            if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v[u]);
           }
         }
       }
     }
-    const int64_t S = lay.num_scales();
-    for (int64_t w = tid; w < nrec * S; w += kThreads) {
-      const int64_t r = w / S, c = w % S;
-      const int64_t g = g0 + r;
+    const int S = static_cast<int>(lay.num_scales());
+    for (int w = tid; w < nrec * S; w += kThreads) {
+      const int r = w / S, c = w % S;
+      const int g = g0 + r;
       const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
       const float scale =
           reinterpret_cast<const float*>(me.record(s, g - s_rbase[s]) + lay.scale_offset())[c];
       for (int i = 0; i < k; ++i) {
         const int32_t row = s_rows[r * k + i];
-        if (row >= 0) io.expert_x_scale[row * S + c] = scale;
+        if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
       }
     }
 

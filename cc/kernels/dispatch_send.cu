@@ -4,11 +4,14 @@
 //
 // Staged (the dispatch_send half): what goes to a peer is packed into this rank's outbox for
 // that peer instead, and the copy engine moves it (NvlinkContext), so the SMs are free for
-// other work while the bytes cross NVLink; SignalStagedKernel then raises the ready flags.
+// other work while the bytes cross NVLink; then it copies staged_ready into the peers' ready
+// flags. (A signalling kernel could wait for an SM behind a spinning recv kernel.)
 //
 // Blocks own contiguous token ranges. Each block counts every token (per destination rank,
 // and per expert for tokens before its range), so it knows the record index of each of its
-// tokens and the chunk offsets of send_index without waiting for any other block.
+// tokens and the chunk offsets of send_index without waiting for any other block. At small T
+// the kernel is bound by latency, not bytes: every phase is one parallel pass over coalesced
+// loads, int32 index math, and the credit wait overlaps the counting.
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
@@ -28,9 +31,10 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
   SendPlan p;
   p.tokens_per_block = CeilDiv(lay.max_tokens, grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
-  p.shared_bytes = p.tokens_per_block * 8 +                  // dest masks
-                   4 * (4 * R + 2 * E +                       // counts
-                        p.tokens_per_block * (R + k));        // record index, slot rank
+  const int64_t tpb = p.tokens_per_block;
+  p.shared_bytes = lay.max_tokens * 8 +              // dest masks of every token
+                   4 * (8 + 4 * R + 2 * E +           // verdicts, counts
+                        tpb * (2 * R + k));           // record index, first slot, slot rank
   return p;
 }
 
@@ -55,21 +59,13 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
   return Destination{ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d, staged && d != a.rank};
 }
 
-__device__ __forceinline__ uint64_t DestMask(const int32_t* ids, int k, int64_t L) {
-  uint64_t mask = 0;
-  for (int i = 0; i < k; ++i) {
-    if (ids[i] >= 0) mask |= 1ull << (ids[i] / L);
-  }
-  return mask;
-}
-
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
                        bool staged) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
-  const int64_t L = lay.local_experts();
+  const int L = static_cast<int>(lay.local_experts());
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
   const SendPlan plan = PlanSend(lay, gridDim.x);
@@ -79,50 +75,69 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && tid == 0) st->dispatch_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t tpb = plan.tokens_per_block;
-  uint64_t* s_mask = reinterpret_cast<uint64_t*>(smem);        // [tpb]
-  int32_t* s_tot = reinterpret_cast<int32_t*>(s_mask + tpb);   // [R] tokens per destination
+  const int tpb = static_cast<int>(plan.tokens_per_block);
+  auto* s_mask = reinterpret_cast<unsigned long long*>(smem);  // [T] destinations per token
+  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask + T);    // [8] first bad (t * k + slot)
+  int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
-  int32_t* s_bad = s_base + R;         // [R] first bad (token * k + slot), and spare
-  int32_t* s_epre = s_bad + R;         // [E] slots per expert before this block's range
+  int32_t* s_spare = s_base + R;       // [R]
+  int32_t* s_epre = s_spare + R;       // [E] slots per expert before this block's range
   int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (block 0)
   int32_t* s_index = s_etot + E;       // [tpb][R] record index per destination, -1 = none
-  int32_t* s_rank = s_index + tpb * R; // [tpb][k] slot rank within its expert
-
-  for (int i = tid; i < 4 * R + 2 * E; i += kThreads) s_tot[i] = i == 3 * R ? INT32_MAX : 0;
-  __syncthreads();
+  int32_t* s_first = s_index + tpb * R;  // [tpb][R] first slot naming each destination
+  int32_t* s_rank = s_first + tpb * R;   // [tpb][k] slot rank within its expert
 
   const int32_t raw_num_tokens = *io.num_tokens;
   const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
-  const int64_t nt = bad_num_tokens ? 0 : raw_num_tokens;
-  const int64_t start = blockIdx.x * tpb;
-  const int64_t end = Min(start + tpb, T);
-  const int64_t own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
+  const int nt = bad_num_tokens ? 0 : raw_num_tokens;
+  const int start = blockIdx.x * tpb;
+  const int end = Min(start + tpb, T);
+  const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
-  // count
-  for (int64_t t = tid; t < nt; t += kThreads) {
-    const int32_t* ids = io.topk_ids + t * k;
-    uint64_t mask = 0;
-    for (int i = 0; i < k; ++i) {
-      const int32_t e = ids[i];
-      if (e < -1 || e >= E) {
-        atomicMin(s_bad, static_cast<int32_t>(t * k + i));
-        continue;
-      }
-      if (e < 0) continue;
-      mask |= 1ull << (e / L);
-      if (t < start) atomicAdd(&s_epre[e], 1);
-      if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+  for (int i = tid; i < T; i += kThreads) s_mask[i] = 0;
+  for (int i = tid; i < 8 + 4 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
+  for (int i = tid; i < tpb * R; i += kThreads) s_first[i] = k;
+  __syncthreads();
+
+  // The destinations may reuse what they received last step only once they said so: the
+  // block's last threads wait for the credits while the others start counting.
+  const int waiter = tid - (kThreads - R);
+  bool credited = true;
+  if (waiter >= 0) {
+    credited = WaitFlag(a, me.flag(me.nl.dispatch_credit_offset(waiter)), step - 1,
+                        DeviceWait::kDispatchCredit, waiter);
+  }
+
+  // Every (token, slot): destinations per token, slots per expert.
+  for (int x = tid; x < nt * k; x += kThreads) {
+    const int32_t e = io.topk_ids[x];
+    if (e < -1 || e >= E) {
+      atomicMin(s_bad, x);
+      continue;
     }
-    for (uint64_t m = mask; m; m &= m - 1) {
-      const int d = __ffsll(m) - 1;
-      atomicAdd(&s_tot[d], 1);
-      if (t < start) atomicAdd(&s_pre[d], 1);
+    if (e < 0) continue;
+    const int t = x / k, d = e / L;
+    atomicOr(&s_mask[t], 1ull << d);
+    if (t < start) atomicAdd(&s_epre[e], 1);
+    if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+    if (t >= start && t < own_end) atomicMin(&s_first[(t - start) * R + d], x % k);
+  }
+  const bool ok = __syncthreads_and(credited) != 0;
+  const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
+
+  // Tokens per destination, warp by warp.
+  for (int base = warp * 32; base < nt; base += kThreads) {
+    const int t = base + lane;
+    const uint64_t m = t < nt ? s_mask[t] : 0;
+    for (int d = 0; d < R; ++d) {
+      const unsigned all = __ballot_sync(kFullMask, (m >> d) & 1);
+      const unsigned before = __ballot_sync(kFullMask, ((m >> d) & 1) && t < start);
+      if (lane == 0 && all) atomicAdd(&s_tot[d], __popc(all));
+      if (lane == 0 && before) atomicAdd(&s_pre[d], __popc(before));
     }
   }
   __syncthreads();
-  const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
   if (tid == 0) {
     int32_t offset = 0;
     for (int d = 0; d < R; ++d) {
@@ -133,10 +148,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Record index per destination, and slot ranks in (token, slot) order: warp 0, in order.
   if (warp == 0 && !bad) {
-    for (int64_t tile = start; tile < own_end; tile += 32) {
-      const int64_t t = tile + lane;
-      const uint64_t mask = t < own_end ? DestMask(io.topk_ids + t * k, k, L) : 0;
-      if (t < own_end) s_mask[t - start] = mask;
+    for (int tile = start; tile < own_end; tile += 32) {
+      const int t = tile + lane;
+      const uint64_t mask = t < own_end ? s_mask[t] : 0;
       for (int d = 0; d < R; ++d) {
         const unsigned votes = __ballot_sync(kFullMask, (mask >> d) & 1);
         if (t < own_end) {
@@ -149,8 +163,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
-    for (int64_t tile = start; tile < own_end; tile += per_pass) {
-      const int64_t t = tile + lane / k;
+    for (int tile = start; tile < own_end; tile += per_pass) {
+      const int t = tile + lane / k;
       const int i = lane % k;
       const bool valid = lane < per_pass * k && t < own_end;
       const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
@@ -163,26 +177,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
 
-  // send_index for every row of this block's range
-  for (int64_t x = tid; x < (end - start) * k; x += kThreads) {
-    const int64_t t = start + x / k;
-    const int i = x % k;
+  // send_index for every row of this block's range: the first slot naming a destination
+  // carries the token's record index there.
+  for (int x = tid; x < (end - start) * k; x += kThreads) {
+    const int lt = x / k, i = x % k;
     int32_t index = -1;
-    if (!bad && t < nt) {
-      const int32_t* ids = io.topk_ids + t * k;
-      const int32_t e = ids[i];
-      if (e >= 0) {
-        const int64_t d = e / L;
-        bool first = true;
-        for (int j = 0; j < i; ++j) first = first && !(ids[j] >= 0 && ids[j] / L == d);
-        if (first) index = s_base[d] + s_index[(t - start) * R + d];
-      }
+    if (!bad && start + lt < nt) {
+      const int32_t e = io.topk_ids[start * k + x];
+      const int d = e / L;
+      if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
     }
-    io.send_index[t * k + i] = index;
+    io.send_index[start * k + x] = index;
   }
-
-  // The destinations may reuse what they received last step only once they said so.
-  const bool ok = WaitPeers(a, DeviceWait::kDispatchCredit, step - 1);
 
   if (blockIdx.x == 0) {
     if (tid == 0 && bad) {
@@ -197,11 +203,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     // The route row, to every rank (this one included).
     if (ok) {
       const NvlinkLayout& nl = me.nl;
-      const int64_t entry = nl.route_entry_ints(), row = nl.route_row_ints();
-      for (int64_t x = tid; x < R * row; x += kThreads) {
-        const int p = x / row;
-        const int64_t w = x % row;
-        const int64_t d = w / entry, j = w % entry;
+      const int entry = static_cast<int>(nl.route_entry_ints());
+      const int row = static_cast<int>(nl.route_row_ints());
+      for (int x = tid; x < R * row; x += kThreads) {
+        const int p = x / row, w = x % row;
+        const int d = w / entry, j = w % entry;
         int32_t v;
         if (bad) {
           v = w == 0 ? kRouteFailed : 0;
@@ -214,67 +220,60 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   if (ok && !bad) {
-    const int64_t ntok = own_end > start ? own_end - start : 0;
-    const int64_t x_vecs = lay.x_bytes() / 16;
-    const uint8_t* x = static_cast<const uint8_t*>(io.x);
+    const int ntok = own_end > start ? own_end - start : 0;
+    const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+    const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(start) * lay.x_bytes();
     // x: 16-byte vectors, each loaded once and stored to every destination of its token.
     constexpr int kUnroll = 4;
-    for (int64_t base = tid; base < ntok * x_vecs; base += kThreads * kUnroll) {
+    for (int base = tid; base < ntok * x_vecs; base += kThreads * kUnroll) {
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t w = base + u * kThreads;
-        if (w < ntok * x_vecs) {
-          const int64_t t = start + w / x_vecs;
-          v[u] = LoadInput16(x + t * lay.x_bytes() + (w % x_vecs) * 16);
-        }
+        const int w = base + u * kThreads;
+        if (w < ntok * x_vecs) v[u] = LoadInput16(x + static_cast<int64_t>(w) * 16);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t w = base + u * kThreads;
+        const int w = base + u * kThreads;
         if (w < ntok * x_vecs) {
-          const int64_t lt = w / x_vecs;
-          for (uint64_t m = s_mask[lt]; m; m &= m - 1) {
+          const int lt = w / x_vecs, c = w % x_vecs;
+          for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
             const int d = __ffsll(m) - 1;
-            uint8_t* rec = DestinationOf(a, staged, d).record(s_index[lt * R + d]);
-            Store16(rec + (w % x_vecs) * 16, v[u]);
+            Store16(DestinationOf(a, staged, d).record(s_index[lt * R + d]) + c * 16, v[u]);
           }
         }
       }
     }
     // scales
-    const int64_t S = lay.num_scales();
-    for (int64_t w = tid; w < ntok * S; w += kThreads) {
-      const int64_t lt = w / S, c = w % S;
-      const float s = io.x_scale[(start + lt) * S + c];
-      for (uint64_t m = s_mask[lt]; m; m &= m - 1) {
+    const int S = static_cast<int>(lay.num_scales());
+    for (int w = tid; w < ntok * S; w += kThreads) {
+      const int lt = w / S, c = w % S;
+      const float s = io.x_scale[static_cast<int64_t>(start) * S + w];
+      for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
         const int d = __ffsll(m) - 1;
         uint8_t* rec = DestinationOf(a, staged, d).record(s_index[lt * R + d]);
         reinterpret_cast<float*>(rec + lay.scale_offset())[c] = s;
       }
     }
-    // metadata and slot ranks: one thread per (token, destination)
-    for (int64_t w = tid; w < ntok * R; w += kThreads) {
-      const int64_t lt = w / R;
-      const int d = w % R;
+    // metadata and slot ranks: one thread per (token, destination, slot)
+    for (int w = tid; w < ntok * R * k; w += kThreads) {
+      const int lt = w / (R * k), d = w / k % R, i = w % k;
       const int32_t j = s_index[lt * R + d];
       if (j < 0) continue;
-      const int64_t t = start + lt;
+      const int t = start + lt;
       const Destination dst = DestinationOf(a, staged, d);
       uint8_t* rec = dst.record(j);
-      int32_t* ranks = dst.slot_rank(j);
-      *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = static_cast<int32_t>(t);
-      auto* experts = reinterpret_cast<int32_t*>(rec + lay.expert_offset());
-      auto* weights = reinterpret_cast<float*>(rec + lay.weight_offset());
-      for (int i = 0; i < k; ++i) {
-        const int32_t e = io.topk_ids[t * k + i];
-        const bool here = e >= 0 && e / L == d;
-        experts[i] = here ? static_cast<int32_t>(e % L) : -1;
-        weights[i] = here ? io.topk_weights[t * k + i] : 0.0f;
-        ranks[i] = here ? s_rank[lt * k + i] : -1;
-      }
-      for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
-        *reinterpret_cast<int32_t*>(rec + b) = 0;
+      const int32_t e = io.topk_ids[t * k + i];
+      const bool here = e >= 0 && e / L == d;
+      reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
+      reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
+          here ? io.topk_weights[t * k + i] : 0.0f;
+      dst.slot_rank(j)[i] = here ? s_rank[lt * k + i] : -1;
+      if (i == 0) {
+        *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
+        for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
+          *reinterpret_cast<int32_t*>(rec + b) = 0;
+        }
       }
     }
   }
@@ -284,30 +283,17 @@ __global__ void __launch_bounds__(kThreads, 2)
       SignalPeers(a, DeviceWait::kDispatchReady, step);
     } else if (tid == 0) {
       SignalPeer(a, DeviceWait::kDispatchReady, a.rank, step);
+      // A rank that timed out leaves its peers' flags where they are.
+      if (!TimedOut(st)) st->staged_ready = step;
     }
   }
-}
-
-// After the copy engine has moved the outboxes: the ready flag of this rank's last step, at
-// every peer. Thread p signals peer p.
-__global__ void SignalStagedKernel(const __grid_constant__ NvlinkArgs a) {
-  const int p = threadIdx.x;
-  if (p >= a.layout.num_ranks || p == a.rank) return;
-  __threadfence_system();
-  SignalPeer(a, DeviceWait::kDispatchReady, p, ArenaOf(a, a.rank).state()->dispatch_step[1]);
 }
 
 }  // namespace
 
 cudaError_t LoadDispatchSend() {
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, DispatchSendKernel);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, SignalStagedKernel);
-}
-
-cudaError_t LaunchSignalStaged(const NvlinkArgs& args, cudaStream_t stream) {
-  SignalStagedKernel<<<1, kMaxNvlinkRanks, 0, stream>>>(args);
-  return cudaGetLastError();
+  return cudaFuncGetAttributes(&attr, DispatchSendKernel);
 }
 
 cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,

@@ -79,11 +79,9 @@ inline cudaError_t LoadNvlinkKernels() {
   return cudaSuccess;
 }
 
-// staged: peers' records go to this rank's outboxes (nvlink_layout.h), for the copy engine;
-// after the copies, LaunchSignalStaged raises the ready flags at the peers.
+// staged: peers' records go to this rank's outboxes (nvlink_layout.h), for the copy engine.
 cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
                                cudaStream_t stream);
-cudaError_t LaunchSignalStaged(const NvlinkArgs& args, cudaStream_t stream);
 cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
                                cudaStream_t stream);
 cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,

@@ -1,7 +1,8 @@
 // XLA FFI handlers of the all-to-all targets for platform "CUDA" (the NVLink path). Each
 // handler finds the context of the GPU its stream belongs to, turns an error that an earlier
 // step's kernels reported into an ffi::Error, checks shapes, and enqueues the kernels on
-// XLA's stream: no allocation, no sync, no host wait.
+// XLA's stream (and, for the staged dispatch_send, copies on the context's copy stream joined
+// by events): no allocation, no sync, no host wait.
 //
 // Command buffers: the handlers are not marked kCmdBufferCompatible, so XLA never captures
 // them into CUDA graphs and every step passes through the checks above. The kernels themselves

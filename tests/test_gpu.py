@@ -220,6 +220,14 @@ def check_bad_input(rank, world, args):
         jax.block_until_ready(outs)
         return outs
 
+    def failing_step(comm, ids_all, n_all, *texts):
+        # The error is raised by the program itself when the kernels that found it finish
+        # before the host enqueues the step's next op, and by raise_if_failed otherwise.
+        def step():
+            run(comm, ids_all, n_all)
+            comm.raise_if_failed()
+        return cpu._expect_error(step, *texts)
+
     # Shapes and dtypes are refused in Python, before anything runs.
     comm = new()
     cpu._expect_error(lambda: comm.dispatch(x[0][:, :64], ids[0], weights[0]), "has shape")
@@ -232,9 +240,8 @@ def check_bad_input(rank, world, args):
     bad = ids.copy()
     bad[0, 5, 1] = E
     start = time.monotonic()
-    run(comm, bad, [T, T])
-    message = cpu._expect_error(comm.raise_if_failed, "topk_ids[5, 1] = 8 is not an expert id",
-                                "rank 0 failed before packing")
+    message = failing_step(comm, bad, [T, T], "topk_ids[5, 1] = 8 is not an expert id",
+                           "rank 0 failed before packing")
     assert time.monotonic() - start < 10, "the error took as long as a timeout"
     cpu._expect_error(lambda: run(comm, ids, [T, T]), "failed earlier")
     print(f"bad expert: {message[:200]}", flush=True)
@@ -242,16 +249,14 @@ def check_bad_input(rank, world, args):
 
     # num_tokens above the maximum (a traced value, so checked on the GPU) on rank 1.
     comm = new()
-    run(comm, ids, [T, T + 1])
-    cpu._expect_error(comm.raise_if_failed, f"num_tokens = {T + 1} is outside",
-                      "rank 1 failed before packing")
+    failing_step(comm, ids, [T, T + 1], f"num_tokens = {T + 1} is outside",
+                 "rank 1 failed before packing")
     comm.close()
 
     # max_recv_tokens too small for the routing: every rank reaches the same verdict.
     comm = new(max_recv_tokens=T)
     crowded, _ = cpu.make_routing("one_expert", rng, R, T, E, k)
-    run(comm, crowded, [T, T])
-    message = cpu._expect_error(comm.raise_if_failed, "more than max_recv_tokens")
+    message = failing_step(comm, crowded, [T, T], "more than max_recv_tokens")
     assert f"needs {R * T} rows" in message, message
     comm.close()
 

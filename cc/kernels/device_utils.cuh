@@ -184,16 +184,19 @@ __device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what
 
 // Called by every block once all its threads are done: returns (to every thread) whether
 // this block is the last of the kernel's grid to finish step `step`. Every write of every
-// block happens before what the last block does next (fence, ticket, fence).
+// block happens before what the last block does next (fence, ticket, fence). GPU scope is
+// enough, also for the blocks' stores into peers: the last block then publishes with a
+// release at system scope (SignalPeer), and release is cumulative, so a peer that acquires
+// the flag sees every block's stores. System-scope fences here cost microseconds per block.
 __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind, uint64_t step) {
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    __threadfence();
     auto* ticket = reinterpret_cast<unsigned long long*>(&ArenaOf(a, a.rank).state()->ticket[kind]);
     const unsigned long long done = atomicAdd(ticket, 1ull) + 1ull;
     last = done == step * gridDim.x;
-    if (last) __threadfence_system();
+    if (last) __threadfence();
   }
   __syncthreads();
   return last != 0;

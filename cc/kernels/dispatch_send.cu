@@ -32,7 +32,7 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
   p.tokens_per_block = CeilDiv(lay.max_tokens, grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
   const int64_t tpb = p.tokens_per_block;
-  p.shared_bytes = lay.max_tokens * 8 +              // dest masks of every token
+  p.shared_bytes = lay.max_tokens * 8 +              // dest masks of every token (2 words)
                    4 * (8 + 4 * R + 2 * E +           // verdicts, counts
                         tpb * (2 * R + k));           // record index, first slot, slot rank
   return p;
@@ -76,8 +76,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int tpb = static_cast<int>(plan.tokens_per_block);
-  auto* s_mask = reinterpret_cast<unsigned long long*>(smem);  // [T] destinations per token
-  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask + T);    // [8] first bad (t * k + slot)
+  // [T] destinations per token, as two 32-bit words (native shared atomics)
+  auto* s_mask_words = reinterpret_cast<uint32_t*>(smem);
+  const auto* s_mask = reinterpret_cast<const uint64_t*>(smem);
+  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask_words + 2 * T);  // [8] first bad t*k+slot
   int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int end = Min(start + tpb, T);
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
-  for (int i = tid; i < T; i += kThreads) s_mask[i] = 0;
+  for (int i = tid; i < 2 * T; i += kThreads) s_mask_words[i] = 0;
   for (int i = tid; i < 8 + 4 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
   for (int i = tid; i < tpb * R; i += kThreads) s_first[i] = k;
   __syncthreads();
@@ -109,19 +111,31 @@ __global__ void __launch_bounds__(kThreads, 2)
                         DeviceWait::kDispatchCredit, waiter);
   }
 
-  // Every (token, slot): destinations per token, slots per expert.
-  for (int x = tid; x < nt * k; x += kThreads) {
-    const int32_t e = io.topk_ids[x];
-    if (e < -1 || e >= E) {
-      atomicMin(s_bad, x);
-      continue;
+  // Every (token, slot): destinations per token, slots per expert. Loads go out in batches,
+  // so a thread waits for memory once per batch, not once per slot.
+  constexpr int kBatch = 8;
+  for (int base = tid; base < nt * k; base += kThreads * kBatch) {
+    int32_t ev[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int x = base + u * kThreads;
+      ev[u] = x < nt * k ? io.topk_ids[x] : -1;
     }
-    if (e < 0) continue;
-    const int t = x / k, d = e / L;
-    atomicOr(&s_mask[t], 1ull << d);
-    if (t < start) atomicAdd(&s_epre[e], 1);
-    if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
-    if (t >= start && t < own_end) atomicMin(&s_first[(t - start) * R + d], x % k);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int x = base + u * kThreads;
+      const int32_t e = ev[u];
+      if (e < -1 || e >= E) {
+        atomicMin(s_bad, x);
+        continue;
+      }
+      if (e < 0) continue;
+      const int t = x / k, d = e / L;
+      atomicOr(&s_mask_words[2 * t + (d >> 5)], 1u << (d & 31));
+      if (t < start) atomicAdd(&s_epre[e], 1);
+      if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+      if (t >= start && t < own_end) atomicMin(&s_first[(t - start) * R + d], x % k);
+    }
   }
   const bool ok = __syncthreads_and(credited) != 0;
   const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;

@@ -96,7 +96,9 @@ profile() {  # ncu on one rank's kernels at T=128 (one rank: ncu serializes laun
     build/gpu/nvlink_kernels_test --world 1 --profile "T=128" || return 1
   ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
   ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
-  ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" || true
+  # Per-instruction stall samples, where this ncu can print them.
+  ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1 ||
+    ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
 }
 
 sanitize() {  # compute-sanitizer TOOL on the small cases, one process per GPU

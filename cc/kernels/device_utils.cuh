@@ -136,15 +136,19 @@ __device__ __forceinline__ bool TimedOut(const NvlinkState* st) {
          static_cast<uint32_t>(DeviceError::kTimeout);
 }
 
-// Spins until *flag >= target. On the deadline it records a timeout and returns false; once a
-// rank has timed out, its later waits fail at once (the protocol with its peers is broken).
+// Spins until *flag >= target. On the deadline it records a timeout and returns false. Once a
+// rank has failed, its later waits fail at once: the kernels of the failed step and of any
+// step the host enqueued before it saw the failure then finish without waiting, whatever
+// their peers' hosts did (every rank learns of a bad-input or capacity failure in the same
+// step, from the route rows).
 static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t* flag, uint64_t target,
                                       DeviceWait what, int peer) {
   const NvlinkState* st = ArenaOf(a, a.rank).state();
+  if (Failed(st)) return false;
   if (LoadAcquireSys(flag) >= target) return true;
   const uint64_t start = GlobalTimerNs();
   while (LoadAcquireSys(flag) < target) {
-    if (TimedOut(st)) return false;
+    if (Failed(st)) return false;
     if (GlobalTimerNs() - start > a.timeout_ns) {
       SetError(a, DeviceError::kTimeout, static_cast<int64_t>(what), peer,
                static_cast<int64_t>(target));

@@ -27,7 +27,8 @@ __host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int grid) {
   RecvPlan p;
   p.records_per_block = CeilDiv(lay.max_recv_records(), grid);
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
-  p.shared_bytes = 4 * (8 +                          // verdicts
+  p.shared_bytes = 8 * p.records_per_block +          // record pointers
+                   4 * (8 +                          // verdicts
                         2 * R + (R + 1) +            // rows and records needed, record bases
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
@@ -63,7 +64,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && tid == 0) st->dispatch_step[0] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  int32_t* s_verdict = reinterpret_cast<int32_t*>(smem);  // [0] failed sender, [1] full rank
+  // [records_per_block] where each of this block's records is: the offset math stays out of
+  // the copy loops, which keeps them short.
+  auto** s_recs = reinterpret_cast<const uint8_t**>(smem);
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.records_per_block);  // [8]
   int32_t* s_need_rows = s_verdict + 8;                    // [R]
   int32_t* s_need_recs = s_need_rows + R;                  // [R]
   int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
@@ -193,6 +197,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
       const int j = g - s_rbase[s];
       const uint8_t* rec = me.record(s, j);
+      if (i == 0) s_recs[x / k] = rec;
       const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
       const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
       const int32_t rank = me.slot_rank(s, j)[i];
@@ -220,11 +225,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int w = base + u * kThreads;
-        if (w < nrec * x_vecs) {
-          const int g = g0 + w / x_vecs;
-          const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
-          v[u] = Load16(me.record(s, g - s_rbase[s]) + (w % x_vecs) * 16);
-        }
+        if (w < nrec * x_vecs) v[u] = Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -241,10 +242,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int S = static_cast<int>(lay.num_scales());
     for (int w = tid; w < nrec * S; w += kThreads) {
       const int r = w / S, c = w % S;
-      const int g = g0 + r;
-      const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
-      const float scale =
-          reinterpret_cast<const float*>(me.record(s, g - s_rbase[s]) + lay.scale_offset())[c];
+      const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
       for (int i = 0; i < k; ++i) {
         const int32_t row = s_rows[r * k + i];
         if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;

@@ -32,7 +32,8 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
   p.tokens_per_block = CeilDiv(lay.max_tokens, grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
   const int64_t tpb = p.tokens_per_block;
-  p.shared_bytes = lay.max_tokens * 8 +              // dest masks of every token (2 words)
+  p.shared_bytes = tpb * R * 16 +                    // record and slot-rank pointers
+                   lay.max_tokens * 8 +              // dest masks of every token (2 words)
                    4 * (8 + 4 * R + 2 * E +           // verdicts, counts
                         tpb * (2 * R + k));           // record index, first slot, slot rank
   return p;
@@ -76,9 +77,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int tpb = static_cast<int>(plan.tokens_per_block);
+  // Where each (token, destination) record and its slot ranks go, computed once: the offset
+  // math stays out of the copy loops, which keeps them short (instruction fetch, not memory,
+  // bounded this kernel at small T).
+  auto** s_rec = reinterpret_cast<uint8_t**>(smem);           // [tpb][R]
+  auto** s_ranks = reinterpret_cast<int32_t**>(s_rec + tpb * R);  // [tpb][R]
   // [T] destinations per token, as two 32-bit words (native shared atomics)
-  auto* s_mask_words = reinterpret_cast<uint32_t*>(smem);
-  const auto* s_mask = reinterpret_cast<const uint64_t*>(smem);
+  auto* s_mask_words = reinterpret_cast<uint32_t*>(s_ranks + tpb * R);
+  const auto* s_mask = reinterpret_cast<const uint64_t*>(s_mask_words);
   int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask_words + 2 * T);  // [8] first bad t*k+slot
   int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
@@ -203,6 +209,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     io.send_index[start * k + x] = index;
   }
+  for (int x = tid; !bad && x < (own_end - start) * R; x += kThreads) {
+    const int32_t j = s_index[x];
+    const Destination dst = DestinationOf(a, staged, x % R);
+    s_rec[x] = j >= 0 ? dst.record(j) : nullptr;
+    s_ranks[x] = j >= 0 ? dst.slot_rank(j) : nullptr;
+  }
+  __syncthreads();
 
   if (blockIdx.x == 0) {
     if (tid == 0 && bad) {
@@ -252,8 +265,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (w < ntok * x_vecs) {
           const int lt = w / x_vecs, c = w % x_vecs;
           for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
-            const int d = __ffsll(m) - 1;
-            Store16(DestinationOf(a, staged, d).record(s_index[lt * R + d]) + c * 16, v[u]);
+            Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v[u]);
           }
         }
       }
@@ -264,25 +276,21 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int lt = w / S, c = w % S;
       const float s = io.x_scale[static_cast<int64_t>(start) * S + w];
       for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
-        const int d = __ffsll(m) - 1;
-        uint8_t* rec = DestinationOf(a, staged, d).record(s_index[lt * R + d]);
-        reinterpret_cast<float*>(rec + lay.scale_offset())[c] = s;
+        reinterpret_cast<float*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] = s;
       }
     }
     // metadata and slot ranks: one thread per (token, destination, slot)
     for (int w = tid; w < ntok * R * k; w += kThreads) {
       const int lt = w / (R * k), d = w / k % R, i = w % k;
-      const int32_t j = s_index[lt * R + d];
-      if (j < 0) continue;
+      uint8_t* rec = s_rec[lt * R + d];
+      if (rec == nullptr) continue;
       const int t = start + lt;
-      const Destination dst = DestinationOf(a, staged, d);
-      uint8_t* rec = dst.record(j);
       const int32_t e = io.topk_ids[t * k + i];
       const bool here = e >= 0 && e / L == d;
       reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
       reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
           here ? io.topk_weights[t * k + i] : 0.0f;
-      dst.slot_rank(j)[i] = here ? s_rank[lt * k + i] : -1;
+      s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
       if (i == 0) {
         *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
         for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {

@@ -9,7 +9,8 @@ that op, its exchange is a padded all_to_all) and ``padded`` (``PaddedAllToAll``
 ``jax.lax.all_to_all`` round trip).
 
 Per tokens-per-rank and implementation, inside one ``jax.jit``:
-- dispatch: a ``lax.fori_loop`` of ``--iters`` dispatches; round trip: the same of
+- dispatch: a ``lax.fori_loop`` of ``--iters`` dispatches (``--iters=1``: one step, no loop,
+  for XLA ops that hang inside loops); round trip: the same of
   dispatch+combine; combine = round trip - dispatch, repeat by repeat. Median and p99 over
   ``--repeats`` loops, per step.
 - each send/recv half: one jitted call per half, timed with block_until_ready (launch
@@ -244,6 +245,12 @@ def _sharded(mesh):
     return lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
 
 
+def _loop(iters, body, init):
+    """fori_loop, or the body once when iters == 1 (no while loop in the program)."""
+    import jax
+    return body(0, init) if iters == 1 else jax.lax.fori_loop(0, iters, body, init)
+
+
 def _measure(comm, mesh, inputs, expert_y, iters, repeats):
     import jax
     import jax.numpy as jnp
@@ -258,7 +265,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
             ids, _ = c
             d = comm.dispatch(x, ids, w, x_scale=sc)
             return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(d.expert_x)
-        return jax.lax.fori_loop(0, iters, body, (ids, _varying_zeros(shape.shape, shape.dtype)))[1]
+        return _loop(iters, body, (ids, _varying_zeros(shape.shape, shape.dtype)))[1]
 
     def round_trip_loop(x, sc, ids, w, y):
         shape = jax.eval_shape(lambda: comm.dispatch(x, ids, w, x_scale=sc).expert_x)
@@ -270,7 +277,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
             out = comm.combine(y, d.handle)
             return nan_guard(out, ids), _varying(d.expert_x), _varying(out)
         init = (ids, _varying_zeros(shape.shape, shape.dtype), _varying_zeros(x.shape, y.dtype))
-        return jax.lax.fori_loop(0, iters, body, init)[1:]
+        return _loop(iters, body, init)[1:]
 
     res = {}
     d_loop = shard(dispatch_loop)
@@ -315,7 +322,7 @@ def _matmul_loop(n, iters):
     import jax.numpy as jnp
 
     def run(a, b):
-        return jax.lax.fori_loop(0, iters, lambda _, a: jnp.dot(a, b).astype(jnp.bfloat16), a)
+        return _loop(iters, lambda _, a: jnp.dot(a, b).astype(jnp.bfloat16), a)
     return run
 
 
@@ -338,7 +345,7 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
             d = comm.dispatch_recv(pending)
             return jnp.where(d.expert_counts.sum() < 0, -1, ids), _varying(a), _varying(d.expert_x)
         init = (ids, _varying(a), _varying_zeros(shape.shape, shape.dtype))
-        _, a, ex = jax.lax.fori_loop(0, iters, body, init)
+        _, a, ex = _loop(iters, body, init)
         return a, ex
 
     mm_t = _timed(shard(_matmul_only(n, iters)), inputs, repeats)

@@ -808,6 +808,40 @@ std::string Bench(World& w, const BenchConfig& bc) {
   return js.str();
 }
 
+__global__ void Empty() {}
+
+// Median µs between two events around an empty kernel of `blocks` x 512 threads on GPU 0,
+// launches queued ahead as in Bench: what any kernel of this test costs before its work.
+double EmptyKernelUs(int blocks) {
+  CHECK_CUDA(cudaSetDevice(0));
+  cudaStream_t s;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  uint32_t* go = nullptr;
+  CHECK_CUDA(cudaHostAlloc(&go, sizeof(uint32_t), cudaHostAllocMapped | cudaHostAllocPortable));
+  constexpr int kIters = 200;
+  std::vector<cudaEvent_t> ev(2 * kIters);
+  for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
+  *reinterpret_cast<volatile uint32_t*>(go) = 0;
+  Hold<<<1, 1, 0, s>>>(go, 5'000'000'000ull);
+  for (int i = 0; i < kIters; ++i) {
+    CHECK_CUDA(cudaEventRecord(ev[2 * i], s));
+    Empty<<<blocks, 512, 0, s>>>();
+    CHECK_CUDA(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  *reinterpret_cast<volatile uint32_t*>(go) = 1;
+  CHECK_CUDA(cudaStreamSynchronize(s));
+  std::vector<double> us;
+  for (int i = 10; i < kIters; ++i) {
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    us.push_back(ms * 1e3);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  cudaFreeHost(go);
+  cudaStreamDestroy(s);
+  return Median(us);
+}
+
 // One-way peer copy GPU0 -> GPU1 of `bytes`: the NVLink ceiling.
 double PeerCopyGBps(size_t bytes) {
   void *src = nullptr, *dst = nullptr;
@@ -895,6 +929,11 @@ int main(int argc, char** argv) {
   } else if (!bench_out.empty()) {
     std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
     std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
+    const double empty_one = EmptyKernelUs(1), empty_grid = EmptyKernelUs(264);
+    std::printf("empty kernel between events: 1x512 %.2f us, 264x512 %.2f us\n", empty_one,
+                empty_grid);
+    js += ", \"empty_kernel_us\": {\"1x512\": " + std::to_string(empty_one) +
+          ", \"264x512\": " + std::to_string(empty_grid) + "}";
     js += ", \"runs\": [";
     for (size_t i = 0; i < kBenchConfigs.size(); ++i) {
       js += (i ? ", " : "") + Bench(w, kBenchConfigs[i]);

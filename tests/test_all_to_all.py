@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from jax_efa_moe import launch, providers
+from jax_efa_moe import bootstrap, launch, providers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SEED = int(os.environ.get("JEM_TEST_SEED") or secrets.randbits(32))
@@ -484,6 +484,10 @@ def check_dead_peer(rank, world, args):
 
     program = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
     inputs = [_sharded(mesh, a) for a in (x[rank], ids[rank], weights[rank])]
+    # Compiled everywhere before the first step, so that a slow compile on loaded cores is not
+    # mistaken for a dead peer under the short timeout.
+    program = program.lower(*inputs).compile()
+    bootstrap.all_gather_bytes("dead_peer_compiled", b"", rank, world)
     _local(program(*inputs))  # one good step: every rank is connected
     if rank == 1:
         sys.stdout.flush()

@@ -34,7 +34,7 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
   const int64_t tpb = p.tokens_per_block;
   p.shared_bytes = tpb * R * 16 +                    // record and slot-rank pointers
                    lay.max_tokens * 8 +              // dest masks of every token (2 words)
-                   4 * (8 + 4 * R + 2 * E +           // verdicts, counts
+                   4 * (8 + 3 * R + 2 * E +           // verdicts, counts
                         tpb * (2 * R + k));           // record index, first slot, slot rank
   return p;
 }
@@ -89,8 +89,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
-  int32_t* s_spare = s_base + R;       // [R]
-  int32_t* s_epre = s_spare + R;       // [E] slots per expert before this block's range
+  int32_t* s_epre = s_base + R;        // [E] slots per expert before this block's range
   int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (block 0)
   int32_t* s_index = s_etot + E;       // [tpb][R] record index per destination, -1 = none
   int32_t* s_first = s_index + tpb * R;  // [tpb][R] first slot naming each destination
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
   for (int i = tid; i < 2 * T; i += kThreads) s_mask_words[i] = 0;
-  for (int i = tid; i < 8 + 4 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
+  for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
   for (int i = tid; i < tpb * R; i += kThreads) s_first[i] = k;
   __syncthreads();
 

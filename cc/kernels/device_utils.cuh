@@ -191,7 +191,7 @@ __device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what
 // block happens before what the last block does next (fence, ticket, fence). GPU scope is
 // enough, also for the blocks' stores into peers: the last block then publishes with a
 // release at system scope (SignalPeer), and release is cumulative, so a peer that acquires
-// the flag sees every block's stores. System-scope fences here cost microseconds per block.
+// the flag sees every block's stores.
 __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind, uint64_t step) {
   __shared__ int last;
   __syncthreads();

@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
   if (arrived) {
-    const int entry = 1 + L, row = R * entry;
+    const int entry = static_cast<int>(me.nl.route_entry_ints());
+    const int row = static_cast<int>(me.nl.route_row_ints());
     const int32_t* table = me.route_row(0);
     for (int x = tid; x < R * row; x += kThreads) {
       const int src = x / row, d = x % row / entry, j = x % entry;

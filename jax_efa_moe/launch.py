@@ -11,6 +11,7 @@ killed and :class:`LaunchError` names the failing rank with the end of its outpu
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import signal
@@ -95,8 +96,22 @@ def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (),
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+            _remove_shm_regions(p.pid)
         for log in logs:
             log.close()
+
+
+def _remove_shm_regions(pid: int) -> None:
+    """Removes what libfabric's shm provider left in /dev/shm for a child that is gone.
+
+    It names its regions "<pid>:..."; a child killed before closing its engine leaves them, and
+    a later process given the same pid then fails fi_enable with EBUSY.
+    """
+    for name in glob.glob(f"/dev/shm/{pid}:*"):
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
 
 
 def _child() -> None:

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -40,6 +41,14 @@ struct EngineOptions {
   // Spin without ever sleeping (lowest latency, one core per engine). When false the proxy
   // spins briefly, then yields and sleeps, so that many ranks can share a few cores.
   bool busy_poll = false;
+  // PCI address of the GPU this engine serves ("0000:1b:00.0"): with several NICs, the
+  // domains open the NICs nearest to it first. Empty: the provider's order.
+  std::string gpu_pci_address;
+  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance.
+  std::vector<std::string> nic_names;
+  // Test mode, 0 = off: the proxy holds back arriving immediates and local write completions
+  // and releases them in a random order (seeded), as EFA may deliver them.
+  uint64_t reorder_seed = 0;
 };
 
 // A registered region. Obtained from TransferEngine::RegisterMemory; valid until the engine
@@ -115,6 +124,22 @@ class TransferEngine {
   virtual void NotifyImm(uint32_t imm, uint32_t count, volatile uint32_t* flag,
                          uint32_t value) = 0;
   virtual void NotifyImm(uint32_t imm, uint32_t count, void (*callback)(void*), void* arg) = 0;
+
+  // Non-blocking form of WaitImm: consumes `count` arrivals of `imm` if they are there.
+  virtual bool TryConsumeImm(uint32_t imm, uint32_t count) = 0;
+
+  // Runs `hook` on the proxy thread at every turn of its loop until RemovePollHook; the hook
+  // returns whether it did work. While a hook is installed the proxy never sleeps (it polls,
+  // yielding the core when idle), so a hook can watch memory a GPU writes. A hook may call
+  // Scatter, Barrier and TryConsumeImm; an exception it throws fails the engine.
+  virtual uint64_t AddPollHook(std::function<bool()> hook) = 0;
+  // Returns once the hook has stopped running and never will again.
+  virtual void RemovePollHook(uint64_t id) = 0;
+
+  // The domain (NIC) through which peer `peer` of `group` is reached.
+  virtual int PeerDomain(PeerGroupId group, uint32_t peer) const = 0;
+  // Name of domain `index` (libfabric domain name).
+  virtual std::string DomainName(int index) const = 0;
 
   // First fatal error seen by the proxy thread, empty if none.
   virtual std::string FailureMessage() const = 0;

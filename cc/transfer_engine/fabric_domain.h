@@ -51,6 +51,8 @@ class FabricDomain {
   uint32_t index() const { return index_; }
   const Bytes& name() const { return name_; }
   std::string provider() const { return info_->fabric_attr->prov_name; }
+  // libfabric's domain name: the NIC ("rdmap16s27", "lo", "shm").
+  std::string nic_name() const { return info_->domain_attr->name; }
   bool supports_hmem() const { return supports_hmem_; }
   // FI_MR_LOCAL: local buffers of an operation need their registration's descriptor.
   bool needs_local_desc() const { return mr_mode_ & FI_MR_LOCAL; }

@@ -33,6 +33,7 @@ class PeerGroup {
   uint32_t id() const { return id_; }
   uint32_t region_id() const { return region_id_; }
   size_t size() const { return peers_.size(); }
+  uint32_t domain_of(uint32_t peer) const { return peers_[peer].domain->index(); }
 
   // Any thread: throws Error unless the write fits both regions and the provider's limit.
   void Check(const WriteSpec& w) const;

@@ -4,6 +4,7 @@
 #include <rdma/fi_errno.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cstring>
 #include <future>
 
@@ -20,6 +21,9 @@ constexpr auto kYieldFor = std::chrono::microseconds(1000);
 constexpr auto kNap = std::chrono::microseconds(100);
 // Submit gives up when the queue stays full this long (the proxy cannot post).
 constexpr auto kFullQueueTimeout = std::chrono::seconds(60);
+
+// The worker whose Loop runs on this thread, if any.
+thread_local const ProxyWorker* tls_proxy = nullptr;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -64,7 +68,13 @@ ProxyWorker::~ProxyWorker() {
   counter_->Wake();
 }
 
+bool ProxyWorker::OnProxyThread() const { return tls_proxy == this; }
+
 void ProxyWorker::Submit(Submission&& s) {
+  if (OnProxyThread()) {
+    local_.push_back(std::move(s));
+    return;
+  }
   if (!queue_.TryPush(s)) {
     const auto deadline = Clock::now() + kFullQueueTimeout;
     while (!queue_.TryPush(s)) {
@@ -78,6 +88,10 @@ void ProxyWorker::Submit(Submission&& s) {
       sched_yield();
     }
   }
+  WakeIfSleeping();
+}
+
+void ProxyWorker::WakeIfSleeping() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (sleeping_.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> lock(sleep_mu_);
@@ -86,6 +100,10 @@ void ProxyWorker::Submit(Submission&& s) {
 }
 
 void ProxyWorker::RunOnProxy(std::function<void()> fn, double timeout_s) {
+  if (OnProxyThread()) {  // queued, it would wait for the thread that waits for it
+    fn();
+    return;
+  }
   auto task = std::make_shared<std::packaged_task<void()>>(std::move(fn));
   std::future<void> done = task->get_future();
   Submission s;
@@ -143,10 +161,66 @@ OpContext* ProxyWorker::AcquireContext() {
   return c;
 }
 
+uint64_t ProxyWorker::AddHook(std::function<bool()> hook) {
+  std::unique_lock<std::mutex> lock(hooks_mu_, std::defer_lock);
+  if (!(OnProxyThread() && in_hooks_)) lock.lock();
+  uint64_t id = next_hook_id_++;
+  hooks_.push_back(std::make_unique<PollHook>(PollHook{id, std::move(hook)}));
+  num_hooks_.store(hooks_.size(), std::memory_order_release);
+  if (lock.owns_lock()) lock.unlock();
+  WakeIfSleeping();
+  return id;
+}
+
+void ProxyWorker::RemoveHook(uint64_t id) {
+  std::unique_lock<std::mutex> lock(hooks_mu_, std::defer_lock);
+  bool from_hook = OnProxyThread() && in_hooks_;
+  if (!from_hook) lock.lock();
+  if (id == 0 || id >= next_hook_id_) throw Error("unknown poll hook " + std::to_string(id));
+  for (auto it = hooks_.begin(); it != hooks_.end(); ++it) {
+    if ((*it)->id != id) continue;
+    if (from_hook) {
+      (*it)->removed = true;  // RunHooks is iterating; it erases the hook when done
+    } else {
+      hooks_.erase(it);
+      num_hooks_.store(hooks_.size(), std::memory_order_release);
+    }
+    return;
+  }
+}
+
+bool ProxyWorker::RunHooks() {
+  if (num_hooks_.load(std::memory_order_acquire) == 0) return false;
+  std::lock_guard<std::mutex> lock(hooks_mu_);
+  in_hooks_ = true;
+  bool worked = false;
+  // By index: a hook may add hooks, which moves the pointers but not the hooks.
+  for (size_t i = 0; i < hooks_.size(); ++i) {
+    PollHook* hook = hooks_[i].get();
+    if (hook->removed) continue;
+    try {
+      worked |= hook->fn();
+    } catch (const std::exception& e) {
+      hook->removed = true;  // it would throw again at the next turn
+      Fail("poll hook " + std::to_string(hook->id) + " threw: " + e.what());
+    } catch (...) {
+      hook->removed = true;
+      Fail("poll hook " + std::to_string(hook->id) + " threw a non-standard exception");
+    }
+  }
+  in_hooks_ = false;
+  hooks_.erase(std::remove_if(hooks_.begin(), hooks_.end(),
+                              [](const std::unique_ptr<PollHook>& h) { return h->removed; }),
+               hooks_.end());
+  num_hooks_.store(hooks_.size(), std::memory_order_release);
+  return worked;
+}
+
 void ProxyWorker::Loop() {
+  tls_proxy = this;
   auto last_work = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {
-    bool worked = false;
+    bool worked = RunHooks();
     if (current_) {
       worked |= PostCurrent();
     } else {
@@ -157,9 +231,10 @@ void ProxyWorker::Loop() {
     if (worked) {
       last_work = now;
     } else if (!options_.busy_poll) {
-      // Sends in flight or someone waiting on arrivals: keep polling, but let other ranks
-      // sharing this core run in between.
-      bool active = !remaining_.empty() || current_ || counter_->HasWaiters();
+      // Sends in flight, someone waiting on arrivals, or a hook watching memory: keep
+      // polling, but let other ranks sharing this core run in between.
+      bool active = !remaining_.empty() || current_ || counter_->HasWaiters() ||
+                    num_hooks_.load(std::memory_order_relaxed) > 0;
       if (active) {
         sched_yield();
       } else {
@@ -181,7 +256,7 @@ void ProxyWorker::Idle(Clock::duration idle_for) {
     sleeping_.store(true, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     // A nap bounded by kNap: incoming writes need CQ polling to make progress too.
-    if (queue_.Empty() && !stop_.load(std::memory_order_relaxed)) {
+    if (queue_.Empty() && local_.empty() && !stop_.load(std::memory_order_relaxed)) {
       sleep_cv_.wait_for(lock, kNap);
     }
     sleeping_.store(false, std::memory_order_relaxed);
@@ -191,7 +266,7 @@ void ProxyWorker::Idle(Clock::duration idle_for) {
 bool ProxyWorker::DrainSubmissions() {
   bool worked = false;
   for (size_t i = 0; i < kSubmissionsPerDrain && !current_; ++i) {
-    std::optional<Submission> s = queue_.TryPop();
+    std::optional<Submission> s = NextSubmission();
     if (!s) break;
     worked = true;
     switch (s->kind) {
@@ -224,6 +299,13 @@ bool ProxyWorker::DrainSubmissions() {
     completed_.store(base_++, std::memory_order_release);
   }
   return worked;
+}
+
+std::optional<Submission> ProxyWorker::NextSubmission() {
+  if (local_.empty()) return queue_.TryPop();
+  std::optional<Submission> s(std::move(local_.front()));
+  local_.pop_front();
+  return s;
 }
 
 bool ProxyWorker::PostCurrent() {

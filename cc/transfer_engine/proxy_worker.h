@@ -1,8 +1,8 @@
 // The proxy thread of an engine. It alone touches the fabric after setup: it drains the
 // submission queue (writes, notifications, control tasks such as registrations), posts
 // fi_writemsg with the immediate as remote CQ data, polls every domain's completion queue,
-// counts arriving immediates, tracks which send tickets have completed, and records the
-// first fatal error with libfabric's text.
+// counts arriving immediates, tracks which send tickets have completed, runs the poll hooks
+// installed by the layers above, and records the first fatal error with libfabric's text.
 #pragma once
 
 #include <atomic>
@@ -51,10 +51,18 @@ class ProxyWorker {
   ProxyWorker(const ProxyWorker&) = delete;
   ProxyWorker& operator=(const ProxyWorker&) = delete;
 
-  // Any thread. Waits (yielding) while the queue is full, up to a minute.
+  // Any thread. Waits (yielding) while the queue is full, up to a minute; on the proxy
+  // thread itself (a hook, a callback) it never waits: the proxy is the queue's only consumer.
   void Submit(Submission&& s);
   // Runs `fn` on the proxy thread and returns its result or rethrows its exception.
   void RunOnProxy(std::function<void()> fn, double timeout_s);
+  bool OnProxyThread() const;
+
+  // Any thread, hooks included. Hooks run in the order they were added.
+  uint64_t AddHook(std::function<bool()> hook);
+  // Once this returns the hook will not be called again (from the hook itself: after it
+  // returns). An id whose hook threw, and was dropped for it, is accepted.
+  void RemoveHook(uint64_t id);
 
   // All tickets up to this one have completed locally.
   SendTicket completed() const { return completed_.load(std::memory_order_acquire); }
@@ -70,8 +78,11 @@ class ProxyWorker {
   // Posts the current submission's remaining writes; false when the provider said EAGAIN.
   bool PostCurrent();
   bool PollCompletions();
+  bool RunHooks();
+  std::optional<Submission> NextSubmission();
   void OnWriteCompleted(OpContext* context);
   void Idle(Clock::duration idle_for);
+  void WakeIfSleeping();
   void Fail(const std::string& message);
   OpContext* AcquireContext();
 
@@ -79,6 +90,8 @@ class ProxyWorker {
   ImmCounter* counter_;
   EngineOptions options_;
   SubmissionQueue<Submission> queue_;
+  // Submissions made on the proxy thread: it cannot wait for room in queue_.
+  std::deque<Submission> local_;
 
   // Proxy-thread state.
   std::optional<Submission> current_;  // a kWrites submission being posted
@@ -87,6 +100,19 @@ class ProxyWorker {
   SendTicket base_ = 1;                //   -1: the ticket has not been dequeued yet
   std::vector<std::unique_ptr<OpContext>> contexts_;
   std::vector<OpContext*> free_contexts_;
+
+  // Poll hooks. The proxy holds hooks_mu_ while it runs them, so a remover that takes it knows
+  // none is running; a hook changing the list from inside runs with the lock already held.
+  struct PollHook {
+    uint64_t id;
+    std::function<bool()> fn;
+    bool removed = false;
+  };
+  std::mutex hooks_mu_;
+  std::vector<std::unique_ptr<PollHook>> hooks_;
+  uint64_t next_hook_id_ = 1;
+  std::atomic<size_t> num_hooks_{0};
+  bool in_hooks_ = false;  // proxy thread: RunHooks holds hooks_mu_
 
   std::atomic<SendTicket> completed_{0};
   std::atomic<bool> failed_{false};

@@ -71,7 +71,7 @@ class PendingCombine(NamedTuple):
 
 
 def _backend_contexts(platform: str, mesh, axis_name, layout, *, fabric_provider, timeout_s,
-                      ranks_per_node, transport):
+                      ranks_per_node, transport, num_nics, nic_names, fabric_staging):
     """The per-platform part of set-up: contexts for this process's ranks."""
     if platform == "cpu":
         if transport == "nvlink":
@@ -80,16 +80,14 @@ def _backend_contexts(platform: str, mesh, axis_name, layout, *, fabric_provider
         from jax_efa_moe.cpu_contexts import CpuContexts
 
         return CpuContexts(mesh, axis_name, layout, fabric_provider=fabric_provider,
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, num_nics=num_nics)
     if platform == "gpu":
-        R = mesh.shape[axis_name]
-        if transport == "fabric" or (ranks_per_node is not None and ranks_per_node != R):
-            raise ValueError("on GPUs this build reaches peers over NVLink only: every rank "
-                             "must be on one node (ranks_per_node=None or equal to the ranks, "
-                             "transport='auto' or 'nvlink').")
         from jax_efa_moe.cuda_contexts import CudaContexts
 
-        return CudaContexts(mesh, axis_name, layout, timeout_s=timeout_s)
+        return CudaContexts(mesh, axis_name, layout, timeout_s=timeout_s, transport=transport,
+                            ranks_per_node=ranks_per_node, fabric_provider=fabric_provider,
+                            num_nics=num_nics, nic_names=nic_names,
+                            fabric_staging=fabric_staging)
     raise ValueError(f"AllToAll has no backend for devices of platform '{platform}' in this "
                      "build.")
 
@@ -101,6 +99,15 @@ class AllToAll:
     bounds the rows of ``expert_x``; the default fits any routing. ``timeout_s`` bounds every
     wait on a peer: a dead peer becomes an error, never a hang. After an error the instance
     refuses further calls; create a new one.
+
+    Transport (GPUs): peers on the same node (``ranks_per_node`` consecutive ranks, or by host
+    name when None) are reached over NVLink, the others through the fabric
+    (``fabric_provider``, e.g. ``efa``; found automatically when None) by a proxy thread per
+    GPU. ``transport="fabric"`` sends every peer through the fabric, ``"nvlink"`` refuses
+    ranks on other nodes. ``num_nics`` NICs per GPU (the nearest by PCI topology, or
+    ``nic_names``) share the peers. ``fabric_staging``: None uses GPU memory directly where
+    the provider registers it (FI_HMEM) and stages through pinned host memory otherwise; True
+    always stages; False requires FI_HMEM. On the CPU every peer goes through the fabric.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -108,7 +115,9 @@ class AllToAll:
                  dispatch_dtype: Any = jnp.bfloat16, combine_dtype: Any = jnp.bfloat16,
                  max_recv_tokens: int | None = None, expert_alignment: int = 1,
                  ranks_per_node: int | None = None, transport: str = "auto",
-                 fabric_provider: str | None = None, timeout_s: float = 60.0):
+                 fabric_provider: str | None = None, num_nics: int = 1,
+                 nic_names: tuple[str, ...] = (), fabric_staging: bool | None = None,
+                 timeout_s: float = 60.0):
         from jax_efa_moe import _jem
 
         if not isinstance(mesh, jax.sharding.Mesh):
@@ -138,6 +147,10 @@ class AllToAll:
             _positive("ranks_per_node", ranks_per_node)
             if R % ranks_per_node:
                 raise ValueError(f"ranks_per_node = {ranks_per_node} must divide the {R} ranks")
+        _positive("num_nics", num_nics)
+        nic_names = tuple(nic_names)
+        if fabric_staging not in (None, True, False):
+            raise ValueError(f"fabric_staging must be None, True or False, got {fabric_staging!r}")
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
         if not timeout_s > 0:
@@ -171,7 +184,8 @@ class AllToAll:
         platform = mesh.devices.flat[0].platform
         self._contexts = _backend_contexts(
             platform, mesh, axis_name, layout, fabric_provider=fabric_provider,
-            timeout_s=timeout_s, ranks_per_node=ranks_per_node, transport=transport)
+            timeout_s=timeout_s, ranks_per_node=ranks_per_node, transport=transport,
+            num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging)
         self.rank = self._contexts.rank
         self.fabric_provider = self._contexts.provider
         self._ops = ops.OpConfig(

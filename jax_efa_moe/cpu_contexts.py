@@ -56,7 +56,7 @@ class CpuContexts:
     platform = "cpu"
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, layout, *,
-                 fabric_provider: str | None, timeout_s: float):
+                 fabric_provider: str | None, timeout_s: float, num_nics: int = 1):
         from jax_efa_moe import _jem
 
         self.rank, group = group_of_this_process(mesh, axis_name)
@@ -77,7 +77,8 @@ class CpuContexts:
         self.context_id = None
         error = None
         try:
-            self.context_id = _jem.create_context(fabric_provider, self.rank, layout, timeout_s)
+            self.context_id = _jem.create_context(fabric_provider, self.rank, layout, timeout_s,
+                                                  num_domains=num_nics)
             payload = {"address": _b64(_jem.context_address(self.context_id)),
                        "descriptor": _b64(_jem.context_descriptor(self.context_id))}
         except Exception as e:  # reported to every rank, then raised here

@@ -1,10 +1,18 @@
-"""The CUDA backend of AllToAll: every rank on one node, reached over NVLink.
+"""The CUDA backend of AllToAll: peers on the same node over NVLink, the others through the
+fabric (a proxy thread per GPU posting RDMA writes over libfabric: EFA in production).
 
 A process may drive several GPUs of the mesh (one process for the whole node) or one (one
-process per GPU, ``jax.distributed``); both may mix, as long as all ranks of an all-to-all
-group share the node. Each rank gets an arena on its GPU; ranks in this process map each
-other's arenas with peer access, ranks in other processes through CUDA IPC handles exchanged
-over the ``jax.distributed`` key-value store.
+process per GPU, ``jax.distributed``); both may mix. Each rank gets an arena on its GPU; ranks
+of one node map each other's arenas (peer access in one process, CUDA IPC handles exchanged
+over the ``jax.distributed`` key-value store between processes). Ranks on other nodes get a
+TransferEngine each: the kernels pack one chunk per fabric peer and the proxy writes it
+(``cc/a2a/fabric_proxy.h``), straight from and into GPU memory where the provider registers
+it (FI_HMEM), else through a pinned host copy of the arena (staged).
+
+Which peers are on the same node: ``ranks_per_node`` consecutive ranks form a node; without
+it, the ranks whose processes share a host name. ``transport="fabric"`` puts every rank on a
+node of its own (how the fabric path is tested on one host); ``"nvlink"`` refuses ranks on
+different nodes.
 
 Kernels report bad input, a full buffer or a silent peer asynchronously, into a status the
 host reads without a sync: the next call of the AllToAll fails with it, and
@@ -15,11 +23,12 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 
 import jax
 import numpy as np
 
-from jax_efa_moe import bootstrap
+from jax_efa_moe import bootstrap, providers
 
 # Set-up may wait on ranks that start late, so it gets at least this long.
 _MIN_SETUP_TIMEOUT_S = 120.0
@@ -49,20 +58,49 @@ def _group_of_this_process(mesh: jax.sharding.Mesh, axis_name: str):
     return sorted(local, key=lambda rd: rd[0]), processes
 
 
+def node_of_ranks(R: int, transport: str, ranks_per_node: int | None,
+                  host_of_rank: list[str]) -> list[int]:
+    """The node of each rank: ranks on one node reach each other over NVLink."""
+    if transport == "fabric":
+        nodes = list(range(R))
+    elif ranks_per_node is not None:
+        nodes = [r // ranks_per_node for r in range(R)]
+    else:
+        first = {}
+        nodes = [first.setdefault(h, len(first)) for h in host_of_rank]
+    if transport == "nvlink" and len(set(nodes)) > 1:
+        raise ValueError(
+            f"transport='nvlink' needs every rank on one node, but the {R} ranks are on "
+            f"{len(set(nodes))} nodes ({'ranks_per_node' if ranks_per_node else 'host names'}); "
+            "use transport='auto' to reach the other nodes through the fabric.")
+    return nodes
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode())
+
+
 class CudaContexts:
     """This process's contexts for one AllToAll: ``context_id`` is the custom calls' attribute."""
 
     platform = "gpu"
-    provider = "nvlink"
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, layout, *, timeout_s: float,
-                 zero_unused_rows: bool = True):
+                 zero_unused_rows: bool = True, transport: str = "auto",
+                 ranks_per_node: int | None = None, fabric_provider: str | None = None,
+                 num_nics: int = 1, nic_names: tuple[str, ...] = (),
+                 fabric_staging: bool | None = None):
         from jax_efa_moe import _jem
 
         if not getattr(_jem, "has_cuda", False):
             raise RuntimeError("this build of jax_efa_moe has no CUDA kernels (nvcc was not "
                                "found when it was built); reinstall on a machine with nvcc.")
         local, processes = _group_of_this_process(mesh, axis_name)
+        R = layout.num_ranks
         self.ranks = [r for r, _ in local]
         self.rank = self.ranks[0]
         self.devices = [int(d.local_hardware_id) for _, d in local]
@@ -70,13 +108,39 @@ class CudaContexts:
         self._setup_timeout = max(timeout_s, _MIN_SETUP_TIMEOUT_S)
         self.context_id = None
 
+        # Who is on which node, and the provider, before any engine opens.
+        hosts = self._gather("hosts", {"ranks": self.ranks, **providers.local_report()})
+        host_of_rank = [""] * R
+        for p in hosts:
+            for r in p["ranks"]:
+                host_of_rank[r] = p["host"]
+        nodes = node_of_ranks(R, transport, ranks_per_node, host_of_rank)
+        masks = [sum(1 << p for p in range(R) if nodes[p] != nodes[r]) for r in self.ranks]
+        self.fabric_peers = {r: [p for p in range(R) if nodes[p] != nodes[r]]
+                             for r in self.ranks}
+        self.provider = "nvlink"
+        if len(set(nodes)) > 1:
+            self.provider = fabric_provider or providers.choose(hosts)
+
         error = None
         try:
-            self.context_id = _jem.cuda_context_create(layout, self.ranks, self.devices,
-                                                       timeout_s, zero_unused_rows)
+            self.context_id = _jem.cuda_context_create(
+                layout, self.ranks, self.devices, timeout_s, zero_unused_rows,
+                fabric_masks=masks, provider=self.provider if any(masks) else "",
+                num_domains=num_nics, nic_names=list(nic_names),
+                stage_in_host=bool(fabric_staging))
             handles = _jem.cuda_context_ipc_handles(self.context_id)
-            payload = {"ranks": self.ranks,
-                       "handles": [base64.b64encode(h).decode() for h in handles]}
+            endpoints = _jem.cuda_context_fabric_endpoints(self.context_id)
+            self.fabric_staged = {r: e[2] for r, e in zip(self.ranks, endpoints) if e[0]}
+            if fabric_staging is False and any(self.fabric_staged.values()):
+                raise RuntimeError(
+                    f"fabric_staging=False, but provider '{self.provider}' cannot register GPU "
+                    "memory here (no FI_HMEM with CUDA); use a libfabric built with CUDA "
+                    "(the EFA installer's), or leave fabric_staging=None to stage through "
+                    "pinned host memory.")
+            payload = {"ranks": self.ranks, "handles": [_b64(h) for h in handles],
+                       "addresses": [_b64(e[0]) for e in endpoints],
+                       "descriptors": [_b64(e[1]) for e in endpoints]}
         except Exception as e:  # reported to every process, then raised here
             error = e
             payload = {"error": f"{type(e).__name__}: {e}"}
@@ -87,11 +151,15 @@ class CudaContexts:
             if error is not None:
                 raise error
             raise RuntimeError("all-to-all set-up failed in other processes: " + "; ".join(failed))
-        handles = [b""] * layout.num_ranks
+        handles, addresses, descriptors = ([b""] * R for _ in range(3))
         for p in everyone:
-            for r, h in zip(p["ranks"], p["handles"]):
-                handles[r] = base64.b64decode(h.encode())
-        _jem.cuda_context_connect(self.context_id, handles)
+            for i, r in enumerate(p["ranks"]):
+                handles[r] = _unb64(p["handles"][i])
+                addresses[r] = _unb64(p["addresses"][i])
+                descriptors[r] = _unb64(p["descriptors"][i])
+        if len(set(nodes)) == 1:
+            addresses, descriptors = [], []
+        _jem.cuda_context_connect(self.context_id, handles, addresses, descriptors)
         # Nobody writes into a peer's arena before that peer has mapped everyone's.
         self._gather("connected", {})
 

@@ -36,13 +36,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gpu_count() -> int:
+    try:
+        from jax_efa_moe import _jem
+    except ImportError:
+        return 0
+    return _jem.cuda_device_count() if getattr(_jem, "has_cuda", False) else 0
+
+
 def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (), *,
         timeout_s: float = 300.0, env: dict[str, str] | None = None,
         platform: str = "cpu") -> list[str]:
     """Runs ``target`` ("module:function") in ``num_processes`` processes; returns their stdout.
 
     ``platform`` "cpu" gives each process one CPU device; "cuda" gives process i GPU i, or
-    every GPU to a single process.
+    every GPU to a single process; with fewer GPUs than processes, the processes share them
+    (process i sees only GPU i mod the count: right for correctness, meaningless for timing).
     """
     coordinator = f"127.0.0.1:{free_port()}"
     child_env = dict(os.environ)
@@ -58,6 +67,11 @@ def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (),
                  JEM_COORDINATOR=coordinator, JEM_PLATFORM=platform)
         if platform == "cpu":
             e["JAX_PLATFORMS"] = "cpu"
+        elif num_processes > 1 and 0 < _gpu_count() < num_processes:
+            visible = child_env.get("CUDA_VISIBLE_DEVICES", "").split(",")
+            gpus = [v for v in visible if v] or [str(i) for i in range(_gpu_count())]
+            e.update(CUDA_VISIBLE_DEVICES=gpus[rank % len(gpus)], JEM_SHARED_GPU="1",
+                     XLA_PYTHON_CLIENT_PREALLOCATE="false")
         log = tempfile.TemporaryFile(mode="w+b")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "jax_efa_moe.launch", target, *args],
@@ -123,7 +137,8 @@ def _child() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         local_devices = None
     else:
-        local_devices = [rank] if world > 1 else None
+        shared = os.environ.get("JEM_SHARED_GPU") == "1"  # this process sees one GPU only
+        local_devices = [0] if shared else [rank] if world > 1 else None
     jax.distributed.initialize(os.environ["JEM_COORDINATOR"], num_processes=world,
                                process_id=rank, local_device_ids=local_devices)
     module, function = target.split(":")

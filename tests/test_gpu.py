@@ -1,11 +1,18 @@
-"""AllToAll on CUDA GPUs over NVLink, in both process models: one process driving two GPUs,
-and two processes with one GPU each (``jax.distributed``, CUDA IPC between them).
+"""AllToAll on CUDA GPUs, over NVLink in both process models (one process driving two GPUs,
+and two processes with one GPU each: ``jax.distributed``, CUDA IPC between them), and through
+the fabric: ranks on different "nodes" (``ranks_per_node``) reached by the proxy thread over
+libfabric, every rank a process, several processes sharing one GPU where there are fewer
+GPUs than ranks (correct, not fast). Fabric tests run with delivery reordering on
+(JEM_REORDER_SEED): immediates and completions arrive in a random order, as on EFA.
 
 The cases, the inputs and the NumPy oracle are the CPU suite's (test_all_to_all), so the GPU
 path is held to the same results. Errors differ in timing only: kernels report them into a
 status the host reads afterwards, so a bad step raises at ``raise_if_failed()`` (or at the
 next call), not at the call itself. Every test runs in child processes, so that the pytest
-process never holds a GPU. Skipped without two GPUs (CI has none).
+process never holds a GPU. Skipped without GPUs (CI has none); the NVLink tests need two.
+
+JEM_FABRIC_STAGING=host|device|none picks the fabric buffer of the fabric tests (none: GPU
+memory where the provider registers it, else pinned host memory).
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ def _gpus() -> int:
     return _jem.cuda_device_count() if _jem.has_cuda else 0
 
 
-pytestmark = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
+two_gpus = pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")
+pytestmark = pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA GPU")
+STAGING = os.environ.get("JEM_FABRIC_STAGING", "none")
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -53,6 +62,15 @@ def _two_processes(function: str, *args: str, env: dict | None = None,
                       env=_env(env), platform="cuda")
 
 
+def _fabric(function: str, world: int, *args: str, env: dict | None = None,
+            timeout_s: float = 400.0) -> list[str]:
+    """`function` in one process per rank, delivery reordered, fabric buffer per STAGING."""
+    reorder = {"JEM_REORDER_SEED": str(SEED % 1000 + 1)}
+    return launch.run(function, world, [*args, f"fabric_staging={STAGING}"],
+                      timeout_s=timeout_s, env=_env({**reorder, **(env or {})}),
+                      platform="cuda")
+
+
 def _one_process(function: str, *args: str, env: dict | None = None,
                  timeout_s: float = 400.0) -> str:
     code = f"import sys, test_gpu; test_gpu.{function}(0, 1, sys.argv[1:])"
@@ -67,38 +85,76 @@ def _one_process(function: str, *args: str, env: dict | None = None,
 # The parent side: what pytest runs.
 # --------------------------------------------------------------------------------------------
 
+@two_gpus
 def test_one_process_two_gpus_every_routing_and_dtype():
     out = _one_process("check_cases", "all")
     assert "checked 4 configs" in out, out[-3000:]
 
 
+@two_gpus
 def test_one_process_without_command_buffers():
     out = _one_process("check_cases", "fp8", env=NO_COMMAND_BUFFERS)
     assert "checked 1 configs" in out, out[-3000:]
 
 
+@two_gpus
 def test_two_processes_every_routing():
     outputs = _two_processes("check_cases", "two")
     assert all("checked 2 configs" in o for o in outputs), outputs
 
 
+@two_gpus
 def test_two_processes_without_command_buffers():
     outputs = _two_processes("check_cases", "fp8", env=NO_COMMAND_BUFFERS)
     assert all("checked 1 configs" in o for o in outputs), outputs
 
 
+@two_gpus
 def test_bad_input_one_process():
     out = _one_process("check_bad_input")
     assert "bad input ok" in out, out[-3000:]
 
 
+@two_gpus
 def test_bad_input_two_processes():
     outputs = _two_processes("check_bad_input")
     assert all("bad input ok" in o for o in outputs), outputs
 
 
+@two_gpus
 def test_dead_peer_two_processes():
     outputs = _two_processes("check_dead_peer", timeout_s=200.0)
+    assert "dead peer reported" in outputs[0], outputs
+
+
+# Every rank a node of its own, through the fabric: the CPU suite's routings, dtypes,
+# alignments, halves and 100 steps in one jit.
+@pytest.mark.parametrize("world,provider", [(2, "shm"), (4, "tcp;ofi_rxm"), (8, "shm")])
+def test_fabric_every_routing(world, provider):
+    outputs = _fabric("test_all_to_all:check_cases", world, provider, "transport=fabric")
+    assert all("checked" in o for o in outputs), outputs
+
+
+def test_fabric_tcp_two_ranks_without_command_buffers():
+    outputs = _fabric("test_all_to_all:check_cases", 2, "tcp;ofi_rxm", "transport=fabric",
+                      env=NO_COMMAND_BUFFERS)
+    assert all("checked" in o for o in outputs), outputs
+
+
+# Two nodes of two ranks: NVLink (CUDA IPC) inside a node, the fabric across.
+def test_hybrid_two_nodes_of_two():
+    outputs = _fabric("test_all_to_all:check_cases", 4, "shm", "ranks_per_node=2")
+    assert all("checked" in o for o in outputs), outputs
+
+
+def test_fabric_bad_input():
+    outputs = _fabric("test_gpu:check_bad_input", 2, "transport=fabric", "fabric_provider=shm")
+    assert all("bad input ok" in o for o in outputs), outputs
+
+
+def test_fabric_dead_peer():
+    outputs = _fabric("test_gpu:check_dead_peer", 2, "transport=fabric",
+                      "fabric_provider=tcp;ofi_rxm", timeout_s=200.0)
     assert "dead peer reported" in outputs[0], outputs
 
 
@@ -196,6 +252,7 @@ def check_bad_input(rank, world, args):
     import test_all_to_all as cpu
     from jax_efa_moe import AllToAll
 
+    options = cpu.transport_options(args)
     mesh = _mesh()
     R, T, H, k, E = 2, 16, 128, 2, 8
     rng = np.random.default_rng([SEED, 7])
@@ -205,7 +262,7 @@ def check_bad_input(rank, world, args):
 
     def new(**overrides):
         kw = dict(num_experts=E, experts_per_token=k, hidden=H, max_tokens_per_rank=T,
-                  timeout_s=20.0)
+                  timeout_s=20.0, **options)
         return AllToAll(mesh, "ep", **{**kw, **overrides})
 
     def run(comm, ids_all, n_all):
@@ -280,7 +337,7 @@ def check_dead_peer(rank, world, args):
     T, H, k, E = 8, 128, 2, 4
     timeout_s = 3.0
     comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
-                    max_tokens_per_rank=T, timeout_s=timeout_s)
+                    max_tokens_per_rank=T, timeout_s=timeout_s, **cpu.transport_options(args))
     rng = np.random.default_rng([SEED, 3])
     ids, _ = cpu.make_routing("uniform", rng, 2, T, E, k)
     x, _ = cpu.make_tokens(rng, 2, T, H, "bfloat16")

@@ -1,19 +1,22 @@
-// One rank's all-to-all state on the NVLink path: its GPU, its arena (cudaMalloc'd once, laid
-// out by nvlink_layout.h), every peer's arena as mapped on this GPU (peer access within one
-// process, CUDA IPC between processes), and the sticky status its kernels report into.
+// One rank's all-to-all state on a GPU: its arena (cudaMalloc'd once, laid out by
+// nvlink_layout.h), every NVLink peer's arena as mapped on this GPU (peer access within one
+// process, CUDA IPC between processes), the sticky status its kernels report into, and for
+// peers on other nodes a TransferEngine, a fabric buffer and the proxy protocol (FabricProxy).
 //
 // Set-up (create, exchange handles, connect, close) may allocate and synchronize; the step
 // functions only enqueue work: kernels on the caller's stream, and for a staged send, copies
-// on this rank's copy stream.
+// on this rank's copy stream. The proxy thread follows the kernels through mapped memory.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "cc/a2a/fabric_proxy.h"
 #include "cc/a2a/layout.h"
 #include "cc/a2a/nvlink_layout.h"
 #include "cc/kernels/nvlink_kernels.h"
@@ -21,22 +24,40 @@
 
 namespace jem {
 
+// How a rank reaches its peers on other nodes.
+struct FabricOptions {
+  uint64_t mask = 0;             // bit r: rank r is on another node (0: NVLink only)
+  EngineOptions engine;          // provider and NICs; cuda_device is filled in
+  bool stage_in_host = false;    // pinned host fabric buffer even where FI_HMEM is offered
+};
+
 class NvlinkContext {
  public:
-  // Allocates the arena and the status on `device`. Throws Error for a layout the kernels do
-  // not support or a CUDA failure.
+  // Allocates the arena and the status on `device`, and with fabric peers opens the engine
+  // and the fabric buffer. Throws Error for a layout the kernels do not support, a missing
+  // provider or a CUDA failure.
   NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
-                bool zero_unused_rows);
+                bool zero_unused_rows, const FabricOptions& fabric = {});
   ~NvlinkContext();
   NvlinkContext(const NvlinkContext&) = delete;
   NvlinkContext& operator=(const NvlinkContext&) = delete;
 
   // The arena's CUDA IPC handle, for ranks in other processes.
   Bytes IpcHandle() const;
-  // Maps every rank's arena: ranks in this process come from `local` (indexed by rank, null
-  // for ranks of other processes; their GPUs get peer access), the others are opened from
-  // their IPC handles (indexed by rank).
-  void Connect(const std::vector<NvlinkContext*>& local, const std::vector<Bytes>& handles);
+  // What fabric peers need to reach this rank: the engine's address and the fabric buffer's
+  // remote descriptor (empty without fabric peers).
+  Bytes FabricAddress() const;
+  Bytes FabricDescriptor() const;
+  // Whether the fabric buffer is pinned host memory (no FI_HMEM, or asked for).
+  bool FabricStaged() const { return mirror_ != nullptr; }
+  std::string FabricProvider() const { return engine_ ? engine_->Provider() : std::string(); }
+
+  // Maps every NVLink peer's arena: ranks in this process come from `local` (indexed by rank,
+  // null for ranks of other processes; their GPUs get peer access), the others are opened
+  // from their IPC handles (indexed by rank). Fabric peers are reached through `fabric`
+  // (indexed by rank, entries of other ranks unused), and the proxy starts serving.
+  void Connect(const std::vector<NvlinkContext*>& local, const std::vector<Bytes>& handles,
+               const std::vector<PeerSpec>& fabric = {});
 
   const Layout& layout() const { return args_.layout; }
   int rank() const { return args_.rank; }
@@ -62,12 +83,20 @@ class NvlinkContext {
   std::string BeginRecv(bool combine);
 
  private:
+  void OpenFabric(const FabricOptions& fabric);
+
   NvlinkArgs args_;
   int device_;
   double timeout_s_;
   uint8_t* arena_ = nullptr;
   DeviceStatus* status_ = nullptr;
   std::vector<void*> opened_;  // IPC mappings to close
+  // Fabric peers: destroyed in reverse order (the proxy stops before the engine goes).
+  std::unique_ptr<TransferEngine> engine_;
+  uint8_t* mirror_ = nullptr;      // pinned host fabric buffer when staged
+  uint8_t* host_words_ = nullptr;  // pinned host: ProxyMailbox, then the fabric signals
+  MemoryRegionId fabric_region_;
+  std::unique_ptr<FabricProxy> proxy_;
   cudaStream_t copy_stream_ = nullptr;
   cudaEvent_t packed_ = nullptr;       // the staged send kernel is done
   cudaEvent_t copies_done_ = nullptr;  // the copy stream has read the outboxes

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cctype>
 #include <cstddef>
 #include <cstring>
 #include <string>
@@ -67,7 +68,7 @@ std::string CheckNvlinkLayout(const Layout& l) {
 }
 
 NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
-                             bool zero_unused_rows)
+                             bool zero_unused_rows, const FabricOptions& fabric)
     : device_(device), timeout_s_(timeout_s) {
   const std::string problem = CheckNvlinkLayout(layout);
   if (!problem.empty()) throw Error(problem + ".");
@@ -98,8 +99,66 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   Check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   Check(cudaEventCreateWithFlags(&packed_, cudaEventDisableTiming), "cudaEventCreate");
   Check(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
+  if (fabric.mask != 0) OpenFabric(fabric);
   Check(LoadNvlinkKernels(), "loading the NVLink kernels");
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
+  const Layout& l = args_.layout;
+  const int rank = args_.rank;
+  if ((l.num_ranks < 64 && (fabric.mask >> l.num_ranks) != 0) || ((fabric.mask >> rank) & 1)) {
+    throw Error("the fabric peers of rank " + std::to_string(rank) + " must be other ranks.");
+  }
+  EngineOptions options = fabric.engine;
+  options.cuda_device = device_;
+  char bus[32] = {};
+  if (options.gpu_pci_address.empty() &&
+      cudaDeviceGetPCIBusId(bus, sizeof bus, device_) == cudaSuccess) {
+    for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
+    options.gpu_pci_address = bus;
+  }
+  engine_ = TransferEngine::Create(options);
+
+  const NvlinkLayout nl{l};
+  bool registered = false;
+  if (engine_->SupportsCudaMemory() && !fabric.stage_in_host) {
+    // Some providers list FI_HMEM without CUDA support behind it: the registration says so,
+    // and the rank stages instead.
+    try {
+      fabric_region_ = engine_->RegisterMemory(arena_, nl.arena_bytes(), MemoryKind::kCuda);
+      args_.fabric_buffer = arena_;
+      registered = true;
+    } catch (const Error&) {
+    }
+  }
+  if (!registered) {
+    Check(cudaHostAlloc(reinterpret_cast<void**>(&mirror_), nl.arena_bytes(),
+                        cudaHostAllocMapped | cudaHostAllocPortable),
+          "cudaHostAlloc of the fabric buffer");
+    std::memset(mirror_, 0, nl.arena_bytes());
+    fabric_region_ = engine_->RegisterMemory(mirror_, nl.arena_bytes(), MemoryKind::kHost);
+    void* mapped = nullptr;
+    Check(cudaHostGetDevicePointer(&mapped, mirror_, 0), "cudaHostGetDevicePointer");
+    args_.fabric_buffer = static_cast<uint8_t*>(mapped);
+  }
+
+  const int64_t words = AlignUp(sizeof(ProxyMailbox), 256) + nl.signals_bytes();
+  Check(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), words,
+                      cudaHostAllocMapped | cudaHostAllocPortable),
+        "cudaHostAlloc of the proxy mailbox");
+  std::memset(host_words_, 0, words);
+  void* mapped = nullptr;
+  Check(cudaHostGetDevicePointer(&mapped, host_words_, 0), "cudaHostGetDevicePointer");
+  args_.mailbox = static_cast<ProxyMailbox*>(mapped);
+  args_.fabric_signals = static_cast<uint8_t*>(mapped) + AlignUp(sizeof(ProxyMailbox), 256);
+  args_.fabric_mask = fabric.mask;
+}
+
+Bytes NvlinkContext::FabricAddress() const { return engine_ ? engine_->Address() : Bytes(); }
+
+Bytes NvlinkContext::FabricDescriptor() const {
+  return engine_ ? engine_->Descriptor(fabric_region_) : Bytes();
 }
 
 NvlinkContext::~NvlinkContext() {
@@ -108,6 +167,12 @@ NvlinkContext::~NvlinkContext() {
   cudaSetDevice(device_);
   // Kernels of this rank may still be queued: let them finish before the memory goes.
   cudaDeviceSynchronize();
+  // The proxy stops touching the mapped words before they go, and the engine (with its
+  // registrations) before the buffers it registered.
+  proxy_.reset();
+  engine_.reset();
+  if (mirror_ != nullptr) cudaFreeHost(mirror_);
+  if (host_words_ != nullptr) cudaFreeHost(host_words_);
   for (void* p : opened_) cudaIpcCloseMemHandle(p);
   if (packed_ != nullptr) cudaEventDestroy(packed_);
   if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
@@ -126,7 +191,8 @@ Bytes NvlinkContext::IpcHandle() const {
 }
 
 void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
-                            const std::vector<Bytes>& handles) {
+                            const std::vector<Bytes>& handles,
+                            const std::vector<PeerSpec>& fabric) {
   std::lock_guard<std::mutex> lock(mutex_);
   const int R = args_.layout.num_ranks;
   if (connected_) throw Error("this context is already connected.");
@@ -134,8 +200,12 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
     throw Error("connect needs one entry per rank (" + std::to_string(R) + ").");
   }
   DeviceScope scope(device_);
+  if (args_.fabric_mask != 0 && static_cast<int>(fabric.size()) != R) {
+    throw Error("connect needs the fabric address and descriptor of all " + std::to_string(R) +
+                " ranks.");
+  }
   for (int r = 0; r < R; ++r) {
-    if (r == args_.rank) continue;
+    if (r == args_.rank || ((args_.fabric_mask >> r) & 1)) continue;
     if (local[r] != nullptr) {
       const int peer = local[r]->device();
       if (peer != device_) {
@@ -168,6 +238,12 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
       args_.arenas[r] = static_cast<uint8_t*>(p);
     }
   }
+  if (engine_) {
+    const int64_t mailbox_bytes = AlignUp(sizeof(ProxyMailbox), 256);
+    proxy_ = std::make_unique<FabricProxy>(
+        *engine_, args_.layout, args_.rank, args_.fabric_mask, fabric_region_,
+        reinterpret_cast<ProxyMailbox*>(host_words_), host_words_ + mailbox_bytes, fabric);
+  }
   connected_ = true;
 }
 
@@ -186,7 +262,7 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
   const int me = args_.rank;
   const int64_t k = args_.layout.experts_per_token;
   for (int d = 0; d < args_.layout.num_ranks && err == cudaSuccess; ++d) {
-    if (d == me) continue;
+    if (d == me || ((args_.fabric_mask >> d) & 1)) continue;
     const struct {
       int64_t to, from, bytes;
     } parts[] = {
@@ -217,9 +293,13 @@ std::string NvlinkContext::Failure() const {
   if (!connected_) return "rank " + std::to_string(args_.rank) + ": the context is not connected.";
   if (status_->code == 0) return {};
   const Layout& l = args_.layout;
-  return DescribeDeviceStatus(
+  std::string text = DescribeDeviceStatus(
       *status_, StatusLimits{l.num_experts, l.max_tokens, l.max_recv_tokens,
                              l.max_recv_records(), timeout_s_});
+  // A silent fabric peer often has a cause the engine saw (a failed write to a dead peer).
+  const std::string fabric = engine_ ? engine_->FailureMessage() : std::string();
+  if (!fabric.empty()) text += " (fabric: " + fabric + ")";
+  return text;
 }
 
 std::string NvlinkContext::BeginSend(bool combine) {

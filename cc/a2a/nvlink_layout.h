@@ -1,13 +1,14 @@
-// The NVLink arena: what one rank allocates (cudaMalloc, once) when every peer is reachable
-// over NVLink, and what its peers write into directly. Records and combine rows keep the
-// formats of layout.h; only their placement differs from the fabric arena.
+// The GPU arena: what one rank allocates (cudaMalloc, once) and what its peers write into.
+// Records and combine rows keep the formats of layout.h; only their placement differs from
+// the CPU arena. Peers on the same node (NVLink) store into it directly; peers on other nodes
+// reach it through the proxy thread and the fabric (cc/a2a/fabric_proxy.h), which writes the
+// same bytes at the same offsets, so a receiving kernel cannot tell which way a record came.
 //
-// Over NVLink the sending kernel stores straight into the receiver's memory, so there is no
-// dispatch_send staging buffer, and every (sender, receiver) pair owns a fixed slot of T
-// records (a sender never sends more than T records to one rank). A sender therefore never
-// needs the other senders' counts before writing, and its kernel never waits on another rank
-// except for the credit of the previous step. Capacity (max_recv_tokens) is still checked on
-// every rank from the full route table, identically, exactly as on the fabric path.
+// Every (sender, receiver) pair owns a fixed slot of T records (a sender never sends more
+// than T records to one rank), so a sender never needs the other senders' counts before
+// writing: the whole chunk goes at once (on the fabric this is the private slot of the CPU
+// protocol made large enough that no overflow phase is ever needed). Capacity
+// (max_recv_tokens) is still checked on every rank from the full route table, identically.
 //
 // Per rank, symmetric (same offsets on every rank):
 //
@@ -16,6 +17,7 @@
 //                 dispatch_credit[d]  receiver d has consumed what this rank sent it
 //                 combine_ready[d]    expert rank d has written all partials for this rank
 //                 combine_credit[s]   home rank s has summed what this rank sent it
+//               (for fabric peers the proxy raises them in a mapped host copy of this region)
 //   state       this rank's own words: sticky error, step counters, block tickets
 //   route       int32 [R][R][1 + L]  row s = sender s's whole plan: layout.h's route table,
 //                 read through plan.h's RouteTable
@@ -25,10 +27,14 @@
 //   records     [R][T] dispatch records (layout.h format): sender s's record j at s * T + j
 //   partials    [R][T] combine rows: expert rank d's partial of my record j at d * T + j
 //   staging     [R] outboxes, one per destination d, each laid out like what this rank owns
-//                 in d's arena: route row, slot ranks [T][k], records [T]. Only the staged
-//                 dispatch_send uses them: its kernel packs here, and the copy engine moves
-//                 each outbox into its destination while the SMs do other work, then copies
-//                 NvlinkState::staged_ready into the destination's ready flag.
+//                 in d's arena: route row, slot ranks [T][k], records [T]. The staged
+//                 dispatch_send packs NVLink peers' records here for the copy engine; the
+//                 proxy writes fabric peers' outboxes with RDMA.
+//   combine outboxes [R][T] combine rows: partials for fabric home rank d, row j at d * T + j
+//
+// A rank with fabric peers also has a fabric buffer laid out like this arena: the arena itself
+// when the provider registers GPU memory (FI_HMEM), else a mapped pinned host mirror (staged):
+// fabric peers' outboxes are packed there and their writes land there.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +57,17 @@ struct NvlinkState {
   uint64_t ticket[4];          // blocks finished, per kernel kind (see NvlinkTicket)
   uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
                                // copies it into each peer's dispatch_ready flag after the data
+};
+
+// What a rank's kernels tell its proxy thread, in mapped pinned host memory: a step number per
+// event, written last (release) after the counts it covers.
+struct ProxyMailbox {
+  uint64_t dispatch_sent;   // records of this step are packed in the fabric outboxes
+  uint64_t dispatch_read;   // the records fabric senders wrote for this step are consumed
+  uint64_t combine_sent;    // partials of this step are in the combine outboxes
+  uint64_t combine_read;    // the partials fabric experts wrote for this step are summed
+  int32_t dispatch_counts[kMaxNvlinkRanks];  // records per destination of dispatch_sent
+  int32_t combine_counts[kMaxNvlinkRanks];   // partial rows per home rank of combine_sent
 };
 
 enum NvlinkTicket : int { kTicketDispatchSend, kTicketDispatchRecv, kTicketCombineSend,
@@ -140,7 +157,15 @@ struct NvlinkLayout {
            index * layout.record_bytes();
   }
 
-  JEM_HD int64_t arena_bytes() const { return staging_offset() + R() * outbox_bytes(); }
+  // --- combine outboxes: [R][T] ---
+  JEM_HD int64_t combine_outbox_offset(int64_t home_rank, int64_t index) const {
+    return staging_offset() + R() * outbox_bytes() +
+           (home_rank * T() + index) * layout.combine_row_bytes();
+  }
+
+  JEM_HD int64_t arena_bytes() const {
+    return staging_offset() + R() * outbox_bytes() + partials_bytes();
+  }
 };
 
 }  // namespace jem

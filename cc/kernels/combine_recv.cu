@@ -17,7 +17,7 @@ __host__ __device__ inline int64_t TokensPerBlock(const Layout& lay, int grid) {
 
 __host__ __device__ inline int64_t RecvSharedBytes(const Layout& lay, int grid) {
   const int64_t R = lay.num_ranks, k = lay.experts_per_token;
-  return 4 * (4 + (R + 1) + TokensPerBlock(lay, grid) * k);
+  return AlignUp(4 * (4 + R + 1), 8) + TokensPerBlock(lay, grid) * k * 8;
 }
 
 template <typename T>
@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tpb = TokensPerBlock(lay, gridDim.x);
   int32_t* s_bad = reinterpret_cast<int32_t*>(smem);  // [4] operand, index, value
   int32_t* s_base = s_bad + 4;                          // [R + 1] first record per rank
-  int32_t* s_src = s_base + R + 1;                      // [tpb][k] partial per slot, -1 = none
+  // [tpb][k] each slot's partial row, null = none (8-byte aligned: 4 + R + 1 ints before)
+  auto** s_src = reinterpret_cast<const uint8_t**>(smem + AlignUp(4 * (4 + R + 1), 8));
 
   const int32_t raw_num_tokens = *io.num_tokens;
   for (int d = tid; d < R; d += kThreads) s_base[d + 1] = io.send_tokens[d];
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int t = start + x / k;
     const int64_t at = static_cast<int64_t>(start) * k + x;
     const int32_t index = t < nt ? io.send_index[at] : -1;
-    int32_t src = -1;
+    const uint8_t* src = nullptr;
     if (index >= s_base[R] || index < -1) {
       SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kSendIndex), at,
                index);
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     } else if (index >= 0) {
       int d = 0;
       while (d + 1 < R && s_base[d + 1] <= index) ++d;
-      src = static_cast<int32_t>(d * T_max + (index - s_base[d]));
+      src = InboxOf(a, d).partial(d, index - s_base[d]);
     }
     s_src[x] = src;
   }
@@ -96,8 +97,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t out_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   auto* out = static_cast<uint8_t*>(io.out);
-  const uint8_t* partials = me.base + me.nl.partials_offset();
-  const int64_t partial_bytes = lay.combine_row_bytes();
   for (int w = tid; w < (end - start) * vecs; w += kThreads) {
     const int lt = w / vecs, c = w % vecs;
     float acc[Vec16<T>::kLanes] = {};
@@ -107,21 +106,24 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int i = i0 + u;
-          if (i < k && s_src[lt * k + i] >= 0) {
-            v[u] = Load16(partials + s_src[lt * k + i] * partial_bytes + c * 16);
+          if (i < k && s_src[lt * k + i] != nullptr) {
+            v[u] = Load16(s_src[lt * k + i] + c * 16);
           }
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int i = i0 + u;
-          if (i < k && s_src[lt * k + i] >= 0) Vec16<T>::Accumulate(acc, v[u], 1.0f);
+          if (i < k && s_src[lt * k + i] != nullptr) Vec16<T>::Accumulate(acc, v[u], 1.0f);
         }
       }
     }
     Store16(out + (start + lt) * out_row_bytes + c * 16, Vec16<T>::Pack(acc));
   }
 
-  if (LastBlock(a, kTicketCombineRecv, step)) SignalPeers(a, DeviceWait::kCombineCredit, step);
+  if (LastBlock(a, kTicketCombineRecv, step)) {
+    SignalPeers(a, DeviceWait::kCombineCredit, step);
+    Publish(a, &a.mailbox->combine_read, step);
+  }
 }
 
 template <typename T>

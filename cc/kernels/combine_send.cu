@@ -1,7 +1,8 @@
 // combine, send half (expert side): for each received record, the weighted sum of its expert
 // output rows (float32 accumulation), stored once in the combine dtype straight into the home
-// rank's partial slot (over NVLink for peers); then raise this rank's ready flag at every home
-// rank. Before writing, wait for each home rank's credit for the previous combine.
+// rank's partial slot (over NVLink for peers; into the combine outbox for fabric home ranks,
+// which the proxy writes); then raise this rank's ready flag at every NVLink home rank and
+// tell the proxy. Before writing, wait for each home rank's credit for the previous combine.
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
@@ -114,11 +115,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       int s = 0;
       while (s + 1 < R && s_rbase[s + 1] <= g) ++s;
-      Store16(ArenaOf(a, s).partial(a.rank, g - s_rbase[s]) + c * 16, Vec16<T>::Pack(acc));
+      uint8_t* to = IsFabric(a, s) ? FabricArena(a).combine_outbox(s, g - s_rbase[s])
+                                   : ArenaOf(a, s).partial(a.rank, g - s_rbase[s]);
+      Store16(to + c * 16, Vec16<T>::Pack(acc));
     }
   }
 
-  if (LastBlock(a, kTicketCombineSend, step)) SignalPeers(a, DeviceWait::kCombineReady, step);
+  if (LastBlock(a, kTicketCombineSend, step)) {
+    SignalPeers(a, DeviceWait::kCombineReady, step);
+    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+      a.mailbox->combine_counts[d] = IsFabric(a, d) && good ? s_rbase[d + 1] - s_rbase[d] : 0;
+    }
+    Publish(a, &a.mailbox->combine_sent, step);
+  }
 }
 
 template <typename T>

@@ -94,10 +94,28 @@ struct Arena {
   __device__ __forceinline__ uint8_t* outbox_record(int64_t dest, int64_t index) const {
     return base + nl.outbox_record_offset(dest, index);
   }
+  __device__ __forceinline__ uint8_t* combine_outbox(int64_t home_rank, int64_t index) const {
+    return base + nl.combine_outbox_offset(home_rank, index);
+  }
 };
 
 __device__ __forceinline__ Arena ArenaOf(const NvlinkArgs& a, int rank) {
   return Arena{NvlinkLayout{a.layout}, a.arenas[rank]};
+}
+
+__device__ __forceinline__ bool IsFabric(const NvlinkArgs& a, int rank) {
+  return (a.fabric_mask >> rank) & 1;
+}
+
+// Where what `sender` sent this rank lives: this rank's arena, or the fabric buffer for a
+// sender on another node (the same offsets either way).
+__device__ __forceinline__ Arena InboxOf(const NvlinkArgs& a, int sender) {
+  return Arena{NvlinkLayout{a.layout}, IsFabric(a, sender) ? a.fabric_buffer : a.arenas[a.rank]};
+}
+
+// The fabric buffer, where outboxes for fabric peers are packed.
+__device__ __forceinline__ Arena FabricArena(const NvlinkArgs& a) {
+  return Arena{NvlinkLayout{a.layout}, a.fabric_buffer};
 }
 
 // ---------------------------------------------------------------- errors
@@ -159,21 +177,30 @@ static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t
   return true;
 }
 
+// This rank's flag for `what` from `peer`: in its arena, or where the proxy raises it for a
+// fabric peer.
+__device__ __forceinline__ const uint64_t* FlagOf(const NvlinkArgs& a, DeviceWait what,
+                                                  int peer) {
+  const NvlinkLayout nl{a.layout};
+  const uint8_t* base = IsFabric(a, peer) ? a.fabric_signals : a.arenas[a.rank];
+  return reinterpret_cast<const uint64_t*>(base + WaitOffset(nl, what, peer));
+}
+
 // Threads 0..R-1 of the block each wait for one peer's flag; returns (to every thread of the
 // block) whether all arrived.
 __device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, uint64_t target) {
   bool ok = true;
   if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) {
-    const Arena me = ArenaOf(a, a.rank);
-    ok = WaitFlag(a, me.flag(WaitOffset(me.nl, what, threadIdx.x)), target, what, threadIdx.x);
+    ok = WaitFlag(a, FlagOf(a, what, threadIdx.x), target, what, threadIdx.x);
   }
   return __syncthreads_and(ok) != 0;
 }
 
-// Raises this rank's flag for `what` in peer p's arena, unless this rank timed out.
+// Raises this rank's flag for `what` in NVLink peer p's arena, unless this rank timed out.
+// Fabric peers hear of it from the proxy (Publish).
 __device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what, int p,
                                            uint64_t step) {
-  if (!TimedOut(ArenaOf(a, a.rank).state())) {
+  if (!IsFabric(a, p) && !TimedOut(ArenaOf(a, a.rank).state())) {
     const Arena peer = ArenaOf(a, p);
     StoreReleaseSys(peer.flag(WaitOffset(peer.nl, what, a.rank)), step);
   }
@@ -182,6 +209,19 @@ __device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what,
 // Thread p < R of the last block raises this rank's flag in peer p's arena.
 __device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
   if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) SignalPeer(a, what, threadIdx.x, step);
+}
+
+// The last block tells the proxy that `step` is ready for fabric peers (after the counts it
+// covers, written by the caller), unless this rank timed out: its fabric peers then time out
+// too, as its NVLink peers do. Everything the grid wrote before is visible to the host and the
+// NIC first.
+__device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uint64_t step) {
+  if (a.fabric_mask == 0) return;
+  __syncthreads();
+  if (threadIdx.x == 0 && !TimedOut(ArenaOf(a, a.rank).state())) {
+    __threadfence_system();
+    StoreReleaseSys(word, step);
+  }
 }
 
 // ---------------------------------------------------------------- completion

@@ -95,10 +95,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (arrived) {
     const int entry = static_cast<int>(me.nl.route_entry_ints());
     const int row = static_cast<int>(me.nl.route_row_ints());
-    const int32_t* table = me.route_row(0);
     for (int x = tid; x < R * row; x += kThreads) {
       const int src = x / row, d = x % row / entry, j = x % entry;
-      const int32_t v = table[x];
+      const int32_t v = InboxOf(a, src).route_row(src)[x % row];
       if (j == 0) {
         s_tok[src * R + d] = v;
         if (d == 0 && v == kRouteFailed) atomicMin(&s_verdict[0], src);
@@ -197,11 +196,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int g = g0 + x / k, i = x % k;
       const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
       const int j = g - s_rbase[s];
-      const uint8_t* rec = me.record(s, j);
+      const uint8_t* rec = InboxOf(a, s).record(s, j);
       if (i == 0) s_recs[x / k] = rec;
       const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
       const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
-      const int32_t rank = me.slot_rank(s, j)[i];
+      const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
       int32_t row = -1;
       if (e != -1) {
         const bool sane = e >= 0 && e < L && rank >= 0 && rank < s_own[s * L + e];
@@ -278,7 +277,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (LastBlock(a, kTicketDispatchRecv, step)) SignalPeers(a, DeviceWait::kDispatchCredit, step);
+  if (LastBlock(a, kTicketDispatchRecv, step)) {
+    SignalPeers(a, DeviceWait::kDispatchCredit, step);
+    Publish(a, &a.mailbox->dispatch_read, step);
+  }
 }
 
 }  // namespace

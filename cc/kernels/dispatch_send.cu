@@ -7,6 +7,9 @@
 // other work while the bytes cross NVLink; then it copies staged_ready into the peers' ready
 // flags. (A signalling kernel could wait for an SM behind a spinning recv kernel.)
 //
+// Fabric peers (other nodes) always get outboxes, in the fabric buffer: the last block
+// publishes the step and the per-peer counts to the proxy, which posts the RDMA writes.
+//
 // Blocks own contiguous token ranges. Each block counts every token (per destination rank,
 // and per expert for tokens before its range), so it knows the record index of each of its
 // tokens and the chunk offsets of send_index without waiting for any other block. At small T
@@ -41,7 +44,7 @@ __host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
 
 // Where this rank's route row, slot ranks and records for destination d go.
 struct Destination {
-  Arena me, dest;
+  Arena me, dest;  // `me` holds the outbox: this rank's arena, or its fabric buffer
   int rank, d;
   bool outbox;
 
@@ -57,7 +60,9 @@ struct Destination {
 };
 
 __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool staged, int d) {
-  return Destination{ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d, staged && d != a.rank};
+  const bool fabric = IsFabric(a, d);
+  return Destination{fabric ? FabricArena(a) : ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d,
+                     fabric || (staged && d != a.rank)};
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -112,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int waiter = tid - (kThreads - R);
   bool credited = true;
   if (waiter >= 0) {
-    credited = WaitFlag(a, me.flag(me.nl.dispatch_credit_offset(waiter)), step - 1,
+    credited = WaitFlag(a, FlagOf(a, DeviceWait::kDispatchCredit, waiter), step - 1,
                         DeviceWait::kDispatchCredit, waiter);
   }
 
@@ -307,6 +312,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       // A rank that timed out leaves its peers' flags where they are.
       if (!TimedOut(st)) st->staged_ready = step;
     }
+    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+      a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;
+    }
+    Publish(a, &a.mailbox->dispatch_sent, step);
   }
 }
 

@@ -15,8 +15,8 @@
 
 namespace jem {
 
-// What every kernel of one rank needs: the layout, who it is, and every rank's arena as
-// mapped on this rank's device (its own at arenas[rank]).
+// What every kernel of one rank needs: the layout, who it is, every NVLink peer's arena as
+// mapped on this rank's device (its own at arenas[rank]), and how fabric peers are reached.
 struct NvlinkArgs {
   Layout layout;
   int32_t rank = 0;
@@ -24,7 +24,14 @@ struct NvlinkArgs {
   uint64_t timeout_ns = 0;
   bool zero_unused_rows = true;  // zero the rows of expert_x past the last group
   DeviceStatus* status = nullptr;  // mapped pinned host memory
-  uint8_t* arenas[kMaxNvlinkRanks] = {};
+  uint8_t* arenas[kMaxNvlinkRanks] = {};  // null for fabric peers
+  // Fabric peers (bit r = rank r is on another node): the kernels pack what goes to them into
+  // outboxes of the fabric buffer and tell the proxy through the mailbox; what they write
+  // lands in the fabric buffer, and the proxy raises their flags in fabric_signals.
+  uint64_t fabric_mask = 0;
+  uint8_t* fabric_buffer = nullptr;   // laid out like the arena (nvlink_layout.h)
+  uint8_t* fabric_signals = nullptr;  // mapped pinned host, laid out like the signals region
+  ProxyMailbox* mailbox = nullptr;    // mapped pinned host
 };
 
 struct DispatchSendIo {

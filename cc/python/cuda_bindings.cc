@@ -25,9 +25,15 @@ std::vector<std::shared_ptr<NvlinkContext>> Contexts(int64_t id) {
 }
 
 int64_t CreateContexts(const Layout& layout, const std::vector<int>& ranks,
-                       const std::vector<int>& devices, double timeout_s, bool zero_unused_rows) {
+                       const std::vector<int>& devices, double timeout_s, bool zero_unused_rows,
+                       const std::vector<uint64_t>& fabric_masks, const std::string& provider,
+                       int num_domains, const std::vector<std::string>& nic_names,
+                       bool stage_in_host) {
   if (ranks.empty() || ranks.size() != devices.size()) {
     throw Error("ranks and devices must be non-empty lists of the same length.");
+  }
+  if (!fabric_masks.empty() && fabric_masks.size() != ranks.size()) {
+    throw Error("fabric_masks needs one entry per local rank.");
   }
   std::vector<std::unique_ptr<NvlinkContext>> contexts;
   for (size_t i = 0; i < ranks.size(); ++i) {
@@ -36,35 +42,65 @@ int64_t CreateContexts(const Layout& layout, const std::vector<int>& ranks,
         throw Error("each local rank needs its own GPU and its own rank number.");
       }
     }
+    FabricOptions fabric;
+    fabric.mask = fabric_masks.empty() ? 0 : fabric_masks[i];
+    fabric.engine.provider = provider;
+    fabric.engine.num_domains = num_domains;
+    fabric.engine.nic_names = nic_names;
+    fabric.stage_in_host = stage_in_host;
     contexts.push_back(std::make_unique<NvlinkContext>(layout, ranks[i], devices[i], timeout_s,
-                                                       zero_unused_rows));
+                                                       zero_unused_rows, fabric));
   }
   return RegisterNvlinkContexts(std::move(contexts));
 }
 
+nb::bytes ToPython(const Bytes& b) {
+  return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+}
+
+Bytes FromPython(const nb::bytes& b) {
+  const auto* p = static_cast<const uint8_t*>(b.data());
+  return Bytes(p, p + b.size());
+}
+
 std::vector<nb::bytes> IpcHandles(int64_t id) {
   std::vector<nb::bytes> out;
+  for (const auto& c : Contexts(id)) out.push_back(ToPython(c->IpcHandle()));
+  return out;
+}
+
+// Per local rank: (fabric address, fabric buffer descriptor, staged), empty without fabric peers.
+std::vector<nb::tuple> FabricEndpoints(int64_t id) {
+  std::vector<nb::tuple> out;
   for (const auto& c : Contexts(id)) {
-    const Bytes h = c->IpcHandle();
-    out.emplace_back(reinterpret_cast<const char*>(h.data()), h.size());
+    out.push_back(nb::make_tuple(ToPython(c->FabricAddress()), ToPython(c->FabricDescriptor()),
+                                 c->FabricStaged(), c->FabricProvider()));
   }
   return out;
 }
 
-void Connect(int64_t id, const std::vector<nb::bytes>& handles) {
+void Connect(int64_t id, const std::vector<nb::bytes>& handles,
+             const std::vector<nb::bytes>& fabric_addresses,
+             const std::vector<nb::bytes>& fabric_descriptors) {
   auto contexts = Contexts(id);
   const int R = contexts.front()->layout().num_ranks;
   if (static_cast<int>(handles.size()) != R) {
     throw Error("connect needs the IPC handles of all " + std::to_string(R) + " ranks.");
   }
+  if (fabric_addresses.size() != fabric_descriptors.size() ||
+      (!fabric_addresses.empty() && static_cast<int>(fabric_addresses.size()) != R)) {
+    throw Error("connect needs the fabric addresses and descriptors of all " +
+                std::to_string(R) + " ranks, or none.");
+  }
   std::vector<NvlinkContext*> local(R, nullptr);
   for (const auto& c : contexts) local[c->rank()] = c.get();
   std::vector<Bytes> raw;
-  for (const nb::bytes& h : handles) {
-    const auto* p = static_cast<const uint8_t*>(h.data());
-    raw.emplace_back(p, p + h.size());
+  for (const nb::bytes& h : handles) raw.push_back(FromPython(h));
+  std::vector<PeerSpec> fabric;
+  for (size_t r = 0; r < fabric_addresses.size(); ++r) {
+    fabric.push_back({FromPython(fabric_addresses[r]), FromPython(fabric_descriptors[r])});
   }
-  for (const auto& c : contexts) c->Connect(local, raw);
+  for (const auto& c : contexts) c->Connect(local, raw, fabric);
 }
 
 void Synchronize(int64_t id) {
@@ -93,12 +129,23 @@ void BindCuda(nb::module_& m) {
         "GPUs this process can use (0 without a driver or a GPU).");
   m.def("cuda_context_create", &CreateContexts, nb::arg("layout"), nb::arg("ranks"),
         nb::arg("devices"), nb::arg("timeout_s"), nb::arg("zero_unused_rows") = true,
-        "Allocates one NVLink context per (rank, GPU) of this process; returns their id.");
+        nb::arg("fabric_masks") = std::vector<uint64_t>(), nb::arg("provider") = "",
+        nb::arg("num_domains") = 1, nb::arg("nic_names") = std::vector<std::string>(),
+        nb::arg("stage_in_host") = false,
+        "Allocates one GPU context per (rank, GPU) of this process; returns their id. "
+        "fabric_masks[i]: bit r set = local rank i reaches rank r through the fabric "
+        "(provider, num_domains NICs, nic_names to choose them; stage_in_host keeps the "
+        "fabric buffer in pinned host memory even where the provider registers GPU memory).");
   m.def("cuda_context_ipc_handles", &IpcHandles, nb::arg("id"),
         "The CUDA IPC handles of this process's ranks' arenas, in rank order.");
+  m.def("cuda_context_fabric_endpoints", &FabricEndpoints, nb::arg("id"),
+        "Per local rank: (fabric address, fabric buffer descriptor, staged in host memory, "
+        "provider); empty bytes without fabric peers.");
   m.def("cuda_context_connect", &Connect, nb::arg("id"), nb::arg("handles"),
-        "Maps every rank's arena (handles of all ranks in rank order; this process's own "
-        "entries are not used).");
+        nb::arg("fabric_addresses") = std::vector<nb::bytes>(),
+        nb::arg("fabric_descriptors") = std::vector<nb::bytes>(),
+        "Maps every NVLink peer's arena and reaches every fabric peer (lists of all ranks in "
+        "rank order; this process's own entries are not used), then starts the proxies.");
   m.def("cuda_context_failures", &Failures, nb::arg("id"),
         "Per local rank, the first error its kernels reported ('' if none). Reads mapped "
         "memory: call it after block_until_ready.");

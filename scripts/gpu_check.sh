@@ -2,11 +2,14 @@
 # Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
 #
 #   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
-#                                        sanitizer kbench profile pytest bench (default: all
-#                                        but profile, in that order; kbench times the kernels
-#                                        alone, profile runs them under ncu with one rank, bench
-#                                        runs benchmarks/bench_all_to_all.py against the stock
-#                                        paths)
+#                                        sanitizer kbench profile pytest fabric bench (default:
+#                                        all but profile, in that order; kbench times the
+#                                        kernels alone, profile runs them under ncu with one
+#                                        rank, fabric runs the fabric-path tests twice: staged
+#                                        through pinned host memory on the system libfabric, and
+#                                        with GPU memory registered (FI_HMEM) on a libfabric
+#                                        built with CUDA in .deps/libfabric-cuda; bench runs
+#                                        benchmarks/bench_all_to_all.py against the stock paths)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -22,7 +25,8 @@ OUT=${OUT:-build/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-STAGES=${*:-info build kernels sanitizer kbench pytest bench}
+STAGES=${*:-info build kernels sanitizer kbench pytest fabric bench}
+CUDA_FABRIC=$PWD/.deps/libfabric-cuda/lib
 # NVLink multicast stays off, for every program started from here.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -114,7 +118,9 @@ for s in $STAGES; do
   case $s in
     info)
       stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
-        "$PY" -c "import jax; print(jax.__version__, jax.devices())"' ;;
+        "$PY" -c "import jax; print(jax.__version__, jax.devices())";
+        ldconfig -p | grep libfabric; [ -x .deps/libfabric-cuda/bin/fi_info ] &&
+        .deps/libfabric-cuda/bin/fi_info --version && .deps/libfabric-cuda/bin/fi_info -p shm -c FI_HMEM' ;;
     build)
       stage build build.log 300 build ;;
     kernels)
@@ -122,6 +128,14 @@ for s in $STAGES; do
       stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
     pytest)
       stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ${PYTEST_ARGS:-} ;;
+    fabric)
+      stage "fabric, system libfabric (staged)" fabric.log "${FABRIC_TIMEOUT_S:-420}" env \
+        JEM_FABRIC_STAGING=host "$PY" -m pytest -q -rA tests/test_gpu.py \
+        -k "${FABRIC_TESTS:-fabric or hybrid}"
+      [ -d "$CUDA_FABRIC" ] && stage "fabric, libfabric with CUDA (FI_HMEM)" fabric.log \
+        "${FABRIC_TIMEOUT_S:-420}" env LD_LIBRARY_PATH="$CUDA_FABRIC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        JEM_FABRIC_STAGING=device "$PY" -m pytest -q -rA tests/test_gpu.py \
+        -k "${FABRIC_HMEM_TESTS:-fabric_every_routing or hybrid}" ;;
     sanitizer)
       stage memcheck sanitizer.log 120 sanitize memcheck
       stage racecheck sanitizer.log 120 sanitize racecheck ;;
@@ -135,7 +149,7 @@ for s in $STAGES; do
     bench)
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
-    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric bench)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -350,9 +350,17 @@ def check_cases(rank, world, args):
             checked += 1
             if kind in ("uniform", "partial", "overflow_peers"):
                 split = [None if a is None else _local(a) for a in halves(*inputs)]
-                for a, b in zip(got, split):
-                    assert (a is None and b is None) or np.array_equal(
-                        a.view(np.uint8), b.view(np.uint8)), f"halves differ: {where}"
+                names = ("expert_x", "expert_x_scale", "expert_counts", "group_sizes", "out")
+                for name, a, b in zip(names, got, split):
+                    if a is None and b is None:
+                        continue
+                    rows = np.flatnonzero((a.view(np.uint8) != b.view(np.uint8)).reshape(
+                        a.shape[0], -1).any(axis=1)) if a.ndim else []
+                    assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (
+                        f"halves differ in {name}, rows {list(rows[:10])} of {len(rows)} "
+                        f"(their experts' ranks {[sorted(set(ids[rank][t] // (E // R))) for t in rows[:5] if t < T]}, "
+                        f"max |diff| {np.abs(a.astype(np.float32) - b.astype(np.float32)).max()}): "
+                        f"{where}")
             if kind == "zipf" and align == 1 and comm._contexts.platform == "cpu":
                 before = _jem.context_steps(comm._contexts.context_id)
                 assert _local(loop(*inputs))[0] == 0, f"100 steps changed the result: {where}"

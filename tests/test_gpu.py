@@ -141,6 +141,12 @@ def test_fabric_tcp_two_ranks_without_command_buffers():
     assert all("checked" in o for o in outputs), outputs
 
 
+# The NVLink path between processes that share one GPU (CUDA IPC), the staged send included.
+def test_nvlink_processes_sharing_a_gpu():
+    outputs = _fabric("test_all_to_all:check_cases", 2, "auto", "transport=nvlink")
+    assert all("checked" in o for o in outputs), outputs
+
+
 # Two nodes of two ranks: NVLink (CUDA IPC) inside a node, the fabric across.
 def test_hybrid_two_nodes_of_two():
     outputs = _fabric("test_all_to_all:check_cases", 4, "shm", "ranks_per_node=2")

@@ -32,6 +32,7 @@ def _flags(args):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--victim", type=int, default=-1)
     p.add_argument("--deadline", type=float, default=3.0)
+    p.add_argument("--reorder_seed", type=int, default=0)
     return p.parse_args(args)
 
 
@@ -40,7 +41,8 @@ class Rank:
 
     def __init__(self, rank, world, flags, recv_bytes):
         self.rank, self.world, self.flags = rank, world, flags
-        self.engine = _jem.Engine(provider=flags.provider, num_domains=flags.domains)
+        self.engine = _jem.Engine(provider=flags.provider, num_domains=flags.domains,
+                                  reorder_seed=flags.reorder_seed)
         self.send = source_bytes(flags.seed, rank)
         self.recv = np.zeros(recv_bytes, np.uint8)
         self.send_region = self.engine.register(self.send)

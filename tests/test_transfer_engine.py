@@ -55,23 +55,32 @@ def run(function, world, args, timeout_s=180.0):
     return results
 
 
+def reorder_args(reorder):
+    """Worker flags for the reorder test mode: a fresh seed each run (printed on failure)."""
+    return ["--reorder_seed", str(random.randrange(1, 1 << 30))] if reorder else []
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
 @pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_scatter_immediates_barrier(provider, world):
+def test_scatter_immediates_barrier(provider, world, reorder):
     need(provider)
     seed = random.randrange(1 << 30)
-    results = run("exchange", world, ["--provider", provider, "--seed", str(seed)])
+    results = run("exchange", world, ["--provider", provider, "--seed", str(seed),
+                                      *reorder_args(reorder)])
     for rank, r in enumerate(results):
         assert r["checked_bytes"] > 0, (rank, seed)
         assert r["extra"] == [], f"rank {rank} saw more immediates than were sent (seed {seed})"
         assert sum(r["imm_counts"].values()) > 0
 
 
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_two_domains_split_peers(provider):
+def test_two_domains_split_peers(provider, reorder):
     need(provider)
     seed = random.randrange(1 << 30)
-    results = run("exchange", 4, ["--provider", provider, "--domains", "2", "--seed", str(seed)])
+    results = run("exchange", 4, ["--provider", provider, "--domains", "2", "--seed", str(seed),
+                                  *reorder_args(reorder)])
     assert all(r["domains"] == 2 and r["extra"] == [] for r in results)
 
 
@@ -242,6 +251,49 @@ def test_closed_engine(pair):
         a.scatter(group, [(0, 0, 0, 8)], 1)
     with pytest.raises(RuntimeError, match="closed"):
         ra.descriptor()
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_reorder_mode_delivers_out_of_order(via, monkeypatch):
+    """Immediates 0..n-1 written in order arrive out of order, each exactly once.
+
+    Each pass checks the values from the last to the first: in order, a value seen implies
+    every earlier one was visible later in the same pass, so seeing a later value in an
+    earlier pass than an earlier value proves reordering.
+    """
+    need("tcp;ofi_rxm")
+    n, rounds = 64, 20
+    seed = random.randrange(1, 1 << 30)
+    with _jem.Engine() as a:
+        if via == "environment":
+            monkeypatch.setenv("JEM_REORDER_SEED", str(seed))
+        with _jem.Engine(reorder_seed=seed if via == "argument" else 0) as b:
+            ra, rb = a.register(np.zeros(64, np.uint8)), b.register(np.zeros(64, np.uint8))
+            group = a.add_peer_group(ra, [(b.address(), rb.descriptor())])
+            inverted = 0
+            for _ in range(rounds):
+                tickets = [a.scatter(group, [(0, 0, 0, 0)], imm) for imm in range(n)]
+                seen_in_pass = {}
+                deadline = time.monotonic() + 10
+                this_pass = 0
+                while len(seen_in_pass) < n and time.monotonic() < deadline:
+                    for imm in reversed(range(n)):
+                        if imm not in seen_in_pass and b.try_consume_imm(imm, 1):
+                            seen_in_pass[imm] = this_pass
+                    this_pass += 1
+                assert len(seen_in_pass) == n, f"missing immediates (seed {seed})"
+                for t in tickets:
+                    a.wait_sent(t, 10)
+                passes = [seen_in_pass[imm] for imm in range(n)]
+                inverted += any(x > y for x, y in zip(passes, passes[1:]))
+            assert not any(b.try_consume_imm(imm, 1) for imm in range(n)), f"seed {seed}"
+            assert inverted > 0, f"no round of {rounds} was delivered out of order (seed {seed})"
+
+
+def test_reorder_seed_from_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("JEM_REORDER_SEED", "seven")
+    with pytest.raises(RuntimeError, match="JEM_REORDER_SEED='seven' is not an unsigned"):
+        _jem.Engine()
 
 
 def test_bootstrap_single_process():

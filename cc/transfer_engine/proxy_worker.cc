@@ -39,6 +39,7 @@ ProxyWorker::ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter
                          const EngineOptions& options)
     : domains_(std::move(domains)), counter_(counter), options_(options),
       queue_(kQueueCapacity) {
+  if (options_.reorder_seed != 0) reorder_ = std::make_unique<ReorderBuffer>(options_.reorder_seed);
   if (options_.pin_cpu >= CPU_SETSIZE) {
     throw Error("cannot pin the proxy thread to CPU " + std::to_string(options_.pin_cpu) +
                 ": no such CPU");
@@ -227,6 +228,7 @@ void ProxyWorker::Loop() {
       worked |= DrainSubmissions();
     }
     worked |= PollCompletions();
+    worked |= ReleaseHeld();
     auto now = Clock::now();
     if (worked) {
       last_work = now;
@@ -234,7 +236,8 @@ void ProxyWorker::Loop() {
       // Sends in flight, someone waiting on arrivals, or a hook watching memory: keep
       // polling, but let other ranks sharing this core run in between.
       bool active = !remaining_.empty() || current_ || counter_->HasWaiters() ||
-                    num_hooks_.load(std::memory_order_relaxed) > 0;
+                    num_hooks_.load(std::memory_order_relaxed) > 0 ||
+                    (reorder_ && !reorder_->empty());
       if (active) {
         sched_yield();
       } else {
@@ -367,7 +370,7 @@ bool ProxyWorker::PollCompletions() {
     for (ssize_t i = 0; i < n; ++i) {
       const fi_cq_data_entry& e = entries[i];
       if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RECV))) {
-        counter_->Arrive(static_cast<uint32_t>(e.data));
+        OnArrival(static_cast<uint32_t>(e.data));
         // FI_RX_CQ_DATA mode: the arrival consumed a posted receive.
         auto* context = static_cast<OpContext*>(e.op_context);
         if ((e.flags & FI_RECV) && context && context->kind == OpContext::Kind::kReceive) {
@@ -378,12 +381,41 @@ bool ProxyWorker::PollCompletions() {
           }
         }
       } else if (e.op_context) {
-        OnWriteCompleted(static_cast<OpContext*>(e.op_context));
+        OnWriteCompletion(static_cast<OpContext*>(e.op_context));
       }
     }
     worked |= n > 0;
   }
   return worked;
+}
+
+void ProxyWorker::OnArrival(uint32_t imm) {
+  if (reorder_) {
+    reorder_->Hold({imm, nullptr}, Clock::now());
+  } else {
+    counter_->Arrive(imm);
+  }
+}
+
+void ProxyWorker::OnWriteCompletion(OpContext* context) {
+  if (reorder_) {
+    reorder_->Hold({0, context}, Clock::now());
+  } else {
+    OnWriteCompleted(context);
+  }
+}
+
+bool ProxyWorker::ReleaseHeld() {
+  if (!reorder_ || reorder_->empty()) return false;
+  const std::vector<ReorderBuffer::Event>& due = reorder_->Release(Clock::now());
+  for (const ReorderBuffer::Event& e : due) {
+    if (e.context) {
+      OnWriteCompleted(e.context);
+    } else {
+      counter_->Arrive(e.imm);
+    }
+  }
+  return !due.empty();
 }
 
 void ProxyWorker::OnWriteCompleted(OpContext* context) {

@@ -22,6 +22,7 @@
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/peer_group.h"
+#include "cc/transfer_engine/reorder_buffer.h"
 #include "cc/transfer_engine/submission_queue.h"
 
 namespace jem {
@@ -80,6 +81,10 @@ class ProxyWorker {
   bool PollCompletions();
   bool RunHooks();
   std::optional<Submission> NextSubmission();
+  // Through the reorder buffer in its test mode, else at once.
+  void OnArrival(uint32_t imm);
+  void OnWriteCompletion(OpContext* context);
+  bool ReleaseHeld();
   void OnWriteCompleted(OpContext* context);
   void Idle(Clock::duration idle_for);
   void WakeIfSleeping();
@@ -100,6 +105,7 @@ class ProxyWorker {
   SendTicket base_ = 1;                //   -1: the ticket has not been dequeued yet
   std::vector<std::unique_ptr<OpContext>> contexts_;
   std::vector<OpContext*> free_contexts_;
+  std::unique_ptr<ReorderBuffer> reorder_;  // test mode only
 
   // Poll hooks. The proxy holds hooks_mu_ while it runs them, so a remover that takes it knows
   // none is running; a hook changing the list from inside runs with the lock already held.

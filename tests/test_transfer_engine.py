@@ -296,6 +296,36 @@ def test_reorder_seed_from_environment_is_checked(monkeypatch):
         _jem.Engine()
 
 
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_long_writes_are_split_and_arrive_once(provider, reorder):
+    """1 MiB writes capped at an odd chunk size: bytes exact, one immediate per write."""
+    need(provider)
+    size, chunk, imm = 1 << 20, 40_000, 21
+    seed = random.randrange(1, 1 << 30)
+    src = np.random.default_rng(seed).integers(0, 256, 2 * size, dtype=np.uint8)
+    dst = np.zeros(3 * size, np.uint8)
+    with _jem.Engine(provider=provider, max_write_bytes=chunk,
+                     reorder_seed=seed if reorder else 0) as a, \
+            _jem.Engine(provider=provider, reorder_seed=seed + 1 if reorder else 0) as b:
+        ra, rb = a.register(src), b.register(dst)
+        group = a.add_peer_group(ra, [(b.address(), rb.descriptor())])
+        # Split (1 MiB, and one exactly a whole number of chunks), unsplit, and empty writes.
+        writes = [(0, 0, 0, size), (0, size, size, size), (0, 7, 2 * size, chunk),
+                  (0, 3, 2 * size + chunk, 5 * chunk), (0, 0, 3 * size - 1, 0)]
+        for repeat in range(3):
+            dst[:] = 0
+            ticket = a.scatter(group, writes, imm)
+            b.wait_imm(imm, len(writes), 30)
+            for _, s, d, n in writes:
+                np.testing.assert_array_equal(dst[d:d + n], src[s:s + n],
+                                              err_msg=f"seed {seed}, repeat {repeat}")
+            a.wait_sent(ticket, 30)
+            with pytest.raises(TimeoutError):
+                b.wait_imm(imm, 1, 0.05)
+        assert not a.failure_message() and not b.failure_message()
+
+
 def test_bootstrap_single_process():
     assert bootstrap.all_gather_bytes("x", b"abc", 0, 1) == [b"abc"]
     with pytest.raises(RuntimeError, match="jax.distributed.initialize"):

@@ -178,7 +178,7 @@ void BindEngine(nb::module_& m) {
       .def(
           "__init__",
           [](PyEngine* self, const std::string& provider, int num_domains, int pin_cpu,
-             bool busy_poll, int cuda_device, uint64_t reorder_seed) {
+             bool busy_poll, int cuda_device, uint64_t reorder_seed, uint64_t max_write_bytes) {
             EngineOptions o;
             o.provider = provider;
             o.num_domains = num_domains;
@@ -186,13 +186,16 @@ void BindEngine(nb::module_& m) {
             o.busy_poll = busy_poll;
             o.cuda_device = cuda_device;
             o.reorder_seed = reorder_seed;
+            o.max_write_bytes = max_write_bytes;
             new (self) PyEngine(o);
           },
           nb::kw_only(), nb::arg("provider") = "tcp;ofi_rxm", nb::arg("num_domains") = 1,
           nb::arg("pin_cpu") = -1, nb::arg("busy_poll") = false, nb::arg("cuda_device") = -1,
-          nb::arg("reorder_seed") = 0,
+          nb::arg("reorder_seed") = 0, nb::arg("max_write_bytes") = 0,
           "reorder_seed != 0 (or the environment variable JEM_REORDER_SEED) turns on a test "
-          "mode that delivers arrivals and completions in a random order, as EFA may.")
+          "mode that delivers arrivals and completions in a random order, as EFA may. "
+          "max_write_bytes > 0 caps one RDMA write below the provider's limit: longer writes "
+          "are split (still one immediate each).")
       .def_prop_ro("provider", [](PyEngine& e) { return e.engine().Provider(); })
       .def_prop_ro("num_domains", [](PyEngine& e) { return e.engine().NumDomains(); })
       .def("domain_name", [](PyEngine& e, int index) { return e.engine().DomainName(index); },

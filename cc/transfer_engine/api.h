@@ -52,6 +52,9 @@ struct EngineOptions {
   // takes the seed from the environment variable JEM_REORDER_SEED (unset or 0: off), so that
   // every engine of a process, the all-to-all contexts' included, can be run reordered.
   uint64_t reorder_seed = 0;
+  // Longest single RDMA write; 0: the provider's max_msg_size. Longer writes are split (see
+  // Scatter); tests set a small value to exercise the split path on any provider.
+  uint64_t max_write_bytes = 0;
 };
 
 // A registered region. Obtained from TransferEngine::RegisterMemory; valid until the engine
@@ -110,6 +113,11 @@ class TransferEngine {
 
   // Posts the writes (asynchronously, from the proxy thread), each with immediate `imm`.
   // Offsets and lengths are checked against both regions here; a bad one throws Error.
+  // A write longer than the provider's max_msg_size (or max_write_bytes) is split into
+  // chunks, and still arrives as one immediate, counted only after all its bytes have landed:
+  // the leading chunks go without the immediate and with FI_DELIVERY_COMPLETE, and the last
+  // chunk, carrying the immediate, is posted once they have completed (so a split write
+  // takes an extra round trip). A provider without FI_DELIVERY_COMPLETE rejects such writes.
   virtual SendTicket Scatter(PeerGroupId group, const WriteSpec* writes, size_t num_writes,
                              uint32_t imm) = 0;
   // A zero-length write with immediate `imm` to every peer of the group.

@@ -229,6 +229,7 @@ void ProxyWorker::Loop() {
     }
     worked |= PollCompletions();
     worked |= ReleaseHeld();
+    if (!last_chunks_.empty()) worked |= PostLastChunks();
     auto now = Clock::now();
     if (worked) {
       last_work = now;
@@ -315,22 +316,28 @@ bool ProxyWorker::PostCurrent() {
   Submission& s = *current_;
   bool posted_any = false;
   while (current_next_ < s.writes.size()) {
-    OpContext* context = AcquireContext();
-    context->kind = OpContext::Kind::kWrite;
-    context->ticket = s.ticket;
-    const fi_msg_rma* msg = nullptr;
-    FabricDomain* domain = s.group->Prepare(s.writes[current_next_], s.imm, context, &msg);
-    ssize_t rc = domain->PostWrite(*msg);
+    const WriteSpec& w = s.writes[current_next_];
+    FabricDomain* domain;
+    ssize_t rc;
+    if (w.length > s.group->max_write(w.peer)) {
+      rc = PostLeadingChunks(s, w, &domain);
+    } else {
+      OpContext* context = AcquireContext();
+      context->kind = OpContext::Kind::kWrite;
+      context->ticket = s.ticket;
+      const fi_msg_rma* msg = nullptr;
+      domain = s.group->Prepare(w, s.imm, context, &msg);
+      rc = domain->PostWrite(*msg);
+      if (rc != 0) free_contexts_.push_back(context);
+    }
     if (rc == -FI_EAGAIN) {
       // The provider is out of send credits: progress the completion queues, then retry.
-      free_contexts_.push_back(context);
       return posted_any;
     }
     if (rc != 0) {
-      free_contexts_.push_back(context);
-      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(s.writes[current_next_].peer) +
-                               " of peer group " + std::to_string(s.group->id()) +
-                               " (domain " + std::to_string(domain->index()) + ")",
+      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(w.peer) + " of peer group " +
+                               std::to_string(s.group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
                            rc));
       current_.reset();
       return true;
@@ -340,6 +347,66 @@ bool ProxyWorker::PostCurrent() {
   }
   current_.reset();
   return true;
+}
+
+ssize_t ProxyWorker::PostLeadingChunks(const Submission& s, const WriteSpec& w,
+                                       FabricDomain** domain) {
+  if (!splitting_) {
+    splitting_ = std::make_unique<SplitWrite>(s.ticket, s.group, w, s.imm,
+                                              s.group->max_write(w.peer));
+  }
+  SplitWrite& split = *splitting_;
+  while (!split.all_posted()) {
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kChunk;
+    context->split = &split;
+    const WriteSpec chunk = split.NextChunk();
+    const fi_msg_rma* msg = nullptr;
+    *domain = s.group->Prepare(chunk, 0, context, &msg);
+    ssize_t rc = (*domain)->PostChunk(*msg);
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      // After a failure, chunks in flight still point at it.
+      if (rc != -FI_EAGAIN) splits_.push_back(std::move(splitting_));
+      return rc;
+    }
+    split.posted += chunk.length;
+    ++split.in_flight;
+  }
+  splits_.push_back(std::move(splitting_));
+  return 0;
+}
+
+bool ProxyWorker::PostLastChunks() {
+  bool worked = false;
+  while (!last_chunks_.empty()) {
+    SplitWrite* split = last_chunks_.front();
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kWrite;
+    context->ticket = split->ticket;
+    const fi_msg_rma* msg = nullptr;
+    FabricDomain* domain = split->group->Prepare(split->Last(), split->imm, context, &msg);
+    ssize_t rc = domain->PostWrite(*msg);
+    if (rc == -FI_EAGAIN) {
+      free_contexts_.push_back(context);
+      break;
+    }
+    worked = true;
+    last_chunks_.pop_front();
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      Fail(FabricErrorText("fi_writemsg of the last chunk of a split write to peer " +
+                               std::to_string(split->write.peer) + " of peer group " +
+                               std::to_string(split->group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
+                           rc));
+    }
+    auto it = std::find_if(splits_.begin(), splits_.end(),
+                           [&](const std::unique_ptr<SplitWrite>& p) { return p.get() == split; });
+    *it = std::move(splits_.back());
+    splits_.pop_back();
+  }
+  return worked;
 }
 
 bool ProxyWorker::PollCompletions() {
@@ -353,7 +420,8 @@ bool ProxyWorker::PollCompletions() {
       std::string text = domain->ReadCompletionError(&err);
       auto* context = static_cast<OpContext*>(err.op_context);
       std::string what = "a completion on domain " + std::to_string(domain->index());
-      if (context && context->kind == OpContext::Kind::kWrite && !(err.flags & FI_REMOTE_WRITE)) {
+      if (context && context->kind != OpContext::Kind::kReceive &&
+          !(err.flags & FI_REMOTE_WRITE)) {
         what = "a write to peer " + std::to_string(context->peer) + " of peer group " +
                std::to_string(context->group) + " (domain " + std::to_string(context->domain) +
                ")";
@@ -419,8 +487,13 @@ bool ProxyWorker::ReleaseHeld() {
 }
 
 void ProxyWorker::OnWriteCompleted(OpContext* context) {
-  size_t index = context->ticket - base_;
   free_contexts_.push_back(context);
+  if (context->kind == OpContext::Kind::kChunk) {
+    SplitWrite* split = context->split;
+    if (--split->in_flight == 0 && split->all_posted()) last_chunks_.push_back(split);
+    return;
+  }
+  size_t index = context->ticket - base_;
   if (index < remaining_.size()) --remaining_[index];
   while (!remaining_.empty() && remaining_.front() == 0) {
     remaining_.pop_front();

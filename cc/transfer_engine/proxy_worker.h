@@ -23,6 +23,7 @@
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/peer_group.h"
 #include "cc/transfer_engine/reorder_buffer.h"
+#include "cc/transfer_engine/split_write.h"
 #include "cc/transfer_engine/submission_queue.h"
 
 namespace jem {
@@ -78,6 +79,11 @@ class ProxyWorker {
   bool DrainSubmissions();
   // Posts the current submission's remaining writes; false when the provider said EAGAIN.
   bool PostCurrent();
+  // The leading chunks of a write too long for one post (resumed after EAGAIN); 0 or the
+  // failed post's return code.
+  ssize_t PostLeadingChunks(const Submission& s, const WriteSpec& w, FabricDomain** domain);
+  // Last chunks of split writes whose leading chunks have all been delivered.
+  bool PostLastChunks();
   bool PollCompletions();
   bool RunHooks();
   std::optional<Submission> NextSubmission();
@@ -106,6 +112,9 @@ class ProxyWorker {
   std::vector<std::unique_ptr<OpContext>> contexts_;
   std::vector<OpContext*> free_contexts_;
   std::unique_ptr<ReorderBuffer> reorder_;  // test mode only
+  std::unique_ptr<SplitWrite> splitting_;    // current_'s write whose leading chunks are posting
+  std::vector<std::unique_ptr<SplitWrite>> splits_;  // leading chunks all posted
+  std::deque<SplitWrite*> last_chunks_;              // of splits_: ready to post
 
   // Poll hooks. The proxy holds hooks_mu_ while it runs them, so a remover that takes it knows
   // none is running; a hook changing the list from inside runs with the lock already held.

@@ -326,6 +326,30 @@ def test_long_writes_are_split_and_arrive_once(provider, reorder):
         assert not a.failure_message() and not b.failure_message()
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_peers_split_across_domains_and_nic_choice(provider):
+    need(provider)
+    with _jem.Engine(provider=provider, num_domains=2) as a, _jem.Engine(provider=provider) as b:
+        rb = b.register(np.zeros(64, np.uint8))
+        group = a.add_peer_group(a.register(np.zeros(64, np.uint8)),
+                                 [(b.address(), rb.descriptor())] * 3)
+        assert [a.peer_domain(group, p) for p in range(3)] == [0, 1, 0]
+        with pytest.raises(RuntimeError, match="peer 3 of peer group"):
+            a.peer_domain(group, 3)
+        nic = a.domain_name(0)
+        assert nic
+        with pytest.raises(RuntimeError, match="domain 2 of an engine with 2"):
+            a.domain_name(2)
+    with _jem.Engine(provider=provider, num_domains=2, nic_names=[nic]) as e:
+        assert [e.domain_name(d) for d in range(2)] == [nic, nic]
+    with pytest.raises(RuntimeError, match=f"NIC 'nope' .*it offers: .*{nic}"):
+        _jem.Engine(provider=provider, nic_names=["nope"])
+    if provider == "shm":
+        # One NIC: a GPU address is not even looked up; the choice needs several.
+        with _jem.Engine(provider=provider, gpu_pci_address="ffff:ff:ff.7") as e:
+            assert e.domain_name(0) == nic
+
+
 def test_bootstrap_single_process():
     assert bootstrap.all_gather_bytes("x", b"abc", 0, 1) == [b"abc"]
     with pytest.raises(RuntimeError, match="jax.distributed.initialize"):

@@ -178,7 +178,8 @@ void BindEngine(nb::module_& m) {
       .def(
           "__init__",
           [](PyEngine* self, const std::string& provider, int num_domains, int pin_cpu,
-             bool busy_poll, int cuda_device, uint64_t reorder_seed, uint64_t max_write_bytes) {
+             bool busy_poll, int cuda_device, uint64_t reorder_seed, uint64_t max_write_bytes,
+             const std::string& gpu_pci_address, const std::vector<std::string>& nic_names) {
             EngineOptions o;
             o.provider = provider;
             o.num_domains = num_domains;
@@ -187,15 +188,19 @@ void BindEngine(nb::module_& m) {
             o.cuda_device = cuda_device;
             o.reorder_seed = reorder_seed;
             o.max_write_bytes = max_write_bytes;
+            o.gpu_pci_address = gpu_pci_address;
+            o.nic_names = nic_names;
             new (self) PyEngine(o);
           },
           nb::kw_only(), nb::arg("provider") = "tcp;ofi_rxm", nb::arg("num_domains") = 1,
           nb::arg("pin_cpu") = -1, nb::arg("busy_poll") = false, nb::arg("cuda_device") = -1,
           nb::arg("reorder_seed") = 0, nb::arg("max_write_bytes") = 0,
+          nb::arg("gpu_pci_address") = "", nb::arg("nic_names") = std::vector<std::string>(),
           "reorder_seed != 0 (or the environment variable JEM_REORDER_SEED) turns on a test "
           "mode that delivers arrivals and completions in a random order, as EFA may. "
           "max_write_bytes > 0 caps one RDMA write below the provider's limit: longer writes "
-          "are split (still one immediate each).")
+          "are split (still one immediate each). With several NICs, domains open nic_names in "
+          "turn, else the NICs nearest gpu_pci_address first, else the provider's order.")
       .def_prop_ro("provider", [](PyEngine& e) { return e.engine().Provider(); })
       .def_prop_ro("num_domains", [](PyEngine& e) { return e.engine().NumDomains(); })
       .def("domain_name", [](PyEngine& e, int index) { return e.engine().DomainName(index); },

@@ -43,8 +43,13 @@ struct EngineOptions {
   bool busy_poll = false;
   // PCI address of the GPU this engine serves ("0000:1b:00.0"): with several NICs, the
   // domains open the NICs nearest to it first. Empty: the provider's order.
+  // Nearest: the longest common prefix (in path components) of the GPU's and the NIC's sysfs
+  // device paths (realpath of /sys/bus/pci/devices/<address>); a NIC whose PCI address the
+  // provider does not report comes last; ties keep the provider's order. Domain d opens NIC
+  // d % (number of NICs) of that order.
   std::string gpu_pci_address;
-  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance.
+  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance:
+  // domain d opens nic_names[d % nic_names.size()]; a name the provider lacks throws.
   std::vector<std::string> nic_names;
   // Test mode, 0 = off: the proxy holds back arriving immediates and local write completions
   // and releases them in a random order (seeded), as EFA may deliver them.

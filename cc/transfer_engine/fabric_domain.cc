@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cc/transfer_engine/nic_topology.h"
 #include "cc/transfer_engine/wire_format.h"
 
 namespace jem {
@@ -44,6 +45,37 @@ std::string Join(const std::vector<std::string>& items) {
   std::string out;
   for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
   return out.empty() ? "none" : out;
+}
+
+// The NICs in the order domains take them: nic_names as given, else nearest the GPU first,
+// else the provider's order.
+std::vector<fi_info*> ChooseNics(const std::vector<fi_info*>& nics, const EngineOptions& options) {
+  if (!options.nic_names.empty()) {
+    std::vector<fi_info*> chosen;
+    for (const std::string& name : options.nic_names) {
+      auto it = std::find_if(nics.begin(), nics.end(),
+                             [&](fi_info* n) { return name == n->domain_attr->name; });
+      if (it == nics.end()) {
+        std::vector<std::string> offered;
+        for (fi_info* n : nics) offered.push_back(n->domain_attr->name);
+        throw Error("NIC '" + name + "' (nic_names) is not offered by provider '" +
+                    options.provider + "' here; it offers: " + Join(offered));
+      }
+      chosen.push_back(*it);
+    }
+    return chosen;
+  }
+  if (options.gpu_pci_address.empty() || nics.size() < 2) return nics;
+  std::string gpu = PciDevicePath(options.gpu_pci_address);
+  if (gpu.empty()) {
+    throw Error("gpu_pci_address '" + options.gpu_pci_address +
+                "' is not a PCI device under /sys/bus/pci/devices");
+  }
+  std::vector<std::string> paths;
+  for (fi_info* n : nics) paths.push_back(PciDevicePath(NicPciAddress(n)));
+  std::vector<fi_info*> chosen;
+  for (size_t i : OrderByPciDistance(gpu, paths)) chosen.push_back(nics[i]);
+  return chosen;
 }
 
 }  // namespace
@@ -92,6 +124,12 @@ std::vector<std::unique_ptr<FabricDomain>> FabricDomain::OpenAll(const EngineOpt
       return std::strcmp(n->domain_attr->name, i->domain_attr->name) == 0;
     });
     if (!seen) nics.push_back(i);
+  }
+  try {
+    nics = ChooseNics(nics, options);
+  } catch (...) {
+    fi_freeinfo(info);
+    throw;
   }
   // Asked separately: as a hint it would become every write's default.
   fi_info* probe = nullptr;

@@ -45,7 +45,8 @@ struct OpContext {
 class FabricDomain {
  public:
   // Opens `num_domains` domains of `provider`. Distinct NICs the provider reports are used in
-  // turn; with fewer NICs than domains, a NIC hosts several domains.
+  // turn (nic_names, else nearest gpu_pci_address first, else the provider's order); with
+  // fewer NICs than domains, a NIC hosts several domains.
   static std::vector<std::unique_ptr<FabricDomain>> OpenAll(const EngineOptions& options);
   ~FabricDomain();
   FabricDomain(const FabricDomain&) = delete;

@@ -43,12 +43,23 @@ struct EngineOptions {
   bool busy_poll = false;
   // PCI address of the GPU this engine serves ("0000:1b:00.0"): with several NICs, the
   // domains open the NICs nearest to it first. Empty: the provider's order.
+  // Nearest: the longest common prefix (in path components) of the GPU's and the NIC's sysfs
+  // device paths (realpath of /sys/bus/pci/devices/<address>); a NIC whose PCI address the
+  // provider does not report comes last; ties keep the provider's order. Domain d opens NIC
+  // d % (number of NICs) of that order.
   std::string gpu_pci_address;
-  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance.
+  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance:
+  // domain d opens nic_names[d % nic_names.size()]; a name the provider lacks throws.
   std::vector<std::string> nic_names;
   // Test mode, 0 = off: the proxy holds back arriving immediates and local write completions
   // and releases them in a random order (seeded), as EFA may deliver them.
+  // Each event is held at most ~200 us (and at most a few dozen at once). When 0, Create
+  // takes the seed from the environment variable JEM_REORDER_SEED (unset or 0: off), so that
+  // every engine of a process, the all-to-all contexts' included, can be run reordered.
   uint64_t reorder_seed = 0;
+  // Longest single RDMA write; 0: the provider's max_msg_size. Longer writes are split (see
+  // Scatter); tests set a small value to exercise the split path on any provider.
+  uint64_t max_write_bytes = 0;
 };
 
 // A registered region. Obtained from TransferEngine::RegisterMemory; valid until the engine
@@ -107,6 +118,11 @@ class TransferEngine {
 
   // Posts the writes (asynchronously, from the proxy thread), each with immediate `imm`.
   // Offsets and lengths are checked against both regions here; a bad one throws Error.
+  // A write longer than the provider's max_msg_size (or max_write_bytes) is split into
+  // chunks, and still arrives as one immediate, counted only after all its bytes have landed:
+  // the leading chunks go without the immediate and with FI_DELIVERY_COMPLETE, and the last
+  // chunk, carrying the immediate, is posted once they have completed (so a split write
+  // takes an extra round trip). A provider without FI_DELIVERY_COMPLETE rejects such writes.
   virtual SendTicket Scatter(PeerGroupId group, const WriteSpec* writes, size_t num_writes,
                              uint32_t imm) = 0;
   // A zero-length write with immediate `imm` to every peer of the group.

@@ -39,6 +39,7 @@ ProxyWorker::ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter
                          const EngineOptions& options)
     : domains_(std::move(domains)), counter_(counter), options_(options),
       queue_(kQueueCapacity) {
+  if (options_.reorder_seed != 0) reorder_ = std::make_unique<ReorderBuffer>(options_.reorder_seed);
   if (options_.pin_cpu >= CPU_SETSIZE) {
     throw Error("cannot pin the proxy thread to CPU " + std::to_string(options_.pin_cpu) +
                 ": no such CPU");
@@ -227,6 +228,8 @@ void ProxyWorker::Loop() {
       worked |= DrainSubmissions();
     }
     worked |= PollCompletions();
+    worked |= ReleaseHeld();
+    if (!last_chunks_.empty()) worked |= PostLastChunks();
     auto now = Clock::now();
     if (worked) {
       last_work = now;
@@ -234,7 +237,8 @@ void ProxyWorker::Loop() {
       // Sends in flight, someone waiting on arrivals, or a hook watching memory: keep
       // polling, but let other ranks sharing this core run in between.
       bool active = !remaining_.empty() || current_ || counter_->HasWaiters() ||
-                    num_hooks_.load(std::memory_order_relaxed) > 0;
+                    num_hooks_.load(std::memory_order_relaxed) > 0 ||
+                    (reorder_ && !reorder_->empty());
       if (active) {
         sched_yield();
       } else {
@@ -312,22 +316,28 @@ bool ProxyWorker::PostCurrent() {
   Submission& s = *current_;
   bool posted_any = false;
   while (current_next_ < s.writes.size()) {
-    OpContext* context = AcquireContext();
-    context->kind = OpContext::Kind::kWrite;
-    context->ticket = s.ticket;
-    const fi_msg_rma* msg = nullptr;
-    FabricDomain* domain = s.group->Prepare(s.writes[current_next_], s.imm, context, &msg);
-    ssize_t rc = domain->PostWrite(*msg);
+    const WriteSpec& w = s.writes[current_next_];
+    FabricDomain* domain;
+    ssize_t rc;
+    if (w.length > s.group->max_write(w.peer)) {
+      rc = PostLeadingChunks(s, w, &domain);
+    } else {
+      OpContext* context = AcquireContext();
+      context->kind = OpContext::Kind::kWrite;
+      context->ticket = s.ticket;
+      const fi_msg_rma* msg = nullptr;
+      domain = s.group->Prepare(w, s.imm, context, &msg);
+      rc = domain->PostWrite(*msg);
+      if (rc != 0) free_contexts_.push_back(context);
+    }
     if (rc == -FI_EAGAIN) {
       // The provider is out of send credits: progress the completion queues, then retry.
-      free_contexts_.push_back(context);
       return posted_any;
     }
     if (rc != 0) {
-      free_contexts_.push_back(context);
-      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(s.writes[current_next_].peer) +
-                               " of peer group " + std::to_string(s.group->id()) +
-                               " (domain " + std::to_string(domain->index()) + ")",
+      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(w.peer) + " of peer group " +
+                               std::to_string(s.group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
                            rc));
       current_.reset();
       return true;
@@ -337,6 +347,66 @@ bool ProxyWorker::PostCurrent() {
   }
   current_.reset();
   return true;
+}
+
+ssize_t ProxyWorker::PostLeadingChunks(const Submission& s, const WriteSpec& w,
+                                       FabricDomain** domain) {
+  if (!splitting_) {
+    splitting_ = std::make_unique<SplitWrite>(s.ticket, s.group, w, s.imm,
+                                              s.group->max_write(w.peer));
+  }
+  SplitWrite& split = *splitting_;
+  while (!split.all_posted()) {
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kChunk;
+    context->split = &split;
+    const WriteSpec chunk = split.NextChunk();
+    const fi_msg_rma* msg = nullptr;
+    *domain = s.group->Prepare(chunk, 0, context, &msg);
+    ssize_t rc = (*domain)->PostChunk(*msg);
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      // After a failure, chunks in flight still point at it.
+      if (rc != -FI_EAGAIN) splits_.push_back(std::move(splitting_));
+      return rc;
+    }
+    split.posted += chunk.length;
+    ++split.in_flight;
+  }
+  splits_.push_back(std::move(splitting_));
+  return 0;
+}
+
+bool ProxyWorker::PostLastChunks() {
+  bool worked = false;
+  while (!last_chunks_.empty()) {
+    SplitWrite* split = last_chunks_.front();
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kWrite;
+    context->ticket = split->ticket;
+    const fi_msg_rma* msg = nullptr;
+    FabricDomain* domain = split->group->Prepare(split->Last(), split->imm, context, &msg);
+    ssize_t rc = domain->PostWrite(*msg);
+    if (rc == -FI_EAGAIN) {
+      free_contexts_.push_back(context);
+      break;
+    }
+    worked = true;
+    last_chunks_.pop_front();
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      Fail(FabricErrorText("fi_writemsg of the last chunk of a split write to peer " +
+                               std::to_string(split->write.peer) + " of peer group " +
+                               std::to_string(split->group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
+                           rc));
+    }
+    auto it = std::find_if(splits_.begin(), splits_.end(),
+                           [&](const std::unique_ptr<SplitWrite>& p) { return p.get() == split; });
+    *it = std::move(splits_.back());
+    splits_.pop_back();
+  }
+  return worked;
 }
 
 bool ProxyWorker::PollCompletions() {
@@ -350,7 +420,8 @@ bool ProxyWorker::PollCompletions() {
       std::string text = domain->ReadCompletionError(&err);
       auto* context = static_cast<OpContext*>(err.op_context);
       std::string what = "a completion on domain " + std::to_string(domain->index());
-      if (context && context->kind == OpContext::Kind::kWrite && !(err.flags & FI_REMOTE_WRITE)) {
+      if (context && context->kind != OpContext::Kind::kReceive &&
+          !(err.flags & FI_REMOTE_WRITE)) {
         what = "a write to peer " + std::to_string(context->peer) + " of peer group " +
                std::to_string(context->group) + " (domain " + std::to_string(context->domain) +
                ")";
@@ -367,7 +438,7 @@ bool ProxyWorker::PollCompletions() {
     for (ssize_t i = 0; i < n; ++i) {
       const fi_cq_data_entry& e = entries[i];
       if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RECV))) {
-        counter_->Arrive(static_cast<uint32_t>(e.data));
+        OnArrival(static_cast<uint32_t>(e.data));
         // FI_RX_CQ_DATA mode: the arrival consumed a posted receive.
         auto* context = static_cast<OpContext*>(e.op_context);
         if ((e.flags & FI_RECV) && context && context->kind == OpContext::Kind::kReceive) {
@@ -378,7 +449,7 @@ bool ProxyWorker::PollCompletions() {
           }
         }
       } else if (e.op_context) {
-        OnWriteCompleted(static_cast<OpContext*>(e.op_context));
+        OnWriteCompletion(static_cast<OpContext*>(e.op_context));
       }
     }
     worked |= n > 0;
@@ -386,9 +457,43 @@ bool ProxyWorker::PollCompletions() {
   return worked;
 }
 
+void ProxyWorker::OnArrival(uint32_t imm) {
+  if (reorder_) {
+    reorder_->Hold({imm, nullptr}, Clock::now());
+  } else {
+    counter_->Arrive(imm);
+  }
+}
+
+void ProxyWorker::OnWriteCompletion(OpContext* context) {
+  if (reorder_) {
+    reorder_->Hold({0, context}, Clock::now());
+  } else {
+    OnWriteCompleted(context);
+  }
+}
+
+bool ProxyWorker::ReleaseHeld() {
+  if (!reorder_ || reorder_->empty()) return false;
+  const std::vector<ReorderBuffer::Event>& due = reorder_->Release(Clock::now());
+  for (const ReorderBuffer::Event& e : due) {
+    if (e.context) {
+      OnWriteCompleted(e.context);
+    } else {
+      counter_->Arrive(e.imm);
+    }
+  }
+  return !due.empty();
+}
+
 void ProxyWorker::OnWriteCompleted(OpContext* context) {
-  size_t index = context->ticket - base_;
   free_contexts_.push_back(context);
+  if (context->kind == OpContext::Kind::kChunk) {
+    SplitWrite* split = context->split;
+    if (--split->in_flight == 0 && split->all_posted()) last_chunks_.push_back(split);
+    return;
+  }
+  size_t index = context->ticket - base_;
   if (index < remaining_.size()) --remaining_[index];
   while (!remaining_.empty() && remaining_.front() == 0) {
     remaining_.pop_front();

@@ -22,6 +22,8 @@
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/peer_group.h"
+#include "cc/transfer_engine/reorder_buffer.h"
+#include "cc/transfer_engine/split_write.h"
 #include "cc/transfer_engine/submission_queue.h"
 
 namespace jem {
@@ -77,9 +79,18 @@ class ProxyWorker {
   bool DrainSubmissions();
   // Posts the current submission's remaining writes; false when the provider said EAGAIN.
   bool PostCurrent();
+  // The leading chunks of a write too long for one post (resumed after EAGAIN); 0 or the
+  // failed post's return code.
+  ssize_t PostLeadingChunks(const Submission& s, const WriteSpec& w, FabricDomain** domain);
+  // Last chunks of split writes whose leading chunks have all been delivered.
+  bool PostLastChunks();
   bool PollCompletions();
   bool RunHooks();
   std::optional<Submission> NextSubmission();
+  // Through the reorder buffer in its test mode, else at once.
+  void OnArrival(uint32_t imm);
+  void OnWriteCompletion(OpContext* context);
+  bool ReleaseHeld();
   void OnWriteCompleted(OpContext* context);
   void Idle(Clock::duration idle_for);
   void WakeIfSleeping();
@@ -100,6 +111,10 @@ class ProxyWorker {
   SendTicket base_ = 1;                //   -1: the ticket has not been dequeued yet
   std::vector<std::unique_ptr<OpContext>> contexts_;
   std::vector<OpContext*> free_contexts_;
+  std::unique_ptr<ReorderBuffer> reorder_;  // test mode only
+  std::unique_ptr<SplitWrite> splitting_;    // current_'s write whose leading chunks are posting
+  std::vector<std::unique_ptr<SplitWrite>> splits_;  // leading chunks all posted
+  std::deque<SplitWrite*> last_chunks_;              // of splits_: ready to post
 
   // Poll hooks. The proxy holds hooks_mu_ while it runs them, so a remover that takes it knows
   // none is running; a hook changing the list from inside runs with the lock already held.

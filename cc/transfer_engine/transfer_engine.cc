@@ -3,8 +3,10 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -38,6 +40,21 @@ std::string Seconds(double s) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.3g s", s);
   return buf;
+}
+
+// JEM_REORDER_SEED: the one place the environment can turn on the reorder test mode, so that
+// every engine (the CPU and GPU all-to-all paths included) honours it. 0 or unset: off.
+uint64_t ReorderSeedFromEnvironment() {
+  const char* text = std::getenv("JEM_REORDER_SEED");
+  if (!text || !*text) return 0;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long seed = std::strtoull(text, &end, 0);
+  if (errno != 0 || *end != '\0' || text[0] == '-') {
+    throw Error(std::string("JEM_REORDER_SEED='") + text +
+                "' is not an unsigned 64-bit integer (0 or unset turns reordering off)");
+  }
+  return seed;
 }
 
 class Engine final : public TransferEngine {
@@ -320,7 +337,9 @@ class Engine final : public TransferEngine {
 }  // namespace
 
 std::unique_ptr<TransferEngine> TransferEngine::Create(const EngineOptions& options) {
-  return std::make_unique<Engine>(options);
+  EngineOptions resolved = options;
+  if (resolved.reorder_seed == 0) resolved.reorder_seed = ReorderSeedFromEnvironment();
+  return std::make_unique<Engine>(resolved);
 }
 
 }  // namespace jem

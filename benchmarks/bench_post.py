@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench_report import command, machine, now, percentile
+from bench_report import command, machine, now, percentile, write
 from jax_efa_moe import _jem, bootstrap, launch
 
 FLAGS = flags.FLAGS
@@ -194,14 +194,7 @@ def main(argv):
             raise app.UsageError(f"--peers: {peers} is outside 1..63")
         print(f"{peers} peers ...", flush=True)
         report["points"].append(run(report["config"], peers))
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    base = os.path.join(FLAGS.out_dir, FLAGS.name)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write(FLAGS.out_dir, FLAGS.name, report, markdown(report))
 
 
 if __name__ == "__main__":

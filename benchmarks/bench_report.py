@@ -1,8 +1,10 @@
-"""What every benchmark report records about the run: the machine, the command, percentiles."""
+"""What every benchmark report records about the run (machine, command, date), percentiles,
+and writing the report as <name>.json and <name>.md."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -33,3 +35,14 @@ def now():
 
 def percentile(values, q):
     return float(np.percentile(np.asarray(values, np.float64), q))
+
+
+def write(out_dir, name, report, table):
+    """Writes `report` to <out_dir>/<name>.json and `table` (markdown) beside it; prints it."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(table)
+    print(table)

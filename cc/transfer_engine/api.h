@@ -149,7 +149,7 @@ class TransferEngine {
   // yielding the core when idle), so a hook can watch memory a GPU writes. A hook may call
   // Scatter, Barrier and TryConsumeImm; an exception it throws fails the engine.
   // Details: hooks run in the order added, before the loop posts and polls; Scatter and
-  // Barrier from a hook never block (they queue on the proxy and are posted in the same turn);
+  // Barrier from a hook never block (they queue on the proxy itself, which posts them next);
   // WaitSent and WaitImm from a hook throw Error (they would wait for the proxy itself); a hook
   // may add and remove hooks, itself included. A hook that threw is dropped and the engine's
   // FailureMessage carries its what() text; later hooks keep running.

@@ -210,7 +210,8 @@ void BindEngine(nb::module_& m) {
           [](PyEngine& e, uint32_t group, uint32_t peer) {
             return e.engine().PeerDomain(PeerGroupId{group}, peer);
           },
-          nb::arg("group"), nb::arg("peer"), "The domain through which the group's peer is reached.")
+          nb::arg("group"), nb::arg("peer"),
+          "The domain through which the group's peer is reached.")
       .def_prop_ro("supports_cuda_memory",
                    [](PyEngine& e) { return e.engine().SupportsCudaMemory(); })
       .def("address", [](PyEngine& e) { return FromBytes(e.engine().Address()); },

@@ -148,8 +148,15 @@ class TransferEngine {
   // returns whether it did work. While a hook is installed the proxy never sleeps (it polls,
   // yielding the core when idle), so a hook can watch memory a GPU writes. A hook may call
   // Scatter, Barrier and TryConsumeImm; an exception it throws fails the engine.
+  // Details: hooks run in the order added, before the loop posts and polls; Scatter and
+  // Barrier from a hook never block (they queue on the proxy itself, which posts them next);
+  // WaitSent and WaitImm from a hook throw Error (they would wait for the proxy itself); a hook
+  // may add and remove hooks, itself included. A hook that threw is dropped and the engine's
+  // FailureMessage carries its what() text; later hooks keep running.
   virtual uint64_t AddPollHook(std::function<bool()> hook) = 0;
-  // Returns once the hook has stopped running and never will again.
+  // Returns once the hook has stopped running and never will again (called from that hook
+  // itself: it is not called again after it returns). Any thread. An id this engine never
+  // handed out throws Error; the id of a hook dropped for throwing is accepted.
   virtual void RemovePollHook(uint64_t id) = 0;
 
   // The domain (NIC) through which peer `peer` of `group` is reached.

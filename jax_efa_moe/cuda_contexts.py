@@ -130,6 +130,7 @@ class CudaContexts:
                 num_domains=num_nics, nic_names=list(nic_names),
                 stage_in_host=bool(fabric_staging))
             handles = _jem.cuda_context_ipc_handles(self.context_id)
+            gpus = _jem.cuda_context_pci_addresses(self.context_id)
             endpoints = _jem.cuda_context_fabric_endpoints(self.context_id)
             self.fabric_staged = {r: e[2] for r, e in zip(self.ranks, endpoints) if e[0]}
             if fabric_staging is False and any(self.fabric_staged.values()):
@@ -139,6 +140,7 @@ class CudaContexts:
                     "(the EFA installer's), or leave fabric_staging=None to stage through "
                     "pinned host memory.")
             payload = {"ranks": self.ranks, "handles": [_b64(h) for h in handles],
+                       "gpus": gpus,
                        "addresses": [_b64(e[0]) for e in endpoints],
                        "descriptors": [_b64(e[1]) for e in endpoints]}
         except Exception as e:  # reported to every process, then raised here
@@ -152,14 +154,16 @@ class CudaContexts:
                 raise error
             raise RuntimeError("all-to-all set-up failed in other processes: " + "; ".join(failed))
         handles, addresses, descriptors = ([b""] * R for _ in range(3))
+        gpus = [""] * R
         for p in everyone:
             for i, r in enumerate(p["ranks"]):
                 handles[r] = _unb64(p["handles"][i])
+                gpus[r] = p["gpus"][i]
                 addresses[r] = _unb64(p["addresses"][i])
                 descriptors[r] = _unb64(p["descriptors"][i])
         if len(set(nodes)) == 1:
             addresses, descriptors = [], []
-        _jem.cuda_context_connect(self.context_id, handles, addresses, descriptors)
+        _jem.cuda_context_connect(self.context_id, handles, gpus, addresses, descriptors)
         # Nobody writes into a peer's arena before that peer has mapped everyone's.
         self._gather("connected", {})
 

@@ -2,7 +2,7 @@
 # Build, test and benchmark the CUDA (NVLink) path on a machine with 2 NVIDIA GPUs, in one go.
 #
 #   scripts/gpu_check.sh [stage ...]     stages, run in the order given: info build kernels
-#                                        sanitizer kbench profile pytest fabric bench (default:
+#                                        sanitizer kbench profile pytest fabric signal bench (default:
 #                                        all but profile, in that order; kbench times the
 #                                        kernels alone, profile runs them under ncu with one
 #                                        rank, fabric runs the fabric-path tests twice: staged
@@ -25,7 +25,7 @@ OUT=${OUT:-build/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-STAGES=${*:-info build kernels sanitizer kbench pytest fabric bench}
+STAGES=${*:-info build kernels sanitizer kbench pytest fabric signal bench}
 CUDA_FABRIC=$PWD/.deps/libfabric-cuda/lib
 # NVLink multicast stays off, for every program started from here.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -72,7 +72,7 @@ build() {
   fabric_root || return 1
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DPython_EXECUTABLE="$(command -v "$PY")" || return 1
-  ninja -C build/gpu _jem nvlink_kernels_test || return 1
+  ninja -C build/gpu _jem nvlink_kernels_test proxy_signal_bench || return 1
   cp build/gpu/_jem*.so jax_efa_moe/ || return 1
   "$PY" -c "from jax_efa_moe import _jem; assert _jem.has_cuda; print('GPUs:', _jem.cuda_device_count())"
 }
@@ -132,10 +132,14 @@ for s in $STAGES; do
       stage "fabric, system libfabric (staged)" fabric.log "${FABRIC_TIMEOUT_S:-420}" env \
         JEM_FABRIC_STAGING=host "$PY" -m pytest -q -rA tests/test_gpu.py \
         -k "${FABRIC_TESTS:-fabric or hybrid}"
+      # libfabric loads the CUDA runtime itself: JAX's, from its wheel.
+      cudart=$("$PY" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'lib'))")
       [ -d "$CUDA_FABRIC" ] && stage "fabric, libfabric with CUDA (FI_HMEM)" fabric.log \
-        "${FABRIC_TIMEOUT_S:-420}" env LD_LIBRARY_PATH="$CUDA_FABRIC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        "${FABRIC_TIMEOUT_S:-420}" env LD_LIBRARY_PATH="$CUDA_FABRIC:$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         JEM_FABRIC_STAGING=device "$PY" -m pytest -q -rA tests/test_gpu.py \
-        -k "${FABRIC_HMEM_TESTS:-fabric_every_routing or hybrid}" ;;
+        -k "${FABRIC_HMEM_TESTS:-fabric_every_routing and shm or hybrid}" ;;
+    signal)
+      stage "signal latency" bench.log 120 "$PY" benchmarks/bench_signal.py --out="$OUT" ;;
     sanitizer)
       stage memcheck sanitizer.log 120 sanitize memcheck
       stage racecheck sanitizer.log 120 sanitize racecheck ;;
@@ -149,7 +153,7 @@ for s in $STAGES; do
     bench)
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
-    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal bench)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -65,7 +65,7 @@ def _two_processes(function: str, *args: str, env: dict | None = None,
 def _fabric(function: str, world: int, *args: str, env: dict | None = None,
             timeout_s: float = 400.0) -> list[str]:
     """`function` in one process per rank, delivery reordered, fabric buffer per STAGING."""
-    reorder = {"JEM_REORDER_SEED": str(SEED % 1000 + 1)}
+    reorder = {"JEM_REORDER_SEED": os.environ.get("JEM_REORDER_SEED", str(SEED % 1000 + 1))}
     return launch.run(function, world, [*args, f"fabric_staging={STAGING}"],
                       timeout_s=timeout_s, env=_env({**reorder, **(env or {})}),
                       platform="cuda")

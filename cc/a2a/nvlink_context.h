@@ -52,12 +52,16 @@ class NvlinkContext {
   bool FabricStaged() const { return mirror_ != nullptr; }
   std::string FabricProvider() const { return engine_ ? engine_->Provider() : std::string(); }
 
+  // The PCI address of this rank's GPU ("0000:1b:00.0").
+  std::string PciAddress() const;
+
   // Maps every NVLink peer's arena: ranks in this process come from `local` (indexed by rank,
   // null for ranks of other processes; their GPUs get peer access), the others are opened
-  // from their IPC handles (indexed by rank). Fabric peers are reached through `fabric`
-  // (indexed by rank, entries of other ranks unused), and the proxy starts serving.
+  // from their IPC handles (indexed by rank). `gpus`: every rank's PciAddress. Fabric peers
+  // are reached through `fabric` (indexed by rank, entries of other ranks unused), and the
+  // proxy starts serving.
   void Connect(const std::vector<NvlinkContext*>& local, const std::vector<Bytes>& handles,
-               const std::vector<PeerSpec>& fabric = {});
+               const std::vector<std::string>& gpus, const std::vector<PeerSpec>& fabric = {});
 
   const Layout& layout() const { return args_.layout; }
   int rank() const { return args_.rank; }

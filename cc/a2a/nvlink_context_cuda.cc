@@ -112,12 +112,7 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   }
   EngineOptions options = fabric.engine;
   options.cuda_device = device_;
-  char bus[32] = {};
-  if (options.gpu_pci_address.empty() &&
-      cudaDeviceGetPCIBusId(bus, sizeof bus, device_) == cudaSuccess) {
-    for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
-    options.gpu_pci_address = bus;
-  }
+  if (options.gpu_pci_address.empty()) options.gpu_pci_address = PciAddress();
   engine_ = TransferEngine::Create(options);
 
   const NvlinkLayout nl{l};
@@ -153,6 +148,13 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   args_.mailbox = static_cast<ProxyMailbox*>(mapped);
   args_.fabric_signals = static_cast<uint8_t*>(mapped) + AlignUp(sizeof(ProxyMailbox), 256);
   args_.fabric_mask = fabric.mask;
+}
+
+std::string NvlinkContext::PciAddress() const {
+  char bus[32] = {};
+  Check(cudaDeviceGetPCIBusId(bus, sizeof bus, device_), "cudaDeviceGetPCIBusId");
+  for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
+  return bus;
 }
 
 Bytes NvlinkContext::FabricAddress() const { return engine_ ? engine_->Address() : Bytes(); }
@@ -192,6 +194,7 @@ Bytes NvlinkContext::IpcHandle() const {
 
 void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
                             const std::vector<Bytes>& handles,
+                            const std::vector<std::string>& gpus,
                             const std::vector<PeerSpec>& fabric) {
   std::lock_guard<std::mutex> lock(mutex_);
   const int R = args_.layout.num_ranks;
@@ -204,8 +207,13 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
     throw Error("connect needs the fabric address and descriptor of all " + std::to_string(R) +
                 " ranks.");
   }
+  if (static_cast<int>(gpus.size()) != R) {
+    throw Error("connect needs the GPU (PCI address) of all " + std::to_string(R) + " ranks.");
+  }
+  const std::string mine = PciAddress();
   for (int r = 0; r < R; ++r) {
     if (r == args_.rank || ((args_.fabric_mask >> r) & 1)) continue;
+    if (gpus[r] == mine) args_.same_gpu_mask |= uint64_t{1} << r;
     if (local[r] != nullptr) {
       const int peer = local[r]->device();
       if (peer != device_) {
@@ -262,7 +270,7 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
   const int me = args_.rank;
   const int64_t k = args_.layout.experts_per_token;
   for (int d = 0; d < args_.layout.num_ranks && err == cudaSuccess; ++d) {
-    if (d == me || ((args_.fabric_mask >> d) & 1)) continue;
+    if (d == me || (((args_.fabric_mask | args_.same_gpu_mask) >> d) & 1)) continue;
     const struct {
       int64_t to, from, bytes;
     } parts[] = {

@@ -62,7 +62,7 @@ struct Destination {
 __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool staged, int d) {
   const bool fabric = IsFabric(a, d);
   return Destination{fabric ? FabricArena(a) : ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d,
-                     fabric || (staged && d != a.rank)};
+                     fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1))};
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -307,10 +307,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (LastBlock(a, kTicketDispatchSend, step)) {
     if (!staged) {
       SignalPeers(a, DeviceWait::kDispatchReady, step);
-    } else if (tid == 0) {
-      SignalPeer(a, DeviceWait::kDispatchReady, a.rank, step);
+    } else {
+      // The copy engine raises the flags of the peers it copies to; this kernel those it
+      // stored to directly.
+      if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
+        SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
+      }
       // A rank that timed out leaves its peers' flags where they are.
-      if (!TimedOut(st)) st->staged_ready = step;
+      if (tid == 0 && !TimedOut(st)) st->staged_ready = step;
     }
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;

@@ -29,6 +29,10 @@ struct NvlinkArgs {
   // outboxes of the fabric buffer and tell the proxy through the mailbox; what they write
   // lands in the fabric buffer, and the proxy raises their flags in fabric_signals.
   uint64_t fabric_mask = 0;
+  // NVLink peers on this very GPU (ranks that share one GPU as processes): a staged send
+  // stores to them directly, since a copy engine of this process may not run while their
+  // kernels spin on the same GPU.
+  uint64_t same_gpu_mask = 0;
   uint8_t* fabric_buffer = nullptr;   // laid out like the arena (nvlink_layout.h)
   uint8_t* fabric_signals = nullptr;  // mapped pinned host, laid out like the signals region
   ProxyMailbox* mailbox = nullptr;    // mapped pinned host

@@ -501,7 +501,12 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
       }
     }
   }
-  for (auto& c : ctx) c->Connect(local, handles);
+  // Ranks of other processes run on other GPUs here.
+  std::vector<std::string> gpus;
+  for (int r = 0; r < static_cast<int>(local.size()); ++r) {
+    gpus.push_back(local[r] != nullptr ? local[r]->PciAddress() : "rank " + std::to_string(r));
+  }
+  for (auto& c : ctx) c->Connect(local, handles, gpus);
   Barrier(w, "connected" + std::to_string(w.generation));
   return ctx;
 }

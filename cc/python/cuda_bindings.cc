@@ -79,7 +79,14 @@ std::vector<nb::tuple> FabricEndpoints(int64_t id) {
   return out;
 }
 
+std::vector<std::string> PciAddresses(int64_t id) {
+  std::vector<std::string> out;
+  for (const auto& c : Contexts(id)) out.push_back(c->PciAddress());
+  return out;
+}
+
 void Connect(int64_t id, const std::vector<nb::bytes>& handles,
+             const std::vector<std::string>& gpus,
              const std::vector<nb::bytes>& fabric_addresses,
              const std::vector<nb::bytes>& fabric_descriptors) {
   auto contexts = Contexts(id);
@@ -100,7 +107,7 @@ void Connect(int64_t id, const std::vector<nb::bytes>& handles,
   for (size_t r = 0; r < fabric_addresses.size(); ++r) {
     fabric.push_back({FromPython(fabric_addresses[r]), FromPython(fabric_descriptors[r])});
   }
-  for (const auto& c : contexts) c->Connect(local, raw, fabric);
+  for (const auto& c : contexts) c->Connect(local, raw, gpus, fabric);
 }
 
 void Synchronize(int64_t id) {
@@ -141,7 +148,9 @@ void BindCuda(nb::module_& m) {
   m.def("cuda_context_fabric_endpoints", &FabricEndpoints, nb::arg("id"),
         "Per local rank: (fabric address, fabric buffer descriptor, staged in host memory, "
         "provider); empty bytes without fabric peers.");
-  m.def("cuda_context_connect", &Connect, nb::arg("id"), nb::arg("handles"),
+  m.def("cuda_context_pci_addresses", &PciAddresses, nb::arg("id"),
+        "The PCI address of each local rank's GPU, in rank order.");
+  m.def("cuda_context_connect", &Connect, nb::arg("id"), nb::arg("handles"), nb::arg("gpus"),
         nb::arg("fabric_addresses") = std::vector<nb::bytes>(),
         nb::arg("fabric_descriptors") = std::vector<nb::bytes>(),
         "Maps every NVLink peer's arena and reaches every fabric peer (lists of all ranks in "

@@ -58,8 +58,12 @@ class FabricDomain {
   // libfabric's domain name: the NIC ("rdmap16s27", "lo", "shm").
   std::string nic_name() const { return info_->domain_attr->name; }
   bool supports_hmem() const { return supports_hmem_; }
-  // FI_MR_LOCAL: local buffers of an operation need their registration's descriptor.
-  bool needs_local_desc() const { return mr_mode_ & FI_MR_LOCAL; }
+  // Local buffers of an operation need their registration's descriptor: all of them with
+  // FI_MR_LOCAL, device (FI_HMEM) buffers with FI_MR_HMEM (shm, efa). Without it the provider
+  // takes the buffer for host memory and memcpy()s from the device pointer.
+  bool needs_local_desc(MemoryKind kind) const {
+    return (mr_mode_ & FI_MR_LOCAL) || (kind == MemoryKind::kCuda && (mr_mode_ & FI_MR_HMEM));
+  }
   // FI_MR_VIRT_ADDR: remote addresses are virtual addresses, otherwise offsets into the region.
   bool virtual_addressing() const { return mr_mode_ & FI_MR_VIRT_ADDR; }
   uint64_t max_msg_size() const { return info_->ep_attr->max_msg_size; }

@@ -36,7 +36,7 @@ MemoryRegion::MemoryRegion(const std::vector<std::unique_ptr<FabricDomain>>& dom
     for (const auto& d : domains) {
       fid_mr* mr = d->Register(ptr, length, kind, cuda_device, id);
       mrs_.push_back(mr);
-      descs_.push_back(d->needs_local_desc() ? fi_mr_desc(mr) : nullptr);
+      descs_.push_back(d->needs_local_desc(kind) ? fi_mr_desc(mr) : nullptr);
     }
   } catch (...) {
     for (fid_mr* mr : mrs_) fi_close(&mr->fid);

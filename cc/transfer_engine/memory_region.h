@@ -34,7 +34,8 @@ class MemoryRegion {
   uint32_t id() const { return id_; }
   uint8_t* base() const { return base_; }
   size_t length() const { return length_; }
-  // Local descriptor for operations on `domain`: nullptr unless the provider wants FI_MR_LOCAL.
+  // Local descriptor for operations on `domain`: nullptr unless the provider wants it
+  // (FI_MR_LOCAL, or FI_MR_HMEM for CUDA memory).
   void* local_desc(uint32_t domain) const { return descs_[domain]; }
   RemoteRegion Remote() const;
 

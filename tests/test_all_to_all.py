@@ -384,11 +384,11 @@ def check_cases(rank, world, args):
 
 def transport_options(args) -> dict:
     """AllToAll options from "name=value" arguments of a child: ranks_per_node, transport,
-    fabric_staging (the GPU path's node split and fabric buffer)."""
+    num_nics, fabric_staging (the GPU path's node split, NICs and fabric buffer)."""
     options = {}
     for arg in args:
         name, value = arg.split("=", 1)
-        if name == "ranks_per_node":
+        if name in ("ranks_per_node", "num_nics"):
             options[name] = int(value)
         elif name == "fabric_staging":
             options[name] = {"none": None, "host": True, "device": False}[value]

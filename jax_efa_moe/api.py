@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_efa_moe import config as _config, ops
+from jax_efa_moe import bootstrap, config as _config, ops
 from jax_efa_moe.config import AllToAllConfig
 
 _TRANSPORTS = ("auto", "fabric", "nvlink")
@@ -92,6 +92,23 @@ def _check_transport(platform: str, num_ranks: int, ranks_per_node, transport) -
     return ranks_per_node
 
 
+def _ranks_of_this_process(mesh, axis_name: str) -> list[int]:
+    axis = mesh.axis_names.index(axis_name)
+    return sorted(int(np.argwhere(mesh.devices == d)[0][axis]) for d in mesh.devices.flat
+                  if d.process_index == jax.process_index())
+
+
+def _label(mesh, axis_name: str) -> str:
+    """This process in set-up messages: its ranks, and the process where ranks repeat."""
+    ranks = _ranks_of_this_process(mesh, axis_name)
+    if not ranks:
+        return f"process {jax.process_index()} (no rank)"
+    label = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+    if jax.process_count() > mesh.shape[axis_name]:
+        label = f"process {jax.process_index()} ({label})"
+    return label
+
+
 class AllToAll(_config.ConfigAttributes):
     """Expert-parallel dispatch and combine over the ranks of ``mesh`` along ``axis_name``.
 
@@ -101,8 +118,12 @@ class AllToAll(_config.ConfigAttributes):
     ``expert_x``; the default fits any routing. ``zero_unused_rows``: whether the rows of
     ``expert_x`` past the last group are zeroed (False spares that write on GPUs; such rows
     then hold stale data, which ``group_sizes`` tells apart; the CPU backend always zeroes
-    them). ``timeout_s`` bounds every wait on a peer: a dead peer becomes an error, never a
-    hang. After an error the instance refuses further calls; create a new one.
+    them). ``timeout_s`` bounds every wait on a peer, set-up included: a dead peer becomes an
+    error, never a hang. After an error the instance refuses further calls; create a new one.
+
+    Every rank must pass the same arguments (``timeout_s`` and ``zero_unused_rows`` may
+    differ); set-up compares them and raises on every rank, naming what differs. When set-up
+    fails on one rank, every rank raises.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -113,28 +134,40 @@ class AllToAll(_config.ConfigAttributes):
                  fabric_provider: str | None = None, zero_unused_rows: bool = True,
                  timeout_s: float = 60.0):
         self._contexts = None
-        self.config = AllToAllConfig(
-            num_ranks=_config.axis_size(mesh, axis_name), num_experts=num_experts,
-            experts_per_token=experts_per_token, hidden=hidden,
-            max_tokens_per_rank=max_tokens_per_rank, dispatch_dtype=dispatch_dtype,
-            combine_dtype=combine_dtype, max_recv_tokens=max_recv_tokens,
-            expert_alignment=expert_alignment)
-        platform = mesh.devices.flat[0].platform
-        ranks_per_node = _check_transport(platform, self.config.num_ranks, ranks_per_node,
-                                          transport)
-        if fabric_provider is not None and not isinstance(fabric_provider, str):
-            raise TypeError(f"fabric_provider must be a libfabric provider name or None, got "
-                            f"{fabric_provider!r}")
-        self.zero_unused_rows = _config.check_bool("zero_unused_rows", zero_unused_rows)
-        self.timeout_s = _config.check_timeout(timeout_s)
-        layout = self.config.layout()
+        setup = bootstrap.Setup("AllToAll", timeout_s)
+        # Bad arguments on one rank are published before raising, so that the other ranks
+        # raise at once rather than wait for this one.
+        try:
+            num_ranks = _config.axis_size(mesh, axis_name)
+            setup.label = _label(mesh, axis_name)
+            self.config = AllToAllConfig(
+                num_ranks=num_ranks, num_experts=num_experts,
+                experts_per_token=experts_per_token, hidden=hidden,
+                max_tokens_per_rank=max_tokens_per_rank, dispatch_dtype=dispatch_dtype,
+                combine_dtype=combine_dtype, max_recv_tokens=max_recv_tokens,
+                expert_alignment=expert_alignment)
+            platform = mesh.devices.flat[0].platform
+            ranks_per_node = _check_transport(platform, self.config.num_ranks, ranks_per_node,
+                                              transport)
+            if fabric_provider is not None and not isinstance(fabric_provider, str):
+                raise TypeError(f"fabric_provider must be a libfabric provider name or None, "
+                                f"got {fabric_provider!r}")
+            self.zero_unused_rows = _config.check_bool("zero_unused_rows", zero_unused_rows)
+            self.timeout_s = setup.timeout_s = _config.check_timeout(timeout_s)
+            layout = self.config.layout()
+        except Exception as e:
+            setup.fail("config", e)
+            raise
+        setup.agree("config", {**self.config.fingerprint(), "axis_name": str(axis_name),
+                               "ranks_per_node": ranks_per_node, "transport": transport,
+                               "fabric_provider": fabric_provider})
         self.mesh, self.axis_name = mesh, axis_name
         self.ranks_per_node, self.transport = ranks_per_node, transport
 
         if platform == "cpu":
             from jax_efa_moe.cpu_contexts import CpuContexts
 
-            self._contexts = CpuContexts(mesh, axis_name, layout,
+            self._contexts = CpuContexts(mesh, axis_name, layout, setup,
                                          fabric_provider=fabric_provider,
                                          timeout_s=self.timeout_s)
         else:

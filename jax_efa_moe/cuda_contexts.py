@@ -21,9 +21,6 @@ import numpy as np
 
 from jax_efa_moe import bootstrap
 
-# Set-up may wait on ranks that start late, so it gets at least this long.
-_MIN_SETUP_TIMEOUT_S = 120.0
-
 
 def _group_of_this_process(mesh: jax.sharding.Mesh, axis_name: str):
     """(this process's devices of the group as (rank, device), processes of the group)."""
@@ -67,7 +64,7 @@ class CudaContexts:
         self.rank = self.ranks[0]
         self.devices = [int(d.local_hardware_id) for _, d in local]
         self._processes = processes
-        self._setup_timeout = max(timeout_s, _MIN_SETUP_TIMEOUT_S)
+        self._setup_timeout = timeout_s
         self.context_id = None
 
         error = None

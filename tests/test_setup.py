@@ -2,11 +2,13 @@
 
 Ranks built with different arguments (even ones with the same bytes per record) must fail on
 every rank, naming what differs; a constructor failing on one rank must fail on every rank
-within timeout_s. Each test is one short launch of 2 processes.
+within timeout_s; an AllToAll dropped without close() must release everything. Each test is
+one short launch of 2 processes.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -33,6 +35,11 @@ def test_different_arguments_on_two_ranks_fail_on_both():
 def test_a_constructor_failing_on_one_rank_fails_on_every_rank_within_timeout():
     outputs = _run("check_one_rank_fails")
     assert all("failures ok" in out for out in outputs), outputs
+
+
+def test_dropped_without_close_releases_everything():
+    outputs = _run("check_drop_without_close")
+    assert all("drop ok" in out for out in outputs), outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,3 +153,35 @@ def check_one_rank_fails(rank, world, args):
         elapsed = time.monotonic() - start
         assert elapsed < 5.0, f"set-up gave up after {elapsed:.1f} s with timeout_s = 2"
     print(f"rank {rank}: failures ok", flush=True)
+
+
+def _usage() -> tuple[int, int, int]:
+    """(resident bytes, open fds, threads) of this process."""
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return rss, len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+
+def check_drop_without_close(rank, world, args):
+    from jax_efa_moe import _jem
+
+    mesh = _mesh()
+    # A 4096-wide f32 arena is a few MB, and the shm provider maps a region per engine: each
+    # leaked instance would add a proxy thread and over 8 MB.
+    big = dict(hidden=4096, dispatch_dtype=np.float32, combine_dtype=np.float32)
+    usage = []
+    for i in range(8):
+        comm = _new(mesh, **big)
+        context = comm._contexts.context_id
+        if i < 2:  # traffic first; later rounds leave out compiles, whose RSS is noise
+            _checked_step(comm, mesh, 3 + i)
+        del comm
+        gc.collect()
+        oracle.expect_error(lambda: _jem.context_steps(context), "no all-to-all context")
+        usage.append(_usage())
+    print(f"rank {rank}: (RSS, fds, threads) per round {usage}", flush=True)
+    # From the first round without a step on: JAX may still start threads after a step.
+    assert len({u[1:] for u in usage[2:]}) == 1, f"fds or threads grew: {usage}"
+    grown = usage[-1][0] - usage[3][0]
+    assert grown < 8 << 20, f"RSS grew by {grown >> 20} MB in 4 rounds: {usage}"
+    print(f"rank {rank}: drop ok", flush=True)

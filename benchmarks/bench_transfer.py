@@ -18,21 +18,19 @@ Writes benchmarks/results/<name>.json and <name>.md (date, machine, command, tab
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
+from bench_report import command, machine, now, percentile, write
 from jax_efa_moe import _jem, bootstrap, launch
 
 FLAGS = flags.FLAGS
@@ -67,10 +65,6 @@ def sizes(min_size, max_size, factor):
 
 def iterations(size, bytes_per_point, lo, hi):
     return int(min(hi, max(lo, bytes_per_point // size)))
-
-
-def percentile(values, q):
-    return float(np.percentile(np.asarray(values, np.float64), q))
 
 
 # --- the engine side: two ranks, launched by launch.run --------------------------------------
@@ -222,17 +216,6 @@ def fi_pingpong_once(provider, size, iters):
 # --- report ------------------------------------------------------------------------------
 
 
-def machine():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "load_avg_at_start": os.getloadavg()}
-
-
 def human(size):
     return f"{size // MiB} MiB" if size >= MiB else f"{size // 1024} KiB"
 
@@ -285,8 +268,7 @@ def main(argv):
     size_list = sizes(FLAGS.min_size, FLAGS.max_size, FLAGS.size_factor)
     available = _jem.providers()
     have_pingpong = FLAGS.pingpong and shutil.which("fi_pingpong") is not None
-    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    report = {"date": now(), "machine": machine(), "command": command(),
               "busy_poll": FLAGS.busy_poll, "providers": [], "skipped": []}
     for provider in FLAGS.providers:
         if provider not in available:
@@ -295,14 +277,7 @@ def main(argv):
             continue
         print(f"{provider} ...", flush=True)
         report["providers"].append({"provider": provider, **run(provider, size_list, have_pingpong)})
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    base = os.path.join(FLAGS.out_dir, FLAGS.name)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write(FLAGS.out_dir, FLAGS.name, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -36,5 +36,5 @@ trap 'bazel_ shutdown 2>/dev/null || true' EXIT
 common=(--repo_env=PYTHON_BIN_PATH="$PYTHON_BIN_PATH" --disk_cache="$state/cache" --color=no --curses=no)
 start=$(date +%s)
 bazel_ build "${common[@]}" "$@" //...
-bazel_ test "${common[@]}" "$@" //:transfer_engine_test
-echo "bazel_test.sh: built //... and passed //:transfer_engine_test in $(( $(date +%s) - start ))s"
+bazel_ test "${common[@]}" "$@" //:transfer_engine_test //:transfer_engine_test_reordered //:nic_topology_test
+echo "bazel_test.sh: built //... and passed the C++ tests in $(( $(date +%s) - start ))s"

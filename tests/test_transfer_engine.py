@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import engine_worker
 from jax_efa_moe import _jem, bootstrap, launch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -55,24 +57,50 @@ def run(function, world, args, timeout_s=180.0):
     return results
 
 
+def reorder_args(reorder):
+    """Worker flags for the reorder test mode: a fresh seed each run (printed on failure)."""
+    return ["--reorder_seed", str(random.randrange(1, 1 << 30))] if reorder else []
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
 @pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_scatter_immediates_barrier(provider, world):
+def test_scatter_immediates_barrier(provider, world, reorder):
     need(provider)
     seed = random.randrange(1 << 30)
-    results = run("exchange", world, ["--provider", provider, "--seed", str(seed)])
+    results = run("exchange", world, ["--provider", provider, "--seed", str(seed),
+                                      *reorder_args(reorder)])
+    check_exchange(results, world, seed)
+
+
+def check_exchange(results, world, seed):
+    """Bytes were checked by the ranks; here the immediates each rank actually consumed must
+    match, value by value, what its peers' plans sent it, with nothing left over."""
     for rank, r in enumerate(results):
         assert r["checked_bytes"] > 0, (rank, seed)
-        assert r["extra"] == [], f"rank {rank} saw more immediates than were sent (seed {seed})"
-        assert sum(r["imm_counts"].values()) > 0
+        want = collections.Counter()
+        for sender in range(world):
+            if sender != rank:
+                for imm, per_peer in engine_worker.imm_plan(seed, sender, world):
+                    want[imm] += per_peer
+        got = {int(imm): n for imm, n in r["arrived"].items()}
+        assert got == dict(want), f"rank {rank} (seed {seed}): arrived {got}, sent {dict(want)}"
+        assert r["late"] == {}, f"rank {rank} (seed {seed}): arrivals left over {r['late']}"
 
 
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_two_domains_split_peers(provider):
+def test_two_domains_split_peers(provider, reorder):
     need(provider)
     seed = random.randrange(1 << 30)
-    results = run("exchange", 4, ["--provider", provider, "--domains", "2", "--seed", str(seed)])
-    assert all(r["domains"] == 2 and r["extra"] == [] for r in results)
+    results = run("exchange", 4, ["--provider", provider, "--domains", "2", "--seed", str(seed),
+                                  *reorder_args(reorder)])
+    check_exchange(results, 4, seed)
+    for rank, r in enumerate(results):
+        # Peers 0 and 2 through domain 0, peer 1 through domain 1: both carried the bytes each
+        # rank checked from every peer.
+        assert r["peer_domains"] == [0, 1, 0], (rank, r["peer_domains"])
+        assert len(r["domain_names"]) == 2 and all(r["domain_names"]), r["domain_names"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -242,6 +270,103 @@ def test_closed_engine(pair):
         a.scatter(group, [(0, 0, 0, 8)], 1)
     with pytest.raises(RuntimeError, match="closed"):
         ra.descriptor()
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_reorder_mode_delivers_out_of_order(via, monkeypatch):
+    """Immediates 0..n-1 written in order arrive out of order, each exactly once.
+
+    Each pass checks the values from the last to the first: in order, a value seen implies
+    every earlier one was visible later in the same pass, so seeing a later value in an
+    earlier pass than an earlier value proves reordering.
+    """
+    need("tcp;ofi_rxm")
+    n, rounds = 64, 20
+    seed = random.randrange(1, 1 << 30)
+    with _jem.Engine() as a:
+        if via == "environment":
+            monkeypatch.setenv("JEM_REORDER_SEED", str(seed))
+        with _jem.Engine(reorder_seed=seed if via == "argument" else 0) as b:
+            ra, rb = a.register(np.zeros(64, np.uint8)), b.register(np.zeros(64, np.uint8))
+            group = a.add_peer_group(ra, [(b.address(), rb.descriptor())])
+            inverted = 0
+            for _ in range(rounds):
+                tickets = [a.scatter(group, [(0, 0, 0, 0)], imm) for imm in range(n)]
+                seen_in_pass = {}
+                deadline = time.monotonic() + 10
+                this_pass = 0
+                while len(seen_in_pass) < n and time.monotonic() < deadline:
+                    for imm in reversed(range(n)):
+                        if imm not in seen_in_pass and b.try_consume_imm(imm, 1):
+                            seen_in_pass[imm] = this_pass
+                    this_pass += 1
+                assert len(seen_in_pass) == n, f"missing immediates (seed {seed})"
+                for t in tickets:
+                    a.wait_sent(t, 10)
+                passes = [seen_in_pass[imm] for imm in range(n)]
+                inverted += any(x > y for x, y in zip(passes, passes[1:]))
+            assert not any(b.try_consume_imm(imm, 1) for imm in range(n)), f"seed {seed}"
+            assert inverted > 0, f"no round of {rounds} was delivered out of order (seed {seed})"
+
+
+def test_reorder_seed_from_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("JEM_REORDER_SEED", "seven")
+    with pytest.raises(RuntimeError, match="JEM_REORDER_SEED='seven' is not an unsigned"):
+        _jem.Engine()
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["ordered", "reordered"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_long_writes_are_split_and_arrive_once(provider, reorder):
+    """1 MiB writes capped at an odd chunk size: bytes exact, one immediate per write."""
+    need(provider)
+    size, chunk, imm = 1 << 20, 40_000, 21
+    seed = random.randrange(1, 1 << 30)
+    src = np.random.default_rng(seed).integers(0, 256, 2 * size, dtype=np.uint8)
+    dst = np.zeros(3 * size, np.uint8)
+    with _jem.Engine(provider=provider, max_write_bytes=chunk,
+                     reorder_seed=seed if reorder else 0) as a, \
+            _jem.Engine(provider=provider, reorder_seed=seed + 1 if reorder else 0) as b:
+        ra, rb = a.register(src), b.register(dst)
+        group = a.add_peer_group(ra, [(b.address(), rb.descriptor())])
+        # Split (1 MiB, and one exactly a whole number of chunks), unsplit, and empty writes.
+        writes = [(0, 0, 0, size), (0, size, size, size), (0, 7, 2 * size, chunk),
+                  (0, 3, 2 * size + chunk, 5 * chunk), (0, 0, 3 * size - 1, 0)]
+        for repeat in range(3):
+            dst[:] = 0
+            ticket = a.scatter(group, writes, imm)
+            b.wait_imm(imm, len(writes), 30)
+            for _, s, d, n in writes:
+                np.testing.assert_array_equal(dst[d:d + n], src[s:s + n],
+                                              err_msg=f"seed {seed}, repeat {repeat}")
+            a.wait_sent(ticket, 30)
+            with pytest.raises(TimeoutError):
+                b.wait_imm(imm, 1, 0.05)
+        assert not a.failure_message() and not b.failure_message()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_peers_split_across_domains_and_nic_choice(provider):
+    need(provider)
+    with _jem.Engine(provider=provider, num_domains=2) as a, _jem.Engine(provider=provider) as b:
+        rb = b.register(np.zeros(64, np.uint8))
+        group = a.add_peer_group(a.register(np.zeros(64, np.uint8)),
+                                 [(b.address(), rb.descriptor())] * 3)
+        assert [a.peer_domain(group, p) for p in range(3)] == [0, 1, 0]
+        with pytest.raises(RuntimeError, match="peer 3 of peer group"):
+            a.peer_domain(group, 3)
+        nic = a.domain_name(0)
+        assert nic
+        with pytest.raises(RuntimeError, match="domain 2 of an engine with 2"):
+            a.domain_name(2)
+    with _jem.Engine(provider=provider, num_domains=2, nic_names=[nic]) as e:
+        assert [e.domain_name(d) for d in range(2)] == [nic, nic]
+    with pytest.raises(RuntimeError, match=f"NIC 'nope' .*it offers: .*{nic}"):
+        _jem.Engine(provider=provider, nic_names=["nope"])
+    if provider == "shm":
+        # One NIC: a GPU address is not even looked up; the choice needs several.
+        with _jem.Engine(provider=provider, gpu_pci_address="ffff:ff:ff.7") as e:
+            assert e.domain_name(0) == nic
 
 
 def test_bootstrap_single_process():

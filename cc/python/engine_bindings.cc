@@ -178,19 +178,40 @@ void BindEngine(nb::module_& m) {
       .def(
           "__init__",
           [](PyEngine* self, const std::string& provider, int num_domains, int pin_cpu,
-             bool busy_poll, int cuda_device) {
+             bool busy_poll, int cuda_device, uint64_t reorder_seed, uint64_t max_write_bytes,
+             const std::string& gpu_pci_address, const std::vector<std::string>& nic_names) {
             EngineOptions o;
             o.provider = provider;
             o.num_domains = num_domains;
             o.pin_cpu = pin_cpu;
             o.busy_poll = busy_poll;
             o.cuda_device = cuda_device;
+            o.reorder_seed = reorder_seed;
+            o.max_write_bytes = max_write_bytes;
+            o.gpu_pci_address = gpu_pci_address;
+            o.nic_names = nic_names;
             new (self) PyEngine(o);
           },
           nb::kw_only(), nb::arg("provider") = "tcp;ofi_rxm", nb::arg("num_domains") = 1,
-          nb::arg("pin_cpu") = -1, nb::arg("busy_poll") = false, nb::arg("cuda_device") = -1)
+          nb::arg("pin_cpu") = -1, nb::arg("busy_poll") = false, nb::arg("cuda_device") = -1,
+          nb::arg("reorder_seed") = 0, nb::arg("max_write_bytes") = 0,
+          nb::arg("gpu_pci_address") = "", nb::arg("nic_names") = std::vector<std::string>(),
+          "reorder_seed != 0 (or the environment variable JEM_REORDER_SEED) turns on a test "
+          "mode that delivers arrivals and completions in a random order, as EFA may. "
+          "max_write_bytes > 0 caps one RDMA write below the provider's limit: longer writes "
+          "are split (still one immediate each). With several NICs, domains open nic_names in "
+          "turn, else the NICs nearest gpu_pci_address first, else the provider's order.")
       .def_prop_ro("provider", [](PyEngine& e) { return e.engine().Provider(); })
       .def_prop_ro("num_domains", [](PyEngine& e) { return e.engine().NumDomains(); })
+      .def("domain_name", [](PyEngine& e, int index) { return e.engine().DomainName(index); },
+           nb::arg("index"), "libfabric's name of domain `index` (the NIC).")
+      .def(
+          "peer_domain",
+          [](PyEngine& e, uint32_t group, uint32_t peer) {
+            return e.engine().PeerDomain(PeerGroupId{group}, peer);
+          },
+          nb::arg("group"), nb::arg("peer"),
+          "The domain through which the group's peer is reached.")
       .def_prop_ro("supports_cuda_memory",
                    [](PyEngine& e) { return e.engine().SupportsCudaMemory(); })
       .def("address", [](PyEngine& e) { return FromBytes(e.engine().Address()); },
@@ -263,6 +284,13 @@ void BindEngine(nb::module_& m) {
           },
           nb::arg("imm"), nb::arg("count"), nb::arg("timeout_s") = 60.0,
           "Waits for `count` arrivals of `imm` and consumes them.")
+      .def(
+          "try_consume_imm",
+          [](PyEngine& e, uint32_t imm, uint32_t count) {
+            return e.engine().TryConsumeImm(imm, count);
+          },
+          nb::arg("imm"), nb::arg("count"),
+          "Consumes `count` arrivals of `imm` if they are there; never waits.")
       .def("failure_message", [](PyEngine& e) { return e.engine().FailureMessage(); })
       .def("close", &PyEngine::Close, "Stops the proxy and releases every registration.")
       .def("__enter__", [](nb::handle self) { return nb::borrow(self); })

@@ -43,12 +43,23 @@ struct EngineOptions {
   bool busy_poll = false;
   // PCI address of the GPU this engine serves ("0000:1b:00.0"): with several NICs, the
   // domains open the NICs nearest to it first. Empty: the provider's order.
+  // Nearest: the longest common prefix (in path components) of the GPU's and the NIC's sysfs
+  // device paths (realpath of /sys/bus/pci/devices/<address>); a NIC whose PCI address the
+  // provider does not report comes last; ties keep the provider's order. Domain d opens NIC
+  // d % (number of NICs) of that order.
   std::string gpu_pci_address;
-  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance.
+  // Explicit NIC names (libfabric domain names), overriding the choice by PCI distance:
+  // domain d opens nic_names[d % nic_names.size()]; a name the provider lacks throws.
   std::vector<std::string> nic_names;
   // Test mode, 0 = off: the proxy holds back arriving immediates and local write completions
   // and releases them in a random order (seeded), as EFA may deliver them.
+  // Each event is held at most ~200 us (and at most a few dozen at once). When 0, Create
+  // takes the seed from the environment variable JEM_REORDER_SEED (unset or 0: off), so that
+  // every engine of a process, the all-to-all contexts' included, can be run reordered.
   uint64_t reorder_seed = 0;
+  // Longest single RDMA write; 0: the provider's max_msg_size. Longer writes are split (see
+  // Scatter); tests set a small value to exercise the split path on any provider.
+  uint64_t max_write_bytes = 0;
 };
 
 // A registered region. Obtained from TransferEngine::RegisterMemory; valid until the engine
@@ -107,6 +118,11 @@ class TransferEngine {
 
   // Posts the writes (asynchronously, from the proxy thread), each with immediate `imm`.
   // Offsets and lengths are checked against both regions here; a bad one throws Error.
+  // A write longer than the provider's max_msg_size (or max_write_bytes) is split into
+  // chunks, and still arrives as one immediate, counted only after all its bytes have landed:
+  // the leading chunks go without the immediate and with FI_DELIVERY_COMPLETE, and the last
+  // chunk, carrying the immediate, is posted once they have completed (so a split write
+  // takes an extra round trip). A provider without FI_DELIVERY_COMPLETE rejects such writes.
   virtual SendTicket Scatter(PeerGroupId group, const WriteSpec* writes, size_t num_writes,
                              uint32_t imm) = 0;
   // A zero-length write with immediate `imm` to every peer of the group.
@@ -132,8 +148,15 @@ class TransferEngine {
   // returns whether it did work. While a hook is installed the proxy never sleeps (it polls,
   // yielding the core when idle), so a hook can watch memory a GPU writes. A hook may call
   // Scatter, Barrier and TryConsumeImm; an exception it throws fails the engine.
+  // Details: hooks run in the order added, before the loop posts and polls; Scatter and
+  // Barrier from a hook never block (they queue on the proxy itself, which posts them next);
+  // WaitSent and WaitImm from a hook throw Error (they would wait for the proxy itself); a hook
+  // may add and remove hooks, itself included. A hook that threw is dropped and the engine's
+  // FailureMessage carries its what() text; later hooks keep running.
   virtual uint64_t AddPollHook(std::function<bool()> hook) = 0;
-  // Returns once the hook has stopped running and never will again.
+  // Returns once the hook has stopped running and never will again (called from that hook
+  // itself: it is not called again after it returns). Any thread. An id this engine never
+  // handed out throws Error; the id of a hook dropped for throwing is accepted.
   virtual void RemovePollHook(uint64_t id) = 0;
 
   // The domain (NIC) through which peer `peer` of `group` is reached.

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cc/transfer_engine/nic_topology.h"
 #include "cc/transfer_engine/wire_format.h"
 
 namespace jem {
@@ -19,8 +20,9 @@ constexpr size_t kPostedReceives = 256;
 // listed are the ones this code honours; the provider returns the subset it requires.
 // FI_MSG|FI_RECV are asked for so that receives can be posted if the provider needs
 // FI_RX_CQ_DATA (remote CQ data consuming a receive, as efa-direct does).
-fi_info* MakeHints(const char* provider, bool hmem) {
+fi_info* MakeHints(const char* provider, bool hmem, uint64_t op_flags) {
   fi_info* hints = fi_allocinfo();
+  hints->tx_attr->op_flags = op_flags;
   hints->ep_attr->type = FI_EP_RDM;
   hints->caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_MSG | FI_RECV | (hmem ? FI_HMEM : 0);
   hints->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA;
@@ -31,8 +33,8 @@ fi_info* MakeHints(const char* provider, bool hmem) {
   return hints;
 }
 
-int GetInfo(const char* provider, bool hmem, fi_info** info) {
-  fi_info* hints = MakeHints(provider, hmem);
+int GetInfo(const char* provider, bool hmem, fi_info** info, uint64_t op_flags = 0) {
+  fi_info* hints = MakeHints(provider, hmem, op_flags);
   int rc = fi_getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0, hints,
                       info);
   fi_freeinfo(hints);
@@ -43,6 +45,37 @@ std::string Join(const std::vector<std::string>& items) {
   std::string out;
   for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
   return out.empty() ? "none" : out;
+}
+
+// The NICs in the order domains take them: nic_names as given, else nearest the GPU first,
+// else the provider's order.
+std::vector<fi_info*> ChooseNics(const std::vector<fi_info*>& nics, const EngineOptions& options) {
+  if (!options.nic_names.empty()) {
+    std::vector<fi_info*> chosen;
+    for (const std::string& name : options.nic_names) {
+      auto it = std::find_if(nics.begin(), nics.end(),
+                             [&](fi_info* n) { return name == n->domain_attr->name; });
+      if (it == nics.end()) {
+        std::vector<std::string> offered;
+        for (fi_info* n : nics) offered.push_back(n->domain_attr->name);
+        throw Error("NIC '" + name + "' (nic_names) is not offered by provider '" +
+                    options.provider + "' here; it offers: " + Join(offered));
+      }
+      chosen.push_back(*it);
+    }
+    return chosen;
+  }
+  if (options.gpu_pci_address.empty() || nics.size() < 2) return nics;
+  std::string gpu = PciDevicePath(options.gpu_pci_address);
+  if (gpu.empty()) {
+    throw Error("gpu_pci_address '" + options.gpu_pci_address +
+                "' is not a PCI device under /sys/bus/pci/devices");
+  }
+  std::vector<std::string> paths;
+  for (fi_info* n : nics) paths.push_back(PciDevicePath(NicPciAddress(n)));
+  std::vector<fi_info*> chosen;
+  for (size_t i : OrderByPciDistance(gpu, paths)) chosen.push_back(nics[i]);
+  return chosen;
 }
 
 }  // namespace
@@ -92,6 +125,16 @@ std::vector<std::unique_ptr<FabricDomain>> FabricDomain::OpenAll(const EngineOpt
     });
     if (!seen) nics.push_back(i);
   }
+  try {
+    nics = ChooseNics(nics, options);
+  } catch (...) {
+    fi_freeinfo(info);
+    throw;
+  }
+  // Asked separately: as a hint it would become every write's default.
+  fi_info* probe = nullptr;
+  bool can_split = GetInfo(options.provider.c_str(), hmem, &probe, FI_DELIVERY_COMPLETE) == 0;
+  if (probe) fi_freeinfo(probe);
   std::vector<std::unique_ptr<FabricDomain>> domains;
   try {
     for (int d = 0; d < options.num_domains; ++d) {
@@ -101,7 +144,9 @@ std::vector<std::unique_ptr<FabricDomain>> FabricDomain::OpenAll(const EngineOpt
                     std::to_string(nic->domain_attr->cq_data_size) +
                     " bytes of remote CQ data; 4 are needed for the immediate");
       }
-      domains.emplace_back(new FabricDomain(fi_dupinfo(nic), d, hmem));
+      uint64_t max_write = nic->ep_attr->max_msg_size;
+      if (options.max_write_bytes > 0) max_write = std::min(max_write, options.max_write_bytes);
+      domains.emplace_back(new FabricDomain(fi_dupinfo(nic), d, hmem, max_write, can_split));
     }
   } catch (...) {
     fi_freeinfo(info);
@@ -111,9 +156,10 @@ std::vector<std::unique_ptr<FabricDomain>> FabricDomain::OpenAll(const EngineOpt
   return domains;
 }
 
-FabricDomain::FabricDomain(fi_info* info, uint32_t index, bool supports_hmem)
+FabricDomain::FabricDomain(fi_info* info, uint32_t index, bool supports_hmem,
+                           uint64_t max_write, bool can_split)
     : info_(info), index_(index), supports_hmem_(supports_hmem),
-      mr_mode_(info->domain_attr->mr_mode) {
+      mr_mode_(info->domain_attr->mr_mode), max_write_(max_write), can_split_(can_split) {
   const std::string where = " (domain " + std::to_string(index) + ", " + provider() + ")";
   try {
     CheckFabric(fi_fabric(info_->fabric_attr, &fabric_, nullptr), "fi_fabric" + where);

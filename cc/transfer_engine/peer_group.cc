@@ -65,10 +65,11 @@ void PeerGroup::Check(const WriteSpec& w) const {
                 std::to_string(w.dst_offset) + " overruns peer " + std::to_string(w.peer) +
                 "'s region of " + std::to_string(peer.remote_length) + " bytes");
   }
-  if (w.length > peer.domain->max_msg_size()) {
+  if (w.length > peer.domain->max_write() && !peer.domain->can_split()) {
     throw Error("write of " + std::to_string(w.length) + " bytes exceeds provider '" +
                 peer.domain->provider() + "''s limit of " +
-                std::to_string(peer.domain->max_msg_size()) + " bytes per write");
+                std::to_string(peer.domain->max_write()) +
+                " bytes per write, and the provider cannot split it (no FI_DELIVERY_COMPLETE)");
   }
 }
 

@@ -33,10 +33,15 @@ class PeerGroup {
   uint32_t id() const { return id_; }
   uint32_t region_id() const { return region_id_; }
   size_t size() const { return peers_.size(); }
+  uint32_t domain_of(uint32_t peer) const { return peers_[peer].domain->index(); }
+  // Writes to `peer` longer than this are split.
+  uint64_t max_write(uint32_t peer) const { return peers_[peer].domain->max_write(); }
 
-  // Any thread: throws Error unless the write fits both regions and the provider's limit.
+  // Any thread: throws Error unless the write fits both regions and can be posted (a write
+  // beyond the provider's limit needs a provider that can split it).
   void Check(const WriteSpec& w) const;
   // Proxy thread: the domain serving the write's peer and the message to post, filled in.
+  // For a chunk of a split write, `w` is the chunk.
   FabricDomain* Prepare(const WriteSpec& w, uint32_t imm, OpContext* context,
                         const fi_msg_rma** msg);
 

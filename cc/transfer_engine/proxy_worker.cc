@@ -4,6 +4,7 @@
 #include <rdma/fi_errno.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cstring>
 #include <future>
 
@@ -21,6 +22,9 @@ constexpr auto kNap = std::chrono::microseconds(100);
 // Submit gives up when the queue stays full this long (the proxy cannot post).
 constexpr auto kFullQueueTimeout = std::chrono::seconds(60);
 
+// The worker whose Loop runs on this thread, if any.
+thread_local const ProxyWorker* tls_proxy = nullptr;
+
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -35,6 +39,7 @@ ProxyWorker::ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter
                          const EngineOptions& options)
     : domains_(std::move(domains)), counter_(counter), options_(options),
       queue_(kQueueCapacity) {
+  if (options_.reorder_seed != 0) reorder_ = std::make_unique<ReorderBuffer>(options_.reorder_seed);
   if (options_.pin_cpu >= CPU_SETSIZE) {
     throw Error("cannot pin the proxy thread to CPU " + std::to_string(options_.pin_cpu) +
                 ": no such CPU");
@@ -64,7 +69,13 @@ ProxyWorker::~ProxyWorker() {
   counter_->Wake();
 }
 
+bool ProxyWorker::OnProxyThread() const { return tls_proxy == this; }
+
 void ProxyWorker::Submit(Submission&& s) {
+  if (OnProxyThread()) {
+    local_.push_back(std::move(s));
+    return;
+  }
   if (!queue_.TryPush(s)) {
     const auto deadline = Clock::now() + kFullQueueTimeout;
     while (!queue_.TryPush(s)) {
@@ -78,6 +89,10 @@ void ProxyWorker::Submit(Submission&& s) {
       sched_yield();
     }
   }
+  WakeIfSleeping();
+}
+
+void ProxyWorker::WakeIfSleeping() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (sleeping_.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> lock(sleep_mu_);
@@ -86,6 +101,10 @@ void ProxyWorker::Submit(Submission&& s) {
 }
 
 void ProxyWorker::RunOnProxy(std::function<void()> fn, double timeout_s) {
+  if (OnProxyThread()) {  // queued, it would wait for the thread that waits for it
+    fn();
+    return;
+  }
   auto task = std::make_shared<std::packaged_task<void()>>(std::move(fn));
   std::future<void> done = task->get_future();
   Submission s;
@@ -143,23 +162,83 @@ OpContext* ProxyWorker::AcquireContext() {
   return c;
 }
 
+uint64_t ProxyWorker::AddHook(std::function<bool()> hook) {
+  std::unique_lock<std::mutex> lock(hooks_mu_, std::defer_lock);
+  if (!(OnProxyThread() && in_hooks_)) lock.lock();
+  uint64_t id = next_hook_id_++;
+  hooks_.push_back(std::make_unique<PollHook>(PollHook{id, std::move(hook)}));
+  num_hooks_.store(hooks_.size(), std::memory_order_release);
+  if (lock.owns_lock()) lock.unlock();
+  WakeIfSleeping();
+  return id;
+}
+
+void ProxyWorker::RemoveHook(uint64_t id) {
+  std::unique_lock<std::mutex> lock(hooks_mu_, std::defer_lock);
+  bool from_hook = OnProxyThread() && in_hooks_;
+  if (!from_hook) lock.lock();
+  if (id == 0 || id >= next_hook_id_) throw Error("unknown poll hook " + std::to_string(id));
+  for (auto it = hooks_.begin(); it != hooks_.end(); ++it) {
+    if ((*it)->id != id) continue;
+    if (from_hook) {
+      (*it)->removed = true;  // RunHooks is iterating; it erases the hook when done
+    } else {
+      hooks_.erase(it);
+      num_hooks_.store(hooks_.size(), std::memory_order_release);
+    }
+    return;
+  }
+}
+
+bool ProxyWorker::RunHooks() {
+  if (num_hooks_.load(std::memory_order_acquire) == 0) return false;
+  std::lock_guard<std::mutex> lock(hooks_mu_);
+  in_hooks_ = true;
+  bool worked = false;
+  // By index: a hook may add hooks, which moves the pointers but not the hooks.
+  for (size_t i = 0; i < hooks_.size(); ++i) {
+    PollHook* hook = hooks_[i].get();
+    if (hook->removed) continue;
+    try {
+      worked |= hook->fn();
+    } catch (const std::exception& e) {
+      hook->removed = true;  // it would throw again at the next turn
+      Fail("poll hook " + std::to_string(hook->id) + " threw: " + e.what());
+    } catch (...) {
+      hook->removed = true;
+      Fail("poll hook " + std::to_string(hook->id) + " threw a non-standard exception");
+    }
+  }
+  in_hooks_ = false;
+  hooks_.erase(std::remove_if(hooks_.begin(), hooks_.end(),
+                              [](const std::unique_ptr<PollHook>& h) { return h->removed; }),
+               hooks_.end());
+  num_hooks_.store(hooks_.size(), std::memory_order_release);
+  return worked;
+}
+
 void ProxyWorker::Loop() {
+  tls_proxy = this;
   auto last_work = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {
-    bool worked = false;
+    bool worked = RunHooks();
     if (current_) {
       worked |= PostCurrent();
     } else {
       worked |= DrainSubmissions();
     }
     worked |= PollCompletions();
+    worked |= ReleaseHeld();
+    if (!last_chunks_.empty()) worked |= PostLastChunks();
     auto now = Clock::now();
     if (worked) {
       last_work = now;
     } else if (!options_.busy_poll) {
-      // Sends in flight or someone waiting on arrivals: keep polling, but let other ranks
-      // sharing this core run in between.
-      bool active = !remaining_.empty() || current_ || counter_->HasWaiters();
+      // Sends in flight, someone waiting on arrivals, or a hook watching memory: keep
+      // polling, but let other ranks sharing this core run in between.
+      bool active = !remaining_.empty() || current_ || counter_->HasWaiters() ||
+                    num_hooks_.load(std::memory_order_relaxed) > 0 ||
+                    (reorder_ && !reorder_->empty());
       if (active) {
         sched_yield();
       } else {
@@ -181,7 +260,7 @@ void ProxyWorker::Idle(Clock::duration idle_for) {
     sleeping_.store(true, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     // A nap bounded by kNap: incoming writes need CQ polling to make progress too.
-    if (queue_.Empty() && !stop_.load(std::memory_order_relaxed)) {
+    if (queue_.Empty() && local_.empty() && !stop_.load(std::memory_order_relaxed)) {
       sleep_cv_.wait_for(lock, kNap);
     }
     sleeping_.store(false, std::memory_order_relaxed);
@@ -191,7 +270,7 @@ void ProxyWorker::Idle(Clock::duration idle_for) {
 bool ProxyWorker::DrainSubmissions() {
   bool worked = false;
   for (size_t i = 0; i < kSubmissionsPerDrain && !current_; ++i) {
-    std::optional<Submission> s = queue_.TryPop();
+    std::optional<Submission> s = NextSubmission();
     if (!s) break;
     worked = true;
     switch (s->kind) {
@@ -226,26 +305,39 @@ bool ProxyWorker::DrainSubmissions() {
   return worked;
 }
 
+std::optional<Submission> ProxyWorker::NextSubmission() {
+  if (local_.empty()) return queue_.TryPop();
+  std::optional<Submission> s(std::move(local_.front()));
+  local_.pop_front();
+  return s;
+}
+
 bool ProxyWorker::PostCurrent() {
   Submission& s = *current_;
   bool posted_any = false;
   while (current_next_ < s.writes.size()) {
-    OpContext* context = AcquireContext();
-    context->kind = OpContext::Kind::kWrite;
-    context->ticket = s.ticket;
-    const fi_msg_rma* msg = nullptr;
-    FabricDomain* domain = s.group->Prepare(s.writes[current_next_], s.imm, context, &msg);
-    ssize_t rc = domain->PostWrite(*msg);
+    const WriteSpec& w = s.writes[current_next_];
+    FabricDomain* domain;
+    ssize_t rc;
+    if (w.length > s.group->max_write(w.peer)) {
+      rc = PostLeadingChunks(s, w, &domain);
+    } else {
+      OpContext* context = AcquireContext();
+      context->kind = OpContext::Kind::kWrite;
+      context->ticket = s.ticket;
+      const fi_msg_rma* msg = nullptr;
+      domain = s.group->Prepare(w, s.imm, context, &msg);
+      rc = domain->PostWrite(*msg);
+      if (rc != 0) free_contexts_.push_back(context);
+    }
     if (rc == -FI_EAGAIN) {
       // The provider is out of send credits: progress the completion queues, then retry.
-      free_contexts_.push_back(context);
       return posted_any;
     }
     if (rc != 0) {
-      free_contexts_.push_back(context);
-      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(s.writes[current_next_].peer) +
-                               " of peer group " + std::to_string(s.group->id()) +
-                               " (domain " + std::to_string(domain->index()) + ")",
+      Fail(FabricErrorText("fi_writemsg to peer " + std::to_string(w.peer) + " of peer group " +
+                               std::to_string(s.group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
                            rc));
       current_.reset();
       return true;
@@ -255,6 +347,66 @@ bool ProxyWorker::PostCurrent() {
   }
   current_.reset();
   return true;
+}
+
+ssize_t ProxyWorker::PostLeadingChunks(const Submission& s, const WriteSpec& w,
+                                       FabricDomain** domain) {
+  if (!splitting_) {
+    splitting_ = std::make_unique<SplitWrite>(s.ticket, s.group, w, s.imm,
+                                              s.group->max_write(w.peer));
+  }
+  SplitWrite& split = *splitting_;
+  while (!split.all_posted()) {
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kChunk;
+    context->split = &split;
+    const WriteSpec chunk = split.NextChunk();
+    const fi_msg_rma* msg = nullptr;
+    *domain = s.group->Prepare(chunk, 0, context, &msg);
+    ssize_t rc = (*domain)->PostChunk(*msg);
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      // After a failure, chunks in flight still point at it.
+      if (rc != -FI_EAGAIN) splits_.push_back(std::move(splitting_));
+      return rc;
+    }
+    split.posted += chunk.length;
+    ++split.in_flight;
+  }
+  splits_.push_back(std::move(splitting_));
+  return 0;
+}
+
+bool ProxyWorker::PostLastChunks() {
+  bool worked = false;
+  while (!last_chunks_.empty()) {
+    SplitWrite* split = last_chunks_.front();
+    OpContext* context = AcquireContext();
+    context->kind = OpContext::Kind::kWrite;
+    context->ticket = split->ticket;
+    const fi_msg_rma* msg = nullptr;
+    FabricDomain* domain = split->group->Prepare(split->Last(), split->imm, context, &msg);
+    ssize_t rc = domain->PostWrite(*msg);
+    if (rc == -FI_EAGAIN) {
+      free_contexts_.push_back(context);
+      break;
+    }
+    worked = true;
+    last_chunks_.pop_front();
+    if (rc != 0) {
+      free_contexts_.push_back(context);
+      Fail(FabricErrorText("fi_writemsg of the last chunk of a split write to peer " +
+                               std::to_string(split->write.peer) + " of peer group " +
+                               std::to_string(split->group->id()) + " (domain " +
+                               std::to_string(domain->index()) + ")",
+                           rc));
+    }
+    auto it = std::find_if(splits_.begin(), splits_.end(),
+                           [&](const std::unique_ptr<SplitWrite>& p) { return p.get() == split; });
+    *it = std::move(splits_.back());
+    splits_.pop_back();
+  }
+  return worked;
 }
 
 bool ProxyWorker::PollCompletions() {
@@ -268,7 +420,8 @@ bool ProxyWorker::PollCompletions() {
       std::string text = domain->ReadCompletionError(&err);
       auto* context = static_cast<OpContext*>(err.op_context);
       std::string what = "a completion on domain " + std::to_string(domain->index());
-      if (context && context->kind == OpContext::Kind::kWrite && !(err.flags & FI_REMOTE_WRITE)) {
+      if (context && context->kind != OpContext::Kind::kReceive &&
+          !(err.flags & FI_REMOTE_WRITE)) {
         what = "a write to peer " + std::to_string(context->peer) + " of peer group " +
                std::to_string(context->group) + " (domain " + std::to_string(context->domain) +
                ")";
@@ -285,7 +438,7 @@ bool ProxyWorker::PollCompletions() {
     for (ssize_t i = 0; i < n; ++i) {
       const fi_cq_data_entry& e = entries[i];
       if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RECV))) {
-        counter_->Arrive(static_cast<uint32_t>(e.data));
+        OnArrival(static_cast<uint32_t>(e.data));
         // FI_RX_CQ_DATA mode: the arrival consumed a posted receive.
         auto* context = static_cast<OpContext*>(e.op_context);
         if ((e.flags & FI_RECV) && context && context->kind == OpContext::Kind::kReceive) {
@@ -296,7 +449,7 @@ bool ProxyWorker::PollCompletions() {
           }
         }
       } else if (e.op_context) {
-        OnWriteCompleted(static_cast<OpContext*>(e.op_context));
+        OnWriteCompletion(static_cast<OpContext*>(e.op_context));
       }
     }
     worked |= n > 0;
@@ -304,9 +457,43 @@ bool ProxyWorker::PollCompletions() {
   return worked;
 }
 
+void ProxyWorker::OnArrival(uint32_t imm) {
+  if (reorder_) {
+    reorder_->Hold({imm, nullptr}, Clock::now());
+  } else {
+    counter_->Arrive(imm);
+  }
+}
+
+void ProxyWorker::OnWriteCompletion(OpContext* context) {
+  if (reorder_) {
+    reorder_->Hold({0, context}, Clock::now());
+  } else {
+    OnWriteCompleted(context);
+  }
+}
+
+bool ProxyWorker::ReleaseHeld() {
+  if (!reorder_ || reorder_->empty()) return false;
+  const std::vector<ReorderBuffer::Event>& due = reorder_->Release(Clock::now());
+  for (const ReorderBuffer::Event& e : due) {
+    if (e.context) {
+      OnWriteCompleted(e.context);
+    } else {
+      counter_->Arrive(e.imm);
+    }
+  }
+  return !due.empty();
+}
+
 void ProxyWorker::OnWriteCompleted(OpContext* context) {
-  size_t index = context->ticket - base_;
   free_contexts_.push_back(context);
+  if (context->kind == OpContext::Kind::kChunk) {
+    SplitWrite* split = context->split;
+    if (--split->in_flight == 0 && split->all_posted()) last_chunks_.push_back(split);
+    return;
+  }
+  size_t index = context->ticket - base_;
   if (index < remaining_.size()) --remaining_[index];
   while (!remaining_.empty() && remaining_.front() == 0) {
     remaining_.pop_front();

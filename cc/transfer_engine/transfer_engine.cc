@@ -3,8 +3,10 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -38,6 +40,21 @@ std::string Seconds(double s) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.3g s", s);
   return buf;
+}
+
+// JEM_REORDER_SEED: the one place the environment can turn on the reorder test mode, so that
+// every engine (the CPU and GPU all-to-all paths included) honours it. 0 or unset: off.
+uint64_t ReorderSeedFromEnvironment() {
+  const char* text = std::getenv("JEM_REORDER_SEED");
+  if (!text || !*text) return 0;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long seed = std::strtoull(text, &end, 0);
+  if (errno != 0 || *end != '\0' || text[0] == '-') {
+    throw Error(std::string("JEM_REORDER_SEED='") + text +
+                "' is not an unsigned 64-bit integer (0 or unset turns reordering off)");
+  }
+  return seed;
 }
 
 class Engine final : public TransferEngine {
@@ -157,6 +174,7 @@ class Engine final : public TransferEngine {
   }
 
   void WaitSent(SendTicket ticket, double timeout_s) override {
+    NotOnProxy("WaitSent");
     auto deadline = Deadline(timeout_s);
     if (ticket == 0 || ticket >= next_ticket_.load()) {
       throw Error("unknown send ticket " + std::to_string(ticket));
@@ -171,6 +189,7 @@ class Engine final : public TransferEngine {
   }
 
   void WaitImm(uint32_t imm, uint32_t count, double timeout_s) override {
+    NotOnProxy("WaitImm");
     auto deadline = Deadline(timeout_s);
     ImmCounter::Waiter waiter(&counter_);
     const auto start = Clock::now();
@@ -214,6 +233,38 @@ class Engine final : public TransferEngine {
     Notify(imm, n);
   }
 
+  bool TryConsumeImm(uint32_t imm, uint32_t count) override {
+    ThrowIfFailed();
+    uint64_t generation;
+    return counter_.TryConsume(imm, count, &generation);
+  }
+
+  uint64_t AddPollHook(std::function<bool()> hook) override {
+    if (!hook) throw Error("AddPollHook needs a hook");
+    return worker_->AddHook(std::move(hook));
+  }
+
+  void RemovePollHook(uint64_t id) override { worker_->RemoveHook(id); }
+
+  int PeerDomain(PeerGroupId group, uint32_t peer) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const PeerGroup& g = FindGroup(group);
+    if (peer >= g.size()) {
+      throw Error("peer " + std::to_string(peer) + " of peer group " +
+                  std::to_string(group.value) + ", which has " + std::to_string(g.size()) +
+                  " peers");
+    }
+    return static_cast<int>(g.domain_of(peer));
+  }
+
+  std::string DomainName(int index) const override {
+    if (index < 0 || index >= NumDomains()) {
+      throw Error("domain " + std::to_string(index) + " of an engine with " +
+                  std::to_string(NumDomains()) + " domains");
+    }
+    return domains_[index]->nic_name();
+  }
+
   std::string FailureMessage() const override { return worker_->failure(); }
 
  private:
@@ -238,6 +289,15 @@ class Engine final : public TransferEngine {
                   Unregistered(MemoryRegionId{g.region_id()}));
     }
     return g;
+  }
+
+  // The proxy thread (a hook, a callback) must not wait: only it makes the progress awaited.
+  void NotOnProxy(const char* what) const {
+    if (worker_->OnProxyThread()) {
+      throw Error(std::string(what) +
+                  " cannot be called on the proxy thread (from a poll hook or callback): it "
+                  "would wait for itself; use TryConsumeImm or a notification");
+    }
   }
 
   void ThrowIfFailed() const {
@@ -277,7 +337,9 @@ class Engine final : public TransferEngine {
 }  // namespace
 
 std::unique_ptr<TransferEngine> TransferEngine::Create(const EngineOptions& options) {
-  return std::make_unique<Engine>(options);
+  EngineOptions resolved = options;
+  if (resolved.reorder_seed == 0) resolved.reorder_seed = ReorderSeedFromEnvironment();
+  return std::make_unique<Engine>(resolved);
 }
 
 }  // namespace jem

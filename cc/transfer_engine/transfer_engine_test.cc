@@ -1,7 +1,8 @@
 // Two ranks (fork) over tcp;ofi_rxm: each scatters random slices of random bytes into the
 // other's region with immediates, waits for the other's writes by counting immediates, and
 // checks every byte against what the sender's seed says it wrote; then host-flag and callback
-// releases (NotifyImm). Exit code 0 on success.
+// releases (NotifyImm), and poll hooks that answer the peer from the proxy thread. Exit code 0
+// on success.
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -27,6 +30,11 @@ constexpr uint32_t kImm = 0xC0FFEE;
 constexpr uint32_t kBarrierImm = 7;
 constexpr uint32_t kFlagImm = 8;
 constexpr uint32_t kCallbackImm = 9;
+constexpr uint32_t kPingImm = 10;
+constexpr uint32_t kBurstImm = 11;
+constexpr uint32_t kHookBarrierImm = 12;
+// More scatters than the submission queue holds, posted by one hook call.
+constexpr int kBurst = 5000;
 constexpr double kTimeoutS = 30.0;
 
 void SendBytes(int fd, const jem::Bytes& b) {
@@ -71,6 +79,88 @@ std::vector<jem::WriteSpec> Writes(int rank) {
     writes.push_back(w);
   }
   return writes;
+}
+
+template <typename Pred>
+bool Await(Pred pred, double timeout_s = kTimeoutS) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+int Expect(bool ok, int rank, const char* what) {
+  if (!ok) std::fprintf(stderr, "rank %d: %s\n", rank, what);
+  return ok ? 0 : 1;
+}
+
+// A hook answers the peer's ping, on the proxy thread, with a barrier and a burst of scatters
+// larger than the submission queue; a counting hook stops for good once removed.
+int CheckHooks(jem::TransferEngine& engine, jem::PeerGroupId group, int rank) {
+  int bad = 0;
+  std::atomic<bool> answered{false};
+  std::atomic<int> wait_refused{0};
+  uint64_t answer = engine.AddPollHook([&] {
+    if (answered.load() || !engine.TryConsumeImm(kPingImm, 1)) return false;
+    try {
+      engine.WaitImm(kPingImm, 1, 1.0);
+    } catch (const jem::Error&) {
+      ++wait_refused;
+    }
+    engine.Barrier(group, kHookBarrierImm);
+    jem::WriteSpec zero;
+    for (int i = 0; i < kBurst; ++i) engine.Scatter(group, &zero, 1, kBurstImm);
+    answered = true;
+    return true;
+  });
+  std::atomic<uint64_t> turns{0};
+  uint64_t counting = engine.AddPollHook([&] {
+    ++turns;
+    return false;
+  });
+  bad += Expect(Await([&] { return turns.load() > 100; }), rank, "counting hook never ran");
+  engine.RemovePollHook(counting);
+  uint64_t after_remove = turns.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  bad += Expect(turns.load() == after_remove, rank, "a removed hook ran again");
+
+  jem::WriteSpec zero;
+  engine.WaitSent(engine.Scatter(group, &zero, 1, kPingImm), kTimeoutS);
+  engine.WaitImm(kHookBarrierImm, 1, kTimeoutS);
+  engine.WaitImm(kBurstImm, kBurst, kTimeoutS);
+  // Our hook answers the peer's ping, which may still be on its way.
+  bad += Expect(Await([&] { return answered.load(); }), rank, "the hook did not answer");
+  bad += Expect(wait_refused.load() == 1, rank, "WaitImm on the proxy thread was not refused");
+  engine.RemovePollHook(answer);
+  bad += Expect(!engine.TryConsumeImm(kBurstImm, 1), rank, "more burst arrivals than sent");
+  bad += Expect(engine.PeerDomain(group, 0) == 0 && !engine.DomainName(0).empty(), rank,
+                "PeerDomain/DomainName");
+  return bad;
+}
+
+// An exception thrown by a hook fails the engine with its text, and waits then report it.
+int CheckThrowingHook(int rank) {
+  jem::EngineOptions options;
+  options.provider = "tcp;ofi_rxm";
+  auto engine = jem::TransferEngine::Create(options);
+  uint64_t id = engine->AddPollHook([]() -> bool { throw std::runtime_error("hook boom"); });
+  int bad = Expect(Await([&] { return !engine->FailureMessage().empty(); }), rank,
+                   "a throwing hook did not fail the engine");
+  bad += Expect(engine->FailureMessage().find("hook boom") != std::string::npos, rank,
+                "the failure lacks the hook's text");
+  try {
+    engine->WaitImm(1, 1, 5.0);
+    bad += Expect(false, rank, "WaitImm after a hook failure did not throw");
+  } catch (const jem::TimeoutError&) {
+    bad += Expect(false, rank, "WaitImm after a hook failure timed out");
+  } catch (const jem::Error& e) {
+    bad += Expect(std::string(e.what()).find("hook boom") != std::string::npos, rank,
+                  "WaitImm's error lacks the hook's text");
+  }
+  engine->RemovePollHook(id);  // dropped when it threw: accepted
+  return bad;
 }
 
 int Run(int rank, int fd) {
@@ -120,10 +210,14 @@ int Run(int rank, int fd) {
     ++bad;
   }
 
+  int hook_errors = CheckHooks(*engine, group, rank) + CheckThrowingHook(rank);
+
   // Both ranks have checked before either closes its endpoint.
   engine->WaitSent(engine->Barrier(group, kBarrierImm), kTimeoutS);
   engine->WaitImm(kBarrierImm, 1, kTimeoutS);
-  std::printf("rank %d: %d of %d writes wrong\n", rank, bad, kWrites);
+  std::printf("rank %d: %d of %d writes wrong, %d hook checks failed\n", rank, bad, kWrites,
+              hook_errors);
+  bad += hook_errors;
   std::fflush(stdout);
   return bad == 0 ? 0 : 1;
 }

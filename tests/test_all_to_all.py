@@ -20,6 +20,10 @@ from jax_efa_moe import bootstrap, launch, providers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SEED = oracle.SEED
+# Set-up waits timeout_s for each peer, and on tcp a rank's close() sometimes takes 60 s (the
+# engine's deadline for a task on the proxy thread, busy with a write, likely the last step's
+# credits to a peer that closed first), so the next AllToAll's peers must wait longer.
+SETUP_AFTER_CLOSE_S = 90.0
 
 
 def _run(function: str, num_processes: int, *args: str, timeout_s: float = 240.0,
@@ -148,7 +152,7 @@ def check_cases(rank, world, args):
                         max_tokens_per_rank=T, dispatch_dtype=getattr(jnp, dispatch_dtype),
                         combine_dtype=getattr(jnp, combine_dtype), expert_alignment=align,
                         max_recv_tokens=max_recv_tokens, fabric_provider=provider,
-                        timeout_s=30.0)
+                        timeout_s=SETUP_AFTER_CLOSE_S)
         whole, halves, loop = oracle.programs(comm, mesh)
         cdt = np.dtype(comm.combine_dtype)
         for kind in routings:

@@ -84,7 +84,8 @@ class Setup:
 
     At each step every process publishes a JSON payload, or the error that stopped it, under
     fresh keys; every process raises at the first error it reads, so all of them stop at the
-    same step and the next set-up's keys still match. Waits for a peer last ``timeout_s``.
+    same step and the next set-up's keys still match. Waits for a peer last ``timeout_s``;
+    after a timeout the processes stand at different steps, so later set-ups fail too.
     ``label`` names this process in messages ("rank 1").
     """
 

@@ -19,17 +19,16 @@ Every result, the handle included, is a pytree of arrays, so it can cross ``jit`
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_efa_moe import ops
+from jax_efa_moe import bootstrap, config as _config, ops
+from jax_efa_moe.config import AllToAllConfig
 
-_DISPATCH_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn)
-_COMBINE_DTYPES = (jnp.bfloat16, jnp.float32)
-_SCALE_BLOCK = 128
 _TRANSPORTS = ("auto", "fabric", "nvlink")
 
 
@@ -52,7 +51,7 @@ class Dispatched(NamedTuple):
     expert_x_scale: jax.Array | None    # float32 [max_recv_tokens, hidden // 128], fp8 only
     expert_counts: jax.Array            # int32 [L]: rows of each local expert
     group_sizes: jax.Array              # int32 [L]: counts rounded up to expert_alignment
-    handle: DispatchHandle
+    handle: Any                         # DispatchHandle (the reference has its own)
 
 
 class PendingDispatch(NamedTuple):
@@ -70,35 +69,64 @@ class PendingCombine(NamedTuple):
     handle: DispatchHandle
 
 
-def _backend_contexts(platform: str, mesh, axis_name, layout, *, fabric_provider, timeout_s,
-                      ranks_per_node, transport, num_nics, nic_names, fabric_staging):
-    """The per-platform part of set-up: contexts for this process's ranks."""
+def _check_transport(platform: str, num_ranks: int, ranks_per_node, transport) -> int | None:
+    """What the backend of ``platform`` in this build can reach; -> ranks_per_node."""
+    if transport not in _TRANSPORTS:
+        raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+    if ranks_per_node is not None:
+        ranks_per_node = _config.check_int("ranks_per_node", ranks_per_node)
+        if num_ranks % ranks_per_node:
+            raise ValueError(f"ranks_per_node = {ranks_per_node} must divide the {num_ranks} "
+                             "ranks")
     if platform == "cpu":
         if transport == "nvlink":
             raise ValueError("transport='nvlink' needs GPUs; on the CPU every peer is reached "
                              "through the fabric (transport='auto' or 'fabric').")
-        from jax_efa_moe.cpu_contexts import CpuContexts
-
-        return CpuContexts(mesh, axis_name, layout, fabric_provider=fabric_provider,
-                           timeout_s=timeout_s, num_nics=num_nics)
-    if platform == "gpu":
-        from jax_efa_moe.cuda_contexts import CudaContexts
-
-        return CudaContexts(mesh, axis_name, layout, timeout_s=timeout_s, transport=transport,
-                            ranks_per_node=ranks_per_node, fabric_provider=fabric_provider,
-                            num_nics=num_nics, nic_names=nic_names,
-                            fabric_staging=fabric_staging)
-    raise ValueError(f"AllToAll has no backend for devices of platform '{platform}' in this "
-                     "build.")
+    elif platform != "gpu":
+        raise ValueError(f"AllToAll has no backend for devices of platform '{platform}' in "
+                         "this build.")
+    return ranks_per_node
 
 
-class AllToAll:
+def _ranks_of_this_process(mesh, axis_name: str) -> list[int]:
+    axis = mesh.axis_names.index(axis_name)
+    return sorted(int(np.argwhere(mesh.devices == d)[0][axis]) for d in mesh.devices.flat
+                  if d.process_index == jax.process_index())
+
+
+def _label(mesh, axis_name: str) -> str:
+    """This process in set-up messages: its ranks, and the process where ranks repeat."""
+    ranks = _ranks_of_this_process(mesh, axis_name)
+    if not ranks:
+        return f"process {jax.process_index()} (no rank)"
+    label = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+    if jax.process_count() > mesh.shape[axis_name]:
+        label = f"process {jax.process_index()} ({label})"
+    return label
+
+
+def _release(contexts) -> None:
+    """Runs when an AllToAll that was not closed is garbage collected. Nothing here may wait
+    for peers: they collect at other times, and a set-up exchange here would shift the
+    key-value store's keys under the next set-up. So the CUDA backend skips its closing
+    barrier."""
+    if contexts.platform == "gpu":
+        contexts.close(barrier=False)
+    else:
+        contexts.close()
+
+
+class AllToAll(_config.ConfigAttributes):
     """Expert-parallel dispatch and combine over the ranks of ``mesh`` along ``axis_name``.
 
-    Rank r holds experts [r * L, (r + 1) * L), L = num_experts / ranks. ``max_recv_tokens``
-    bounds the rows of ``expert_x``; the default fits any routing. ``timeout_s`` bounds every
-    wait on a peer: a dead peer becomes an error, never a hang. After an error the instance
-    refuses further calls; create a new one.
+    The sizes and dtypes become ``self.config`` (an :class:`AllToAllConfig`, also read as
+    attributes: ``comm.hidden``, ``comm.local_experts``). Rank r holds experts
+    [r * L, (r + 1) * L), L = num_experts / ranks. ``max_recv_tokens`` bounds the rows of
+    ``expert_x``; the default fits any routing. ``zero_unused_rows``: whether the rows of
+    ``expert_x`` past the last group are zeroed (False spares that write on GPUs; such rows
+    then hold stale data, which ``group_sizes`` tells apart; the CPU backend always zeroes
+    them). ``timeout_s`` bounds every wait on a peer, set-up included: a dead peer becomes an
+    error, never a hang. After an error the instance refuses further calls; create a new one.
 
     Transport (GPUs): peers on the same node (``ranks_per_node`` consecutive ranks, or by host
     name when None) are reached over NVLink, the others through the fabric
@@ -108,6 +136,11 @@ class AllToAll:
     ``nic_names``) share the peers. ``fabric_staging``: None uses GPU memory directly where
     the provider registers it (FI_HMEM) and stages through pinned host memory otherwise; True
     always stages; False requires FI_HMEM. On the CPU every peer goes through the fabric.
+
+    Every rank must pass the same arguments (``timeout_s`` and ``zero_unused_rows`` may
+    differ); set-up compares them and raises on every rank, naming what differs. When set-up
+    fails on one rank, every rank raises. ``close()`` releases the buffers and the engine;
+    an AllToAll dropped without it is released when garbage collected.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -117,89 +150,70 @@ class AllToAll:
                  ranks_per_node: int | None = None, transport: str = "auto",
                  fabric_provider: str | None = None, num_nics: int = 1,
                  nic_names: tuple[str, ...] = (), fabric_staging: bool | None = None,
-                 timeout_s: float = 60.0):
-        from jax_efa_moe import _jem
-
-        if not isinstance(mesh, jax.sharding.Mesh):
-            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-        if axis_name not in mesh.axis_names:
-            raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh "
-                             f"{mesh.axis_names}")
-        R = mesh.shape[axis_name]
-        _positive("num_experts", num_experts)
-        _positive("experts_per_token", experts_per_token)
-        _positive("hidden", hidden)
-        _positive("max_tokens_per_rank", max_tokens_per_rank)
-        _positive("expert_alignment", expert_alignment)
-        if num_experts % R:
-            raise ValueError(f"num_experts = {num_experts} must be a multiple of the "
-                             f"{R} ranks along {axis_name!r}")
-        if experts_per_token > num_experts:
-            raise ValueError(f"experts_per_token = {experts_per_token} exceeds num_experts = "
-                             f"{num_experts}")
-        self.dispatch_dtype = _dtype("dispatch_dtype", dispatch_dtype, _DISPATCH_DTYPES)
-        self.combine_dtype = _dtype("combine_dtype", combine_dtype, _COMBINE_DTYPES)
-        self.has_scales = self.dispatch_dtype == jnp.float8_e4m3fn
-        if self.has_scales and hidden % _SCALE_BLOCK:
-            raise ValueError(f"float8 dispatch carries one scale per {_SCALE_BLOCK} channels, "
-                             f"so hidden = {hidden} must be a multiple of {_SCALE_BLOCK}")
-        if ranks_per_node is not None:
-            _positive("ranks_per_node", ranks_per_node)
-            if R % ranks_per_node:
-                raise ValueError(f"ranks_per_node = {ranks_per_node} must divide the {R} ranks")
-        _positive("num_nics", num_nics)
-        nic_names = tuple(nic_names)
-        if fabric_staging not in (None, True, False):
-            raise ValueError(f"fabric_staging must be None, True or False, got {fabric_staging!r}")
-        if transport not in _TRANSPORTS:
-            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-
-        if max_recv_tokens is None:
-            max_recv_tokens = _jem.Layout.default_max_recv_tokens(
-                R, num_experts, experts_per_token, max_tokens_per_rank, expert_alignment)
-        _positive("max_recv_tokens", max_recv_tokens)
-
-        layout = _jem.Layout()
-        layout.num_ranks = R
-        layout.num_experts = num_experts
-        layout.experts_per_token = experts_per_token
-        layout.hidden = hidden
-        layout.max_tokens = max_tokens_per_rank
-        layout.max_recv_tokens = max_recv_tokens
-        layout.expert_alignment = expert_alignment
-        layout.dispatch_elem_bytes = self.dispatch_dtype.itemsize
-        layout.combine_elem_bytes = self.combine_dtype.itemsize
-        layout.has_scales = self.has_scales
-
+                 zero_unused_rows: bool = True, timeout_s: float = 60.0):
+        self._contexts = None
+        setup = bootstrap.Setup("AllToAll", timeout_s)
+        # Bad arguments on one rank are published before raising, so that the other ranks
+        # raise at once rather than wait for this one.
+        try:
+            num_ranks = _config.axis_size(mesh, axis_name)
+            setup.label = _label(mesh, axis_name)
+            self.config = AllToAllConfig(
+                num_ranks=num_ranks, num_experts=num_experts,
+                experts_per_token=experts_per_token, hidden=hidden,
+                max_tokens_per_rank=max_tokens_per_rank, dispatch_dtype=dispatch_dtype,
+                combine_dtype=combine_dtype, max_recv_tokens=max_recv_tokens,
+                expert_alignment=expert_alignment)
+            platform = mesh.devices.flat[0].platform
+            ranks_per_node = _check_transport(platform, self.config.num_ranks, ranks_per_node,
+                                              transport)
+            if fabric_provider is not None and not isinstance(fabric_provider, str):
+                raise TypeError(f"fabric_provider must be a libfabric provider name or None, "
+                                f"got {fabric_provider!r}")
+            num_nics = _config.check_int("num_nics", num_nics)
+            nic_names = tuple(nic_names)
+            if not all(isinstance(n, str) for n in nic_names):
+                raise TypeError(f"nic_names must be libfabric domain names, got {nic_names!r}")
+            if fabric_staging is not None:
+                fabric_staging = _config.check_bool("fabric_staging", fabric_staging)
+            self.zero_unused_rows = _config.check_bool("zero_unused_rows", zero_unused_rows)
+            self.timeout_s = setup.timeout_s = _config.check_timeout(timeout_s)
+            layout = self.config.layout()
+        except Exception as e:
+            setup.fail("config", e)
+            raise
+        setup.agree("config", {**self.config.fingerprint(), "axis_name": str(axis_name),
+                               "ranks_per_node": ranks_per_node, "transport": transport,
+                               "fabric_provider": fabric_provider})
         self.mesh, self.axis_name = mesh, axis_name
-        self.num_ranks, self.num_experts = R, num_experts
-        self.local_experts = num_experts // R
-        self.experts_per_token, self.hidden = experts_per_token, hidden
-        self.max_tokens_per_rank, self.max_recv_tokens = max_tokens_per_rank, max_recv_tokens
-        self.expert_alignment, self.timeout_s = expert_alignment, timeout_s
         self.ranks_per_node, self.transport = ranks_per_node, transport
 
-        platform = mesh.devices.flat[0].platform
-        self._contexts = _backend_contexts(
-            platform, mesh, axis_name, layout, fabric_provider=fabric_provider,
-            timeout_s=timeout_s, ranks_per_node=ranks_per_node, transport=transport,
-            num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging)
+        if platform == "cpu":
+            from jax_efa_moe.cpu_contexts import CpuContexts
+
+            self._contexts = CpuContexts(mesh, axis_name, layout, setup,
+                                         fabric_provider=fabric_provider,
+                                         timeout_s=self.timeout_s, num_nics=num_nics)
+        else:
+            from jax_efa_moe.cuda_contexts import CudaContexts
+
+            self._contexts = CudaContexts(
+                mesh, axis_name, layout, timeout_s=self.timeout_s,
+                zero_unused_rows=self.zero_unused_rows, transport=transport,
+                ranks_per_node=ranks_per_node, fabric_provider=fabric_provider,
+                num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging)
+        self._finalizer = weakref.finalize(self, _release, self._contexts)
+        self._finalizer.atexit = False  # at exit the process's teardown releases everything
         self.rank = self._contexts.rank
         self.fabric_provider = self._contexts.provider
-        self._ops = ops.OpConfig(
-            context=self._contexts.context_id, num_ranks=R, local_experts=self.local_experts,
-            experts_per_token=experts_per_token, hidden=hidden, max_tokens=max_tokens_per_rank,
-            max_recv_tokens=max_recv_tokens, max_recv_records=layout.max_recv_records(),
-            num_scales=layout.num_scales(), dispatch_dtype=self.dispatch_dtype,
-            combine_dtype=self.combine_dtype)
+        self._ops = ops.OpConfig(self._contexts.context_id, self.config)
 
     # --- lifetime ---
 
     def close(self) -> None:
         """Releases the buffers and the engine. Idempotent; finish running steps first."""
         if self._contexts is not None:
+            self._finalizer.detach()
             self._contexts.close()
             self._contexts = None
 
@@ -318,69 +332,20 @@ class AllToAll:
                           expert_counts, group_sizes, handle)
 
     def _dispatch_operands(self, method, x, topk_ids, topk_weights, x_scale, num_tokens):
-        T, H, k = self.max_tokens_per_rank, self.hidden, self.experts_per_token
-        _check_array(method, "x", x, (T, H), self.dispatch_dtype)
-        _check_array(method, "topk_ids", topk_ids, (T, k), jnp.int32)
-        _check_array(method, "topk_weights", topk_weights, (T, k), jnp.float32)
-        if self.has_scales:
-            if x_scale is None:
-                raise ValueError(f"{method}: float8 dispatch needs x_scale, float32 "
-                                 f"[{T}, {H // _SCALE_BLOCK}] (one scale per 128 channels)")
-            _check_array(method, "x_scale", x_scale, (T, H // _SCALE_BLOCK), jnp.float32)
-        else:
-            if x_scale is not None:
-                raise ValueError(f"{method}: x_scale is only for float8 dispatch; this "
-                                 f"AllToAll dispatches {self.dispatch_dtype.name}")
-            x_scale = jnp.zeros((T, 0), jnp.float32)
-        if num_tokens is None:
-            num_tokens = T
-        if isinstance(num_tokens, (int, np.integer)):
-            if not 0 <= num_tokens <= T:
-                raise ValueError(f"{method}: num_tokens = {num_tokens} is outside "
-                                 f"[0, max_tokens_per_rank = {T}]")
-            num_tokens = jnp.asarray(num_tokens, jnp.int32)
-        else:
-            _check_array(method, "num_tokens", num_tokens, (), jnp.int32)
+        x, x_scale, topk_ids, topk_weights, num_tokens = self.config.check_dispatch_inputs(
+            method, x, topk_ids, topk_weights, x_scale, num_tokens)
+        if x_scale is None:
+            x_scale = jnp.zeros((self.max_tokens_per_rank, 0), jnp.float32)
         return x, x_scale, topk_ids, topk_weights, num_tokens
 
     def _check_expert_y(self, method, expert_y, handle):
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"{method}: handle must be the DispatchHandle that dispatch "
                             f"returned, got {type(handle).__name__}")
-        _check_array(method, "expert_y", expert_y, (self.max_recv_tokens, self.hidden),
-                     self.combine_dtype)
+        self.config.check_expert_y(method, expert_y)
 
 
 def _varying_axes(x) -> frozenset:
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)  # named vma before jax 0.10
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _positive(name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _dtype(name: str, value, allowed) -> np.dtype:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as e:
-        raise TypeError(f"{name} {value!r} is not a dtype") from e
-    if dtype not in [jnp.dtype(a) for a in allowed]:
-        raise TypeError(f"{name} must be one of {[jnp.dtype(a).name for a in allowed]}, got "
-                        f"{dtype.name}")
-    return dtype
-
-
-def _check_array(method: str, name: str, value, shape: tuple, dtype) -> None:
-    got_shape = getattr(value, "shape", None)
-    got_dtype = getattr(value, "dtype", None)
-    if got_shape is None or got_dtype is None:
-        raise TypeError(f"{method}: {name} must be an array, got {type(value).__name__}")
-    if tuple(got_shape) != tuple(shape):
-        raise ValueError(f"{method}: {name} has shape {tuple(got_shape)}, expected "
-                         f"{tuple(shape)} per rank (inside shard_map over the AllToAll's axis)")
-    if jnp.dtype(got_dtype) != jnp.dtype(dtype):
-        raise TypeError(f"{method}: {name} has dtype {jnp.dtype(got_dtype).name}, expected "
-                        f"{jnp.dtype(dtype).name}")

@@ -8,23 +8,11 @@ create their contexts (engine + registered arena), and exchange addresses and de
 from __future__ import annotations
 
 import base64
-import json
 
 import jax
 import numpy as np
 
 from jax_efa_moe import bootstrap, providers
-
-# Set-up may wait on ranks that start late, so it gets at least this long.
-_MIN_SETUP_TIMEOUT_S = 120.0
-
-
-def _encode(payload: dict) -> bytes:
-    return json.dumps(payload).encode()
-
-
-def _decode(raw: bytes) -> dict:
-    return json.loads(raw.decode())
 
 
 def _b64(data: bytes) -> str:
@@ -51,50 +39,48 @@ def group_of_this_process(mesh: jax.sharding.Mesh, axis_name: str) -> tuple[int,
 
 
 class CpuContexts:
-    """This process's context for one AllToAll: ``context_id`` is the custom calls' attribute."""
+    """This process's context for one AllToAll: ``context_id`` is the custom calls' attribute.
+
+    Set-up runs in the steps of ``setup`` (every process takes part; each rank reads its
+    group's payloads): "providers" (what each host offers), "contexts" (pick the provider,
+    create the engine and the registered arena, publish their address and descriptor),
+    "connected" (join the peers). A failure at any step on any process raises on all of them.
+    """
 
     platform = "cpu"
 
-    def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, layout, *,
-                 fabric_provider: str | None, timeout_s: float, num_nics: int = 1):
+    def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, layout,
+                 setup: bootstrap.Setup, *, fabric_provider: str | None, timeout_s: float,
+                 num_nics: int = 1):
         from jax_efa_moe import _jem
 
-        self.rank, group = group_of_this_process(mesh, axis_name)
-        process, world = jax.process_index(), jax.process_count()
-        setup_timeout = max(timeout_s, _MIN_SETUP_TIMEOUT_S)
-
-        def gather(key: str, payload: dict) -> list[dict]:
-            everyone = bootstrap.all_gather_bytes(f"all_to_all/{key}", _encode(payload),
-                                                  process, world, timeout_s=setup_timeout)
-            return [_decode(everyone[p]) for p in group]
-
-        if fabric_provider is None:
-            fabric_provider = providers.choose(gather("providers", providers.local_report()))
-        self.provider = fabric_provider
-
-        # A rank that cannot create its context says so, so that the others fail too instead
-        # of waiting for its address.
         self.context_id = None
-        error = None
-        try:
-            self.context_id = _jem.create_context(fabric_provider, self.rank, layout, timeout_s,
+
+        def locate() -> dict:
+            self.rank, self._group = group_of_this_process(mesh, axis_name)
+            return providers.local_report()
+
+        def create() -> dict:
+            self.provider = fabric_provider or providers.choose(
+                [reports[p] for p in self._group])
+            self.context_id = _jem.create_context(self.provider, self.rank, layout, timeout_s,
                                                   num_domains=num_nics)
-            payload = {"address": _b64(_jem.context_address(self.context_id)),
-                       "descriptor": _b64(_jem.context_descriptor(self.context_id))}
-        except Exception as e:  # reported to every rank, then raised here
-            error = e
-            payload = {"error": f"{type(e).__name__}: {e}"}
-        ranks = gather("contexts", payload)
-        failed = [(r, p["error"]) for r, p in enumerate(ranks) if "error" in p]
-        if failed:
+            return {"address": _b64(_jem.context_address(self.context_id)),
+                    "descriptor": _b64(_jem.context_descriptor(self.context_id))}
+
+        def connect() -> dict:
+            _jem.connect_context(self.context_id, [_unb64(p["address"]) for p in ranks],
+                                 [_unb64(p["descriptor"]) for p in ranks])
+            return {}
+
+        reports = setup.run("providers", locate)
+        try:
+            everyone = setup.run("contexts", create)
+            ranks = [everyone[p] for p in self._group]
+            setup.run("connected", connect)
+        except Exception:
             self.close()
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                "all-to-all set-up failed on other ranks: " +
-                "; ".join(f"rank {r}: {message}" for r, message in failed))
-        _jem.connect_context(self.context_id, [_unb64(p["address"]) for p in ranks],
-                             [_unb64(p["descriptor"]) for p in ranks])
+            raise
 
     def close(self) -> None:
         from jax_efa_moe import _jem

@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import jax
 import numpy as np
 
 from jax_efa_moe import bootstrap, providers
-
-# Set-up may wait on ranks that start late, so it gets at least this long.
-_MIN_SETUP_TIMEOUT_S = 120.0
 
 
 def _group_of_this_process(mesh: jax.sharding.Mesh, axis_name: str):
@@ -105,7 +101,7 @@ class CudaContexts:
         self.rank = self.ranks[0]
         self.devices = [int(d.local_hardware_id) for _, d in local]
         self._processes = processes
-        self._setup_timeout = max(timeout_s, _MIN_SETUP_TIMEOUT_S)
+        self._setup_timeout = timeout_s
         self.context_id = None
 
         # Who is on which node, and the provider, before any engine opens.

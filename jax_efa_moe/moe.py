@@ -23,13 +23,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_efa_moe.config import SCALE_BLOCK, check_int, check_model
+
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
-SCALE_BLOCK = 128
 
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """A layer's shapes; the fields it shares with the all-to-all are checked as AllToAll
+    checks them (jax_efa_moe.config), so a bad one fails here, before any set-up."""
+
     hidden: int
     ffn: int                     # intermediate width of each routed expert
     shared_ffn: int              # intermediate width of the shared expert (0: none)
@@ -38,6 +42,12 @@ class MoEConfig:
     dispatch_dtype: jnp.dtype = jnp.bfloat16   # bfloat16, or float8_e4m3fn (quantized here)
     combine_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16            # activations and weights
+
+    def __post_init__(self):
+        check_model(self.num_experts, self.experts_per_token, self.hidden, self.dispatch_dtype,
+                    self.combine_dtype)
+        check_int("ffn", self.ffn)
+        check_int("shared_ffn", self.shared_ffn, low=0)
 
     def comm_kwargs(self) -> dict:
         """The sizes and dtypes a dispatch/combine object is built with."""

@@ -35,21 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCALE_BLOCK = 128
-DISPATCH_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn)
-COMBINE_DTYPES = (jnp.bfloat16, jnp.float32)
+from jax_efa_moe.api import Dispatched
+from jax_efa_moe.config import AllToAllConfig, ConfigAttributes, axis_size, check_bool
 
 
-class Dispatched(NamedTuple):
-    """What dispatch returns (a pytree), per rank."""
-    expert_x: jax.Array          # [max_recv_tokens, hidden], dispatch dtype
-    expert_x_scale: Any          # f32 [max_recv_tokens, hidden // 128] for fp8, else None
-    expert_counts: jax.Array     # i32 [L]: rows of each local expert
-    group_sizes: jax.Array       # i32 [L]: counts rounded up to expert_alignment
-    handle: "Handle"
-
-
-class Handle(NamedTuple):
+class DispatchHandle(NamedTuple):
     """Routing state that combine needs to send rows home and weight them."""
     inverse_order: jax.Array     # i32 [T*k]: sorted position of each (token, slot) copy
     weights: jax.Array           # f32 [T, k]: router weights, 0 for unused slots
@@ -62,31 +52,28 @@ class Handle(NamedTuple):
     sorted_dest: jax.Array       # i32 [T*k]: padded-layout slot of each sorted copy
 
 
-class DispatchPending(NamedTuple):
+class PendingDispatch(NamedTuple):
     """Between dispatch_send and dispatch_recv: the rows as received, not yet permuted."""
     received_x: jax.Array
     received_scale: Any
     expert_counts: jax.Array
     group_sizes: jax.Array
-    handle: Handle
+    handle: DispatchHandle
 
 
-class CombinePending(NamedTuple):
+class PendingCombine(NamedTuple):
     """Between combine_send and combine_recv: expert rows back home, in sorted order."""
     sorted_y: jax.Array
-    handle: Handle
+    handle: DispatchHandle
 
 
 def _exclusive_cumsum(x, axis=-1):
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _dtype_name(dtype) -> str:
-    return jnp.dtype(dtype).name
-
-
-class ReferenceAllToAll:
-    """Dispatch/combine with stock JAX collectives; same interface as ``AllToAll``.
+class ReferenceAllToAll(ConfigAttributes):
+    """Dispatch/combine with stock JAX collectives; same interface as ``AllToAll``, and the
+    same configuration (``self.config``, checked the same way).
 
     ``exchange``: "ragged" (``jax.lax.ragged_all_to_all``), "padded" (``jax.lax.all_to_all``
     of fixed-capacity blocks) or "auto" (ragged, except on CPU where XLA lacks it).
@@ -100,53 +87,24 @@ class ReferenceAllToAll:
                  max_tokens_per_rank, dispatch_dtype=jnp.bfloat16,
                  combine_dtype=jnp.bfloat16, max_recv_tokens=None, expert_alignment=1,
                  exchange="auto", check=True):
-        if axis_name not in mesh.shape:
-            raise ValueError(f"axis {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-        ranks = mesh.shape[axis_name]
-        if num_experts <= 0 or num_experts % ranks:
-            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
-                             f"{ranks} ranks of axis {axis_name!r}")
-        if not 0 < experts_per_token <= num_experts:
-            raise ValueError(f"experts_per_token={experts_per_token} must be in [1, {num_experts}]")
-        if hidden <= 0 or max_tokens_per_rank <= 0 or expert_alignment <= 0:
-            raise ValueError("hidden, max_tokens_per_rank and expert_alignment must be positive")
-        if not any(jnp.dtype(dispatch_dtype) == jnp.dtype(d) for d in DISPATCH_DTYPES):
-            raise ValueError(f"dispatch_dtype {_dtype_name(dispatch_dtype)} is not one of "
-                             f"{[_dtype_name(d) for d in DISPATCH_DTYPES]}")
-        if not any(jnp.dtype(combine_dtype) == jnp.dtype(d) for d in COMBINE_DTYPES):
-            raise ValueError(f"combine_dtype {_dtype_name(combine_dtype)} is not one of "
-                             f"{[_dtype_name(d) for d in COMBINE_DTYPES]}")
-        self.fp8 = jnp.dtype(dispatch_dtype) == jnp.dtype(jnp.float8_e4m3fn)
-        if self.fp8 and hidden % SCALE_BLOCK:
-            raise ValueError(f"float8 dispatch needs hidden divisible by {SCALE_BLOCK}, got {hidden}")
+        self.config = AllToAllConfig(
+            num_ranks=axis_size(mesh, axis_name), num_experts=num_experts,
+            experts_per_token=experts_per_token, hidden=hidden,
+            max_tokens_per_rank=max_tokens_per_rank, dispatch_dtype=dispatch_dtype,
+            combine_dtype=combine_dtype, max_recv_tokens=max_recv_tokens,
+            expert_alignment=expert_alignment)
         if exchange not in ("auto", "ragged", "padded"):
             raise ValueError(f"exchange must be 'auto', 'ragged' or 'padded', got {exchange!r}")
         self.mesh, self.axis_name = mesh, axis_name
-        self.num_ranks = ranks
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts // ranks
-        self.experts_per_token = experts_per_token
-        self.hidden = hidden
-        self.max_tokens_per_rank = max_tokens_per_rank
-        self.dispatch_dtype = jnp.dtype(dispatch_dtype)
-        self.combine_dtype = jnp.dtype(combine_dtype)
-        self.expert_alignment = expert_alignment
-        # No routing can need more rows than every copy of every token landing here.
-        worst = ranks * max_tokens_per_rank * min(experts_per_token, self.num_local_experts)
-        if max_recv_tokens is None:
-            max_recv_tokens = worst + self.num_local_experts * (expert_alignment - 1)
-        if max_recv_tokens <= 0:
-            raise ValueError(f"max_recv_tokens must be positive, got {max_recv_tokens}")
-        self.max_recv_tokens = max_recv_tokens
         # Padded blocks hold every copy one rank can send to one peer (k of them per token when
         # a router repeats an expert).
-        self.capacity = min(max_tokens_per_rank * experts_per_token, max_recv_tokens)
+        self.capacity = min(self.max_tokens_per_rank * self.experts_per_token,
+                            self.max_recv_tokens)
         platform = np.asarray(mesh.devices).flat[0].platform
         if exchange == "auto":
             exchange = "padded" if platform == "cpu" else "ragged"
         self.exchange = exchange
-        self.check = check
-        self.scale_cols = hidden // SCALE_BLOCK if self.fp8 else 0
+        self.check = check_bool("check", check)
 
     def close(self):
         """Nothing to release; present so that callers can treat both APIs alike."""
@@ -158,9 +116,10 @@ class ReferenceAllToAll:
                                                      x_scale=x_scale, num_tokens=num_tokens))
 
     def dispatch_send(self, x, topk_ids, topk_weights, *, x_scale=None, num_tokens=None):
-        """Routes, sorts copies by expert and exchanges them; returns a DispatchPending."""
-        num_tokens = self._validate(x, topk_ids, topk_weights, x_scale, num_tokens)
-        R, L, T, k = self.num_ranks, self.num_local_experts, self.max_tokens_per_rank, \
+        """Routes, sorts copies by expert and exchanges them; returns a PendingDispatch."""
+        x, x_scale, topk_ids, topk_weights, num_tokens = self.config.check_dispatch_inputs(
+            "dispatch_send", x, topk_ids, topk_weights, x_scale, num_tokens)
+        R, L, T, k = self.num_ranks, self.local_experts, self.max_tokens_per_rank, \
             self.experts_per_token
         E, M = self.num_experts, self.max_recv_tokens
         me = jax.lax.axis_index(self.axis_name)
@@ -208,8 +167,8 @@ class ReferenceAllToAll:
 
         tok = order // k
         # fp8 rows travel as their bytes: same data, and XLA:CPU moves uint8 far faster.
-        send_x = (jax.lax.bitcast_convert_type(x, jnp.uint8) if self.fp8 else x)[tok]
-        send_scale = x_scale[tok] if self.fp8 else None
+        send_x = (jax.lax.bitcast_convert_type(x, jnp.uint8) if self.has_scales else x)[tok]
+        send_scale = x_scale[tok] if self.has_scales else None
         sorted_dest = jnp.where(sorted_key < E, sorted_key // L, R)
         slot = jnp.arange(T * k, dtype=jnp.int32) - input_offsets[jnp.minimum(sorted_dest, R - 1)]
         sorted_dest = jnp.where(sorted_dest < R, sorted_dest * self.capacity + slot,
@@ -226,10 +185,11 @@ class ReferenceAllToAll:
                                       compact_rows[jnp.minimum(compact, M - 1)], M).reshape(-1)
             exchange = lambda a: self._padded_exchange(a, input_offsets, send_sizes)
 
-        handle = Handle(inverse_order, jnp.where(valid, topk_weights, 0.0).astype(jnp.float32),
-                        send_sizes, input_offsets, recv_sizes, recv_offsets, home_offsets,
-                        received_rows, sorted_dest)
-        return DispatchPending(exchange(send_x), exchange(send_scale) if self.fp8 else None,
+        handle = DispatchHandle(inverse_order,
+                                jnp.where(valid, topk_weights, 0.0).astype(jnp.float32),
+                                send_sizes, input_offsets, recv_sizes, recv_offsets,
+                                home_offsets, received_rows, sorted_dest)
+        return PendingDispatch(exchange(send_x), exchange(send_scale) if self.has_scales else None,
                                expert_counts, group_sizes, handle)
 
     def dispatch_recv(self, pending):
@@ -241,10 +201,10 @@ class ReferenceAllToAll:
             jnp.arange(n, dtype=jnp.int32), mode="drop")
         place = lambda a: jnp.take(a, source, axis=0, mode="fill", fill_value=0)
         expert_x = place(pending.received_x)
-        if self.fp8:
+        if self.has_scales:
             expert_x = jax.lax.bitcast_convert_type(expert_x, self.dispatch_dtype)
         return Dispatched(expert_x,
-                          place(pending.received_scale) if self.fp8 else None,
+                          place(pending.received_scale) if self.has_scales else None,
                           pending.expert_counts, pending.group_sizes, h)
 
     # ---- combine --------------------------------------------------------------------------
@@ -254,10 +214,8 @@ class ReferenceAllToAll:
 
     def combine_send(self, expert_y, handle):
         """Sends each received row's expert output back to its home rank."""
-        M, H = self.max_recv_tokens, self.hidden
-        if expert_y.shape != (M, H) or expert_y.dtype != self.combine_dtype:
-            raise ValueError(f"expert_y must be {self.combine_dtype.name}[{M}, {H}], got "
-                             f"{expert_y.dtype.name}{list(expert_y.shape)}")
+        self.config.check_expert_y("combine_send", expert_y)
+        H = self.hidden
         h = handle
         rows = jnp.take(expert_y, h.received_rows, axis=0, mode="fill", fill_value=0)
         Tk = self.max_tokens_per_rank * self.experts_per_token
@@ -270,7 +228,7 @@ class ReferenceAllToAll:
                                         self.axis_name, 0, 0, tiled=False)
             sorted_y = jnp.take(blocks.reshape(-1, H), h.sorted_dest, axis=0, mode="fill",
                                 fill_value=0)
-        return CombinePending(sorted_y, h)
+        return PendingCombine(sorted_y, h)
 
     def combine_recv(self, pending):
         """Weights each token's k expert rows with its router weights and sums them in fp32."""
@@ -305,32 +263,6 @@ class ReferenceAllToAll:
         if overflow:
             raise ValueError(f"the routing needs {np.asarray(rows_needed).tolist()} rows per rank, "
                              f"more than max_recv_tokens={self.max_recv_tokens}")
-
-    def _validate(self, x, topk_ids, topk_weights, x_scale, num_tokens):
-        T, H, k = self.max_tokens_per_rank, self.hidden, self.experts_per_token
-        if x.shape != (T, H) or x.dtype != self.dispatch_dtype:
-            raise ValueError(f"x must be {self.dispatch_dtype.name}[{T}, {H}] per rank, got "
-                             f"{x.dtype.name}{list(x.shape)}")
-        if topk_ids.shape != (T, k) or topk_ids.dtype != jnp.int32:
-            raise ValueError(f"topk_ids must be int32[{T}, {k}] per rank, got "
-                             f"{topk_ids.dtype.name}{list(topk_ids.shape)}")
-        if topk_weights.shape != (T, k) or topk_weights.dtype != jnp.float32:
-            raise ValueError(f"topk_weights must be float32[{T}, {k}] per rank, got "
-                             f"{topk_weights.dtype.name}{list(topk_weights.shape)}")
-        if self.fp8:
-            S = self.scale_cols
-            if x_scale is None or x_scale.shape != (T, S) or x_scale.dtype != jnp.float32:
-                got = None if x_scale is None else f"{x_scale.dtype.name}{list(x_scale.shape)}"
-                raise ValueError(f"float8 dispatch needs x_scale float32[{T}, {S}], got {got}")
-        elif x_scale is not None:
-            raise ValueError("x_scale is only taken with float8_e4m3fn dispatch")
-        if num_tokens is None:
-            return jnp.int32(T)
-        num_tokens = jnp.asarray(num_tokens)
-        if num_tokens.size != 1 or num_tokens.dtype != jnp.int32:
-            raise ValueError(f"num_tokens must be an int32 scalar per rank, got "
-                             f"{num_tokens.dtype.name}{list(num_tokens.shape)}")
-        return num_tokens.reshape(())
 
 
 class PaddedAllToAll(ReferenceAllToAll):

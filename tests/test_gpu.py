@@ -5,8 +5,8 @@ libfabric, every rank a process, several processes sharing one GPU where there a
 GPUs than ranks (correct, not fast). Fabric tests run with delivery reordering on
 (JEM_REORDER_SEED): immediates and completions arrive in a random order, as on EFA.
 
-The cases, the inputs and the NumPy oracle are the CPU suite's (test_all_to_all), so the GPU
-path is held to the same results. Errors differ in timing only: kernels report them into a
+The routings, the inputs and the NumPy checks are the CPU suite's (oracle.py), so the GPU path
+is held to the same results. Errors differ in timing only: kernels report them into a
 status the host reads afterwards, so a bad step raises at ``raise_if_failed()`` (or at the
 next call), not at the call itself. Every test runs in child processes, so that the pytest
 process never holds a GPU. Skipped without GPUs (CI has none); the NVLink tests need two.
@@ -18,7 +18,6 @@ memory where the provider registers it, else pinned host memory).
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -26,11 +25,11 @@ import time
 import numpy as np
 import pytest
 
+import oracle
 from jax_efa_moe import launch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-# Fresh inputs every run; printed, so a failure can be replayed with JEM_TEST_SEED.
-SEED = int(os.environ.get("JEM_TEST_SEED") or secrets.randbits(32))
+SEED = oracle.SEED
 NO_COMMAND_BUFFERS = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
 
 
@@ -200,7 +199,6 @@ def _get(array) -> dict[int, np.ndarray]:
 
 def check_cases(rank, world, args):
     import jax.numpy as jnp
-    import test_all_to_all as cpu
     from jax_efa_moe import AllToAll
 
     mesh = _mesh()
@@ -219,12 +217,11 @@ def check_cases(rank, world, args):
                         combine_dtype=getattr(jnp, combine_dtype), expert_alignment=align,
                         timeout_s=30.0)
         assert comm.fabric_provider == "nvlink", comm.fabric_provider
-        whole, halves, loop = cpu._programs(comm, mesh)
+        whole, halves, loop = oracle.programs(comm, mesh)
         cdt = np.dtype(comm.combine_dtype)
-        for kind in cpu.ROUTINGS:
-            ids, num_tokens = cpu.make_routing(kind, rng, R, T, E, k)
-            weights = rng.random((R, T, k)).astype(np.float32)
-            x, scale = cpu.make_tokens(rng, R, T, H, dispatch_dtype)
+        for kind in oracle.ROUTINGS:
+            ids, num_tokens, weights, x, scale = oracle.make_inputs(kind, rng, R, T, E, k, H,
+                                                                    dispatch_dtype)
             scales = scale if scale is not None else np.zeros((R, T, 0), np.float32)
             inputs = [_put(mesh, a) for a in (x, ids, weights, scales, num_tokens[:, None])]
             got = [None if a is None else _get(a) for a in whole(*inputs)]
@@ -233,8 +230,8 @@ def check_cases(rank, world, args):
             for r in _local_ranks(mesh):
                 mine = [None if a is None else a[r] for a in got]
                 try:
-                    cpu.check_dispatch(r, R, E, align, ids, num_tokens, x, scale, mine[:4])
-                    cpu.check_combine(r, E, cdt, ids, weights, num_tokens, x, scale, mine[4])
+                    oracle.check_dispatch(r, R, E, align, ids, num_tokens, x, scale, mine[:4])
+                    oracle.check_combine(r, E, cdt, ids, weights, num_tokens, x, scale, mine[4])
                 except AssertionError as e:
                     raise AssertionError(f"rank {r}, {where}: {e}") from e
             if kind in ("uniform", "partial"):
@@ -249,7 +246,7 @@ def check_cases(rank, world, args):
                     f"100 steps changed the result: {where}")
             comm.raise_if_failed()
         comm.close()
-    print(f"ranks {_local_ranks(mesh)}: checked {len(configs)} configs x {len(cpu.ROUTINGS)} "
+    print(f"ranks {_local_ranks(mesh)}: checked {len(configs)} configs x {len(oracle.ROUTINGS)} "
           f"routings on {comm.fabric_provider}", flush=True)
 
 
@@ -257,16 +254,13 @@ def check_bad_input(rank, world, args):
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
-    import test_all_to_all as cpu
     from jax_efa_moe import AllToAll
 
-    options = cpu.transport_options(args)
+    options = oracle.transport_options(args)
     mesh = _mesh()
     R, T, H, k, E = 2, 16, 128, 2, 8
     rng = np.random.default_rng([SEED, 7])
-    ids, _ = cpu.make_routing("uniform", rng, R, T, E, k)
-    weights = rng.random((R, T, k)).astype(np.float32)
-    x, _ = cpu.make_tokens(rng, R, T, H, "bfloat16")
+    ids, _, weights, x, _ = oracle.make_inputs("uniform", rng, R, T, E, k, H, "bfloat16")
 
     def new(**overrides):
         kw = dict(num_experts=E, experts_per_token=k, hidden=H, max_tokens_per_rank=T,
@@ -291,12 +285,12 @@ def check_bad_input(rank, world, args):
         def step():
             run(comm, ids_all, n_all)
             comm.raise_if_failed()
-        return cpu._expect_error(step, *texts)
+        return oracle.expect_error(step, *texts)
 
     # Shapes and dtypes are refused in Python, before anything runs.
     comm = new()
-    cpu._expect_error(lambda: comm.dispatch(x[0][:, :64], ids[0], weights[0]), "has shape")
-    cpu._expect_error(lambda: comm.dispatch(x[0].astype(np.float32), ids[0], weights[0]),
+    oracle.expect_error(lambda: comm.dispatch(x[0][:, :64], ids[0], weights[0]), "has shape")
+    oracle.expect_error(lambda: comm.dispatch(x[0].astype(np.float32), ids[0], weights[0]),
                       "dtype")
     run(comm, ids, [T, T])
     comm.raise_if_failed()  # still healthy
@@ -308,7 +302,7 @@ def check_bad_input(rank, world, args):
     message = failing_step(comm, bad, [T, T], "topk_ids[5, 1] = 8 is not an expert id",
                            "rank 0 failed before packing")
     assert time.monotonic() - start < 10, "the error took as long as a timeout"
-    cpu._expect_error(lambda: run(comm, ids, [T, T]), "failed earlier")
+    oracle.expect_error(lambda: run(comm, ids, [T, T]), "failed earlier")
     print(f"bad expert: {message[:200]}", flush=True)
     comm.close()
 
@@ -320,7 +314,7 @@ def check_bad_input(rank, world, args):
 
     # max_recv_tokens too small for the routing: every rank reaches the same verdict.
     comm = new(max_recv_tokens=T)
-    crowded, _ = cpu.make_routing("one_expert", rng, R, T, E, k)
+    crowded, _ = oracle.make_routing("one_expert", rng, R, T, E, k)
     message = failing_step(comm, crowded, [T, T], "more than max_recv_tokens")
     assert f"needs {R * T} rows" in message, message
     comm.close()
@@ -338,18 +332,15 @@ def check_bad_input(rank, world, args):
 def check_dead_peer(rank, world, args):
     import jax
     from jax.sharding import PartitionSpec as P
-    import test_all_to_all as cpu
     from jax_efa_moe import AllToAll
 
     mesh = _mesh()
     T, H, k, E = 8, 128, 2, 4
     timeout_s = 3.0
     comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
-                    max_tokens_per_rank=T, timeout_s=timeout_s, **cpu.transport_options(args))
+                    max_tokens_per_rank=T, timeout_s=timeout_s, **oracle.transport_options(args))
     rng = np.random.default_rng([SEED, 3])
-    ids, _ = cpu.make_routing("uniform", rng, 2, T, E, k)
-    x, _ = cpu.make_tokens(rng, 2, T, H, "bfloat16")
-    weights = rng.random((2, T, k)).astype(np.float32)
+    ids, _, weights, x, _ = oracle.make_inputs("uniform", rng, 2, T, E, k, H, "bfloat16")
 
     def f(x, ids, w):
         d = comm.dispatch(x, ids, w)
@@ -369,7 +360,7 @@ def check_dead_peer(rank, world, args):
         jax.block_until_ready(program(*inputs))
         comm.raise_if_failed()
 
-    message = cpu._expect_error(step_then_check, "timed out", "rank 1")
+    message = oracle.expect_error(step_then_check, "timed out", "rank 1")
     elapsed = time.monotonic() - start
     assert elapsed < timeout_s + 10, f"the error took {elapsed:.1f} s"
     print(f"rank {rank}: dead peer reported after {elapsed:.1f} s: {message[:300]}", flush=True)

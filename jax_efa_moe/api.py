@@ -15,6 +15,9 @@ Create one per process outside of ``jit``; call its methods inside ``jax.shard_m
 
 Every result, the handle included, is a pytree of arrays, so it can cross ``jit`` and
 ``shard_map`` boundaries (sharded over ``axis_name`` along its first dimension).
+
+Every method is differentiable in reverse mode (``jax.grad``): the backward pass runs the mirror
+exchanges with the forward's handle (``autodiff.py`` says how, and what float8 dispatch does).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_efa_moe import ops
+from jax_efa_moe import autodiff, ops
 
 _DISPATCH_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn)
 _COMBINE_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -61,6 +64,7 @@ class PendingDispatch(NamedTuple):
     send_tokens: jax.Array
     send_index: jax.Array
     num_tokens: jax.Array
+    grad_link: jax.Array        # float32 [2R], zeros: joins the halves' backward (autodiff.py)
 
 
 class PendingCombine(NamedTuple):
@@ -68,6 +72,7 @@ class PendingCombine(NamedTuple):
 
     sent: jax.Array
     handle: DispatchHandle
+    grad_link: jax.Array        # float32 [R], zeros: joins the halves' backward (autodiff.py)
 
 
 def _backend_contexts(platform: str, mesh, axis_name, layout, *, fabric_provider, timeout_s,
@@ -101,6 +106,9 @@ class AllToAll:
     bounds the rows of ``expert_x``; the default fits any routing. ``timeout_s`` bounds every
     wait on a peer: a dead peer becomes an error, never a hang. After an error the instance
     refuses further calls; create a new one.
+
+    For gradients it opens, with its own, a narrow context (float32, k + H/128 columns) and,
+    when the dispatch dtype cannot hold the combine dtype (float8), a combine-dtype twin.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -180,11 +188,20 @@ class AllToAll:
             max_recv_tokens=max_recv_tokens, max_recv_records=layout.max_recv_records(),
             num_scales=layout.num_scales(), dispatch_dtype=self.dispatch_dtype,
             combine_dtype=self.combine_dtype)
+        self._gradients = None
+        try:
+            self._gradients = autodiff.Gradients.open(self)
+        except BaseException:
+            self.close()
+            raise
 
     # --- lifetime ---
 
     def close(self) -> None:
         """Releases the buffers and the engine. Idempotent; finish running steps first."""
+        if self._gradients is not None:
+            self._gradients.close()
+            self._gradients = None
         if self._contexts is not None:
             self._contexts.close()
             self._contexts = None
@@ -197,6 +214,8 @@ class AllToAll:
         check = getattr(self._contexts, "raise_if_failed", None)
         if check is not None:
             check()
+        if self._gradients is not None:
+            self._gradients.raise_if_failed()
 
     def __enter__(self) -> AllToAll:
         return self
@@ -216,25 +235,26 @@ class AllToAll:
         """
         operands = self._dispatch_operands("dispatch", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index, *recv = self._call(ops.dispatch, "dispatch", *operands)
-        return self._dispatched(PendingDispatch(send_tokens, send_index,
-                                                operands[-1].reshape(1)), recv)
+        send_tokens, send_index, *recv = self._differentiable("dispatch").dispatch(*operands)
+        return self._dispatched(send_tokens, send_index, operands[-1].reshape(1), recv)
 
     def dispatch_send(self, x, topk_ids, topk_weights, *, x_scale=None,
                       num_tokens=None) -> PendingDispatch:
         """The first half of dispatch: packs and posts what can go at once."""
         operands = self._dispatch_operands("dispatch_send", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index = self._call(ops.dispatch_send, "dispatch_send", *operands)
-        return PendingDispatch(send_tokens, send_index, operands[-1].reshape(1))
+        send_tokens, send_index, link = self._differentiable("dispatch_send").dispatch_send(
+            *operands)
+        return PendingDispatch(send_tokens, send_index, operands[-1].reshape(1), link)
 
     def dispatch_recv(self, pending: PendingDispatch) -> Dispatched:
         """The second half of dispatch: waits for the peers and lays out the tokens."""
         if not isinstance(pending, PendingDispatch):
             raise TypeError("dispatch_recv takes what dispatch_send returned, got "
                             f"{type(pending).__name__}")
-        recv = self._call(ops.dispatch_recv, "dispatch_recv", pending.send_tokens)
-        return self._dispatched(pending, recv)
+        recv = self._differentiable("dispatch_recv").dispatch_recv(
+            *self._varying([pending.send_tokens, pending.grad_link]))
+        return self._dispatched(pending.send_tokens, pending.send_index, pending.num_tokens, recv)
 
     # --- combine ---
 
@@ -247,17 +267,17 @@ class AllToAll:
         """
         self._check_expert_y("combine", expert_y, handle)
         h = handle
-        return self._call(ops.combine, "combine", expert_y, h.recv_tokens, h.record_rows,
-                          h.record_weights, h.home_offsets, h.send_tokens, h.send_index,
-                          h.num_tokens.reshape(()))
+        return self._differentiable("combine").combine(*self._varying([
+            expert_y, h.record_weights, h.recv_tokens, h.record_rows, h.home_offsets,
+            h.send_tokens, h.send_index, h.num_tokens.reshape(())]))
 
     def combine_send(self, expert_y, handle: DispatchHandle) -> PendingCombine:
         """The first half of combine: reduces and sends the partial sums home."""
         self._check_expert_y("combine_send", expert_y, handle)
         h = handle
-        sent = self._call(ops.combine_send, "combine_send", expert_y, h.recv_tokens,
-                          h.record_rows, h.record_weights, h.home_offsets)
-        return PendingCombine(sent, handle)
+        sent, link = self._differentiable("combine_send").combine_send(*self._varying([
+            expert_y, h.record_weights, h.recv_tokens, h.record_rows, h.home_offsets]))
+        return PendingCombine(sent, handle, link)
 
     def combine_recv(self, pending: PendingCombine):
         """The second half of combine: waits for the partials and sums them, [T, H]."""
@@ -265,10 +285,16 @@ class AllToAll:
             raise TypeError("combine_recv takes what combine_send returned, got "
                             f"{type(pending).__name__}")
         h = pending.handle
-        return self._call(ops.combine_recv, "combine_recv", pending.sent, h.send_tokens,
-                          h.send_index, h.num_tokens.reshape(()))
+        return self._differentiable("combine_recv").combine_recv(*self._varying([
+            pending.sent, pending.grad_link, h.send_tokens, h.send_index,
+            h.num_tokens.reshape(())]))
 
     # --- helpers ---
+
+    def _differentiable(self, method: str) -> autodiff.Gradients:
+        if self._contexts is None:
+            raise RuntimeError(f"{method}: this AllToAll is closed")
+        return self._gradients
 
     def _call(self, op, method: str, *operands):
         """One custom call per rank. Operands and results are typed as varying over the axis
@@ -295,11 +321,11 @@ class AllToAll:
                     f"{self.axis_name!r}") from e
         return out
 
-    def _dispatched(self, pending: PendingDispatch, recv) -> Dispatched:
+    def _dispatched(self, send_tokens, send_index, num_tokens, recv) -> Dispatched:
         (expert_x, expert_x_scale, expert_counts, group_sizes, recv_tokens, record_rows,
          record_weights, home_offsets) = recv
-        handle = DispatchHandle(pending.send_tokens, pending.send_index, pending.num_tokens,
-                                recv_tokens, record_rows, record_weights, home_offsets)
+        handle = DispatchHandle(send_tokens, send_index, num_tokens, recv_tokens, record_rows,
+                                record_weights, home_offsets)
         return Dispatched(expert_x, expert_x_scale if self.has_scales else None,
                           expert_counts, group_sizes, handle)
 
@@ -327,7 +353,7 @@ class AllToAll:
             num_tokens = jnp.asarray(num_tokens, jnp.int32)
         else:
             _check_array(method, "num_tokens", num_tokens, (), jnp.int32)
-        return x, x_scale, topk_ids, topk_weights, num_tokens
+        return self._varying([x, x_scale, topk_ids, topk_weights, num_tokens])
 
     def _check_expert_y(self, method, expert_y, handle):
         if not isinstance(handle, DispatchHandle):

@@ -85,6 +85,7 @@ flags.DEFINE_bool("plot", False, "Also write a PNG of latency against tokens per
 flags.DEFINE_string("replot", None, "Only redraw the .md and .png of this results JSON.")
 flags.DEFINE_integer("seed", 0, "Routing and data seed.")
 flags.DEFINE_bool("training", False, "Time one MoE layer's forward and backward instead.")
+flags.DEFINE_multi_string("note", [], "A sentence for the results' notes (repeatable).")
 flags.DEFINE_float("grad_rtol", 2 ** -5, "--training: largest max|ours - stock| / max|stock| "
                    "of a gradient.")
 flags.DEFINE_float("timeout_s", 1800.0, "Deadline for the whole run.")
@@ -402,8 +403,8 @@ def _training_layer(comm):
         xq, sc = moe.quantize_fp8(x) if FLAGS.dispatch_dtype == "fp8" else (
             x.astype(comm.dispatch_dtype), None)
         d = comm.dispatch(xq, ids, w, x_scale=sc)
-        ex = (moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.float32) if sc is not None
-              else d.expert_x.astype(jnp.float32))
+        ex = (moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.bfloat16) if sc is not None
+              else d.expert_x.astype(jnp.bfloat16))
         local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(M), side="right")
         y = (ex * scales[jnp.minimum(local, L - 1)]).astype(comm.combine_dtype)
         out = comm.combine(y, d.handle)
@@ -557,13 +558,21 @@ def _fmt(s):
     return f"{s['median']:.1f} / {s['p99']:.1f}"
 
 
+def _header(meta):
+    """The lines every report starts with: when, where, how, which shapes."""
+    load = meta.get("load_average")
+    return [f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+            f"- command: `{meta['command']}`",
+            *([f"- load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}"]
+              if load else []),
+            f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
+            f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}"]
+
+
 def write_report(results, stem, plot):
     meta, ceiling = results["meta"], results["ceiling"]
     lines = [f"# all-to-all benchmark: {meta['platform']}, {meta['ranks']} ranks", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`",
-             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
-             f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}",
+             *_header(meta),
              f"- loops of {meta['iters']} steps inside one jit, {meta['repeats']} repeats; "
              f"stock `ragged` exchange: {meta['ragged_exchange']}",
              f"- ceiling: {ceiling['kind']} {ceiling['GBps']:.1f} GB/s one way"
@@ -611,10 +620,7 @@ def write_report(results, stem, plot):
 def write_training_report(results, stem):
     meta = results["meta"]
     lines = [f"# MoE layer forward and backward: {meta['platform']}, {meta['ranks']} ranks", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`",
-             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
-             f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}",
+             *_header(meta),
              f"- one layer: router, float8 quantisation, dispatch, experts (a learned scale per "
              f"expert and channel, not SwiGLU: XLA:CPU computes ragged_dot densely over every "
              f"local expert), combine, a loss; one jitted call per step, {meta['repeats']} "
@@ -701,6 +707,7 @@ def main(argv):
         # With one process per GPU, XLA treats ragged_all_to_all as multi-host and refuses it
         # unless told to run it as NCCL send/recv.
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + RAGGED_MULTIPROCESS_FLAG).strip()
+    load_at_start = os.getloadavg()[0]
     try:
         outputs = launch.run("bench_all_to_all:worker", num_processes=n, args=sys.argv[1:],
                              timeout_s=FLAGS.timeout_s, env=env, platform=plat)
@@ -715,6 +722,8 @@ def main(argv):
                       if l.startswith("model name")), host_platform.processor()) \
         if os.path.exists("/proc/cpuinfo") else host_platform.processor()
     results["meta"].update(
+        load_average=[load_at_start, os.getloadavg()[0]],
+        notes=results["meta"].get("notes", []) + FLAGS.note,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{socket.gethostname()}: {os.cpu_count()} cores, {cpu_model}"
                 + (f", {gpus} x {results['meta']['device']}" if plat == "cuda" else ""),

@@ -36,8 +36,10 @@ of latency against tokens per rank (needs matplotlib; ``--replot=FILE.json`` red
 ``--training`` times one MoE layer instead, forward and forward+backward (``jax.grad``), ours
 against the stock path (default tokens 128,4096; ``training_<platform>`` files): router, float8
 quantisation, dispatch, the experts, combine, a loss. The experts scale each row by a learned
-per-expert vector: XLA:CPU computes ``ragged_dot`` densely over every local expert, which at 128
-local experts and H=7168 would take minutes per step and measure nothing of the exchange. Each
+per-expert factor: XLA:CPU computes ``ragged_dot`` densely over every local expert, which at
+128 local experts and H=7168 would take minutes per step and measure nothing of the exchange
+(a per-expert vector costs a scatter of every row into it in the backward pass, slower than the
+exchanges on the CPU). Each
 implementation's gradients (of x, the router and the experts) are checked against the first
 stock implementation's before it is timed.
 """
@@ -406,7 +408,7 @@ def _training_layer(comm):
         ex = (moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.bfloat16) if sc is not None
               else d.expert_x.astype(jnp.bfloat16))
         local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(M), side="right")
-        y = (ex * scales[jnp.minimum(local, L - 1)]).astype(comm.combine_dtype)
+        y = (ex * scales[jnp.minimum(local, L - 1)][:, None]).astype(comm.combine_dtype)
         out = comm.combine(y, d.handle)
         return jnp.sum(out.astype(jnp.float32) * ct)[None]
     return loss
@@ -431,7 +433,7 @@ def _training_runs(mesh, tokens, repeats):
         x = per_rank.put(mesh, AXIS, lambda r: block(r, 0, (T, H), jnp.bfloat16))
         ct = per_rank.put(mesh, AXIS, lambda r: block(r, 1, (T, H)))
         router = (block(0, 2, (H, E)) / H ** 0.5).astype(jnp.bfloat16)  # replicated
-        scales = per_rank.put(mesh, AXIS, lambda r: 1 + 0.1 * block(r, 3, (E // R, H)))
+        scales = per_rank.put(mesh, AXIS, lambda r: 1 + 0.1 * block(r, 3, (E // R,)))
         reference = None
         for impl in order:
             comm = _make(impl, mesh, T)
@@ -621,9 +623,9 @@ def write_training_report(results, stem):
     meta = results["meta"]
     lines = [f"# MoE layer forward and backward: {meta['platform']}, {meta['ranks']} ranks", "",
              *_header(meta),
-             f"- one layer: router, float8 quantisation, dispatch, experts (a learned scale per "
-             f"expert and channel, not SwiGLU: XLA:CPU computes ragged_dot densely over every "
-             f"local expert), combine, a loss; one jitted call per step, {meta['repeats']} "
+             f"- one layer: router, float8 quantisation, dispatch, experts (a learned factor per "
+             f"expert, not SwiGLU: XLA:CPU computes ragged_dot densely over every local "
+             f"expert), combine, a loss; one jitted call per step, {meta['repeats']} "
              f"repeats; stock exchange: {meta['ragged_exchange']}",
              *(f"- note: {n}" for n in meta.get("notes", [])),
              "", "ms per step, median / p99. Gradient error: max |ours - stock| / max |stock| "

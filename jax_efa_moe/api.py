@@ -107,8 +107,9 @@ class AllToAll:
     wait on a peer: a dead peer becomes an error, never a hang. After an error the instance
     refuses further calls; create a new one.
 
-    For gradients it opens, with its own, a narrow context (float32, k + H/128 columns) and,
-    when the dispatch dtype cannot hold the combine dtype (float8), a combine-dtype twin.
+    For gradients it opens two more contexts beside its own: a narrow one (float32, k columns
+    plus H/128 for float8, rounded up to 16) and, when the dispatch dtype cannot hold the
+    combine dtype exactly (float8, or bfloat16 with a float32 combine), a combine-dtype twin.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,

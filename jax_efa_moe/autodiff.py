@@ -20,10 +20,12 @@ custom calls and the forward's handle, so it works wherever the forward does:
 topk_ids, num_tokens and the handle's integer arrays get no gradient (float0); -1 slots, rows
 past num_tokens and alignment padding get zero cotangents. Float8 dispatch: the cotangent of
 x is returned in the combine dtype, not rounded to float8 (JAX accepts a wider float cotangent
-for a float8 input; float8 would keep 3 mantissa bits and flush every value below 2**-9). With
-:func:`jax_efa_moe.moe.quantize_fp8` and :func:`~jax_efa_moe.moe.dequantize_fp8` around the
-dispatch, quantisation is straight-through: the gradient of x is what a dispatch of the
-unquantized x would give, evaluated at the quantized forward pass.
+for a float8 input; float8 would keep 3 mantissa bits and flush every value below 2**-9), so x
+should come straight from a cast, as in :func:`jax_efa_moe.moe.quantize_fp8` (JAX's rules for
+other ops on float8 values expect float8 cotangents). With quantize_fp8 and
+:func:`~jax_efa_moe.moe.dequantize_fp8` around the dispatch, quantisation is straight-through:
+the gradient of x is what a dispatch of the unquantized x would give, evaluated at the
+quantized forward pass.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class PendingDispatch(NamedTuple):
     send_tokens: jax.Array
     send_index: jax.Array
     num_tokens: jax.Array
-    grad_link: jax.Array        # float32 [2R], zeros: joins the halves' backward (autodiff.py)
+    grad_link: jax.Array        # float32 [R], zeros: joins the halves' backward (autodiff.py)
 
 
 class PendingCombine(NamedTuple):
@@ -107,9 +107,8 @@ class AllToAll:
     wait on a peer: a dead peer becomes an error, never a hang. After an error the instance
     refuses further calls; create a new one.
 
-    For gradients it opens two more contexts beside its own: a narrow one (float32, k columns
-    plus H/128 for float8, rounded up to 16) and, when the dispatch dtype cannot hold the
-    combine dtype exactly (float8, or bfloat16 with a float32 combine), a combine-dtype twin.
+    For gradients it opens a second context beside its own, where the backward pass runs:
+    the same routing layout, combine dtype both ways, H + H/128 + k columns (rounded up to 16).
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,

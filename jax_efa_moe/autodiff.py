@@ -4,28 +4,33 @@ Each op is a ``jax.custom_vjp`` whose backward pass is the mirror exchange, run 
 custom calls and the forward's handle, so it works wherever the forward does:
 
 - **dispatch** copies each token to the rows of its experts; its transpose sums each token's
-  row cotangents at home: a combine with weight 1 per slot, in the combine dtype. The cotangents
-  of the router weights and of the float8 scales ride home in a second combine on a narrow
-  context (float32, ``H/128 + k`` columns rounded up to 16), ordered after the first.
+  row cotangents at home: a combine with weight 1 per slot. The same combine carries the
+  float8 scales' cotangents and the router weights' home in extra columns.
 - **combine** sums weighted expert rows at home; its transpose sends the output cotangent to
-  every row its token went to (a dispatch of the cotangent, in the combine dtype), scales it by
-  the row's router weight (-> expert_y), and dots it with the row's expert output (-> that
-  slot's router weight, on the expert side; dispatch's backward brings it home).
+  every row its token went to (a dispatch of the cotangent), scales it by the row's router
+  weight (-> expert_y), and dots it with the row's expert output (-> that slot's router weight:
+  computed where the rows are, it costs k numbers per record on the way home, where
+  recomputing it at home would need every slot's row sent home).
 - The halves mirror each other, so the backward pass can overlap work as the forward does:
   dispatch_recv's backward is a combine_send, dispatch_send's a combine_recv; combine_recv's a
-  dispatch_send, combine_send's a dispatch_recv. ``grad_link``, a small float32 array in the
+  dispatch_send, combine_send's a dispatch_recv. ``grad_link``, a float32 [R] array in the
   pending values (zeros in the forward pass), joins each pair: its cotangent carries the
   backward send half's counts to the backward recv half, which orders the two.
 
+The backward pass runs on a second context of the same routing layout, so that the forward's
+handle indexes its rows too: combine dtype both ways, H + H/128 + k columns (rounded up to 16).
+Its steps are chained by data (XLA orders custom calls by data alone, and every rank must run
+a context's steps in one order), and the forward's context keeps only the forward's steps.
+
 topk_ids, num_tokens and the handle's integer arrays get no gradient (float0); -1 slots, rows
-past num_tokens and alignment padding get zero cotangents. Float8 dispatch: the cotangent of
-x is returned in the combine dtype, not rounded to float8 (JAX accepts a wider float cotangent
-for a float8 input; float8 would keep 3 mantissa bits and flush every value below 2**-9), so x
-should come straight from a cast, as in :func:`jax_efa_moe.moe.quantize_fp8` (JAX's rules for
-other ops on float8 values expect float8 cotangents). With quantize_fp8 and
-:func:`~jax_efa_moe.moe.dequantize_fp8` around the dispatch, quantisation is straight-through:
-the gradient of x is what a dispatch of the unquantized x would give, evaluated at the
-quantized forward pass.
+past num_tokens and alignment padding get zero cotangents. Cotangents travel in the combine
+dtype. Float8 dispatch: the cotangent of x is returned in the combine dtype, not rounded to
+float8 (JAX accepts a wider float cotangent for a float8 input; float8 would keep 3 mantissa
+bits and flush every value below 2**-9), so x should come straight from a cast, as in
+:func:`jax_efa_moe.moe.quantize_fp8` (JAX's rules for other ops on float8 values expect
+float8 cotangents). With quantize_fp8 and :func:`~jax_efa_moe.moe.dequantize_fp8` around the
+dispatch, quantisation is straight-through: the gradient of x is what a dispatch of the
+unquantized x would give, evaluated at the quantized forward pass.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax_efa_moe import ops
 
 _F32 = jnp.dtype(jnp.float32)
-_building = threading.local()  # .active: Gradients is opening its internal AllToAlls
+_building = threading.local()  # .active: Gradients is opening its twin
 
 
 def _zero(ct) -> bool:
@@ -57,35 +62,21 @@ def _values(primals):
 
 
 class Gradients:
-    """The differentiable forms of one AllToAll's ops and the contexts their backward uses.
-
-    Two internal AllToAlls with the forward's routing layout (ranks, experts, k, T, M,
-    alignment), so that the forward's handle indexes their rows too, are opened with it:
-    ``narrow`` for the router-weight and scale cotangents, and ``back`` for combine's backward
-    dispatch unless the forward's dispatch dtype holds the combine dtype exactly (then the
-    forward's own context serves).
-    """
+    """The differentiable forms of one AllToAll's ops, and the twin their backward runs on."""
 
     @classmethod
     def open(cls, comm) -> Gradients | None:
-        """None for the internal AllToAlls themselves: they are never differentiated."""
+        """None for the twins themselves: they are never differentiated."""
         return None if getattr(_building, "active", False) else cls(comm)
 
     def __init__(self, comm):
         self.comm = comm
-        self.back = comm
-        self.narrow = None
         cdt = comm.combine_dtype
+        # The CUDA kernels move rows in 16-element blocks.
+        extra = _round_up(comm._ops.num_scales + comm.experts_per_token, 16)
         _building.active = True
         try:
-            if comm.dispatch_dtype not in (cdt, _F32):
-                self.back = _twin(comm, comm.hidden, cdt)
-            # The CUDA kernels move rows in 16-element blocks.
-            self.narrow = _twin(comm, _round_up(comm._ops.num_scales + comm.experts_per_token,
-                                                16), _F32)
-        except BaseException:
-            self.close()
-            raise
+            self.twin = _twin(comm, comm.hidden + extra, cdt)
         finally:
             _building.active = False
         self.dispatch = _custom_vjp(self._dispatch, self._dispatch_fwd, self._dispatch_bwd)
@@ -96,15 +87,10 @@ class Gradients:
         self.combine_recv = _custom_vjp(self._crecv, self._crecv_fwd, self._crecv_bwd)
 
     def close(self) -> None:
-        for twin in (self.narrow, self.back):
-            if twin is not None and twin is not self.comm:
-                twin.close()
-        self.back = self.narrow = None
+        self.twin.close()
 
     def raise_if_failed(self) -> None:
-        for twin in (self.back, self.narrow):
-            if twin is not self.comm:
-                twin.raise_if_failed()
+        self.twin.raise_if_failed()
 
     # --- dispatch: (x, x_scale, topk_ids, topk_weights, num_tokens) -> the ops' results ---
 
@@ -123,22 +109,18 @@ class Gradients:
         send_tokens, send_index, num_tokens, recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[2], cts[3], cts[8]))):
             return (None,) * 5
-        wide, narrow = self._home_rows(record_rows, cts[2], cts[3], cts[8])
-        expert = (recv_tokens, record_rows, _unit_weights(record_rows), home_offsets)
-        home = (send_tokens, send_index, num_tokens)
-        x_ct = self.comm._call(ops.combine, "combine (backward of dispatch)", wide, *expert,
-                               *home)
-        x_ct, narrow = jax.lax.optimization_barrier((x_ct, narrow))
-        small_ct = self.narrow._call(ops.combine, "combine (backward of dispatch)", narrow,
-                                     *expert, *home)
-        return self._home_cotangents(x_ct, small_ct)
+        out = self.twin._call(ops.combine, "combine (backward of dispatch)",
+                              self._home_rows(record_rows, cts[2], cts[3], cts[8]),
+                              *_expert_side(recv_tokens, record_rows, home_offsets),
+                              send_tokens, send_index, num_tokens)
+        return self._home_cotangents(out)
 
-    # --- dispatch_send: same operands -> (send_tokens, send_index, grad_link [2R]) ---
+    # --- dispatch_send: same operands -> (send_tokens, send_index, grad_link) ---
 
     def _send(self, x, x_scale, topk_ids, topk_weights, num_tokens):
         send_tokens, send_index = self.comm._call(ops.dispatch_send, "dispatch_send", x,
                                                   x_scale, topk_ids, topk_weights, num_tokens)
-        return send_tokens, send_index, self._link(2)
+        return send_tokens, send_index, self._link()
 
     def _send_fwd(self, *primals):
         *_, num_tokens = args = _values(primals)
@@ -149,15 +131,9 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(cts[2]):
             return (None,) * 5
-        sent_wide, sent_narrow = jnp.split(cts[2].astype(jnp.int32), 2)
-        home = (send_tokens, send_index, num_tokens)
-        x_ct = self.comm._call(ops.combine_recv, "combine_recv (backward of dispatch_send)",
-                               sent_wide, *home)
-        x_ct, sent_narrow = jax.lax.optimization_barrier((x_ct, sent_narrow))
-        small_ct = self.narrow._call(ops.combine_recv,
-                                     "combine_recv (backward of dispatch_send)", sent_narrow,
-                                     *home)
-        return self._home_cotangents(x_ct, small_ct)
+        out = self.twin._call(ops.combine_recv, "combine_recv (backward of dispatch_send)",
+                              cts[2].astype(jnp.int32), send_tokens, send_index, num_tokens)
+        return self._home_cotangents(out)
 
     # --- dispatch_recv: (send_tokens, grad_link) -> dispatch's results past the first two ---
 
@@ -174,15 +150,10 @@ class Gradients:
         recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[0], cts[1], cts[6]))):
             return None, None
-        wide, narrow = self._home_rows(record_rows, cts[0], cts[1], cts[6])
-        expert = (recv_tokens, record_rows, _unit_weights(record_rows), home_offsets)
-        sent_wide = self.comm._call(ops.combine_send, "combine_send (backward of dispatch_recv)",
-                                    wide, *expert)
-        sent_wide, narrow = jax.lax.optimization_barrier((sent_wide, narrow))
-        sent_narrow = self.narrow._call(ops.combine_send,
-                                        "combine_send (backward of dispatch_recv)", narrow,
-                                        *expert)
-        return None, jnp.concatenate([sent_wide, sent_narrow]).astype(_F32)
+        sent = self.twin._call(ops.combine_send, "combine_send (backward of dispatch_recv)",
+                               self._home_rows(record_rows, cts[0], cts[1], cts[6]),
+                               *_expert_side(recv_tokens, record_rows, home_offsets))
+        return None, sent.astype(_F32)
 
     # --- combine: (expert_y, record_weights, recv_tokens, record_rows, home_offsets,
     #               send_tokens, send_index, num_tokens) -> out [T, H] ---
@@ -202,18 +173,18 @@ class Gradients:
         expert_y, record_weights, record_rows, send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 8
-        recv = self.back._call(ops.dispatch, "dispatch (backward of combine)",
+        recv = self.twin._call(ops.dispatch, "dispatch (backward of combine)",
                                *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
         return (*self._expert_cotangents(recv[2:], expert_y, record_weights, record_rows),
                 *(None,) * 6)
 
     # --- combine_send: (expert_y, record_weights, recv_tokens, record_rows, home_offsets)
-    #                   -> (sent, grad_link [R]) ---
+    #                   -> (sent, grad_link) ---
 
     def _csend(self, expert_y, record_weights, recv_tokens, record_rows, home_offsets):
         sent = self.comm._call(ops.combine_send, "combine_send", expert_y, recv_tokens,
                                record_rows, record_weights, home_offsets)
-        return sent, self._link(1)
+        return sent, self._link()
 
     def _csend_fwd(self, *primals):
         expert_y, record_weights, _, record_rows, _ = args = _values(primals)
@@ -223,7 +194,7 @@ class Gradients:
         expert_y, record_weights, record_rows = res
         if _zero(cts[1]):
             return (None,) * 5
-        recv = self.back._call(ops.dispatch_recv, "dispatch_recv (backward of combine_send)",
+        recv = self.twin._call(ops.dispatch_recv, "dispatch_recv (backward of combine_send)",
                                cts[1].astype(jnp.int32))
         return (*self._expert_cotangents(recv, expert_y, record_weights, record_rows),
                 None, None, None)
@@ -243,15 +214,15 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 5
-        sent, _ = self.back._call(ops.dispatch_send, "dispatch_send (backward of combine_recv)",
+        sent, _ = self.twin._call(ops.dispatch_send, "dispatch_send (backward of combine_recv)",
                                   *self._back_operands(out_ct, send_tokens, send_index,
                                                        num_tokens))
         return None, sent.astype(_F32), None, None, None
 
     # --- helpers ---
 
-    def _link(self, ranks_per_row: int):
-        return self.comm._varying([jnp.zeros(ranks_per_row * self.comm.num_ranks, _F32)])[0]
+    def _link(self):
+        return self.comm._varying([jnp.zeros(self.comm.num_ranks, _F32)])[0]
 
     def _back_operands(self, out_ct, send_tokens, send_index, num_tokens):
         """dispatch operands that send combine's output cotangent to every row of its token.
@@ -261,20 +232,16 @@ class Gradients:
         records in the forward's order: record g here is record g of the handle, without
         topk_ids. Router weights are not needed (zeros)."""
         comm = self.comm
-        T, k = comm.max_tokens_per_rank, comm.experts_per_token
+        T, H, k = comm.max_tokens_per_rank, comm.hidden, comm.experts_per_token
         dest = jnp.searchsorted(jnp.cumsum(send_tokens), send_index, side="right")
         ids = jnp.where(send_index >= 0, dest * comm.local_experts, -1).astype(jnp.int32)
-        return (out_ct.astype(self.back.dispatch_dtype), jnp.zeros((T, 0), _F32), ids,
-                jnp.zeros((T, k), _F32), num_tokens)
+        rows = jnp.pad(out_ct.astype(comm.combine_dtype), ((0, 0), (0, self.twin.hidden - H)))
+        return rows, jnp.zeros((T, 0), _F32), ids, jnp.zeros((T, k), _F32), num_tokens
 
     def _expert_cotangents(self, recv, expert_y, record_weights, record_rows):
-        """(expert_y, record_weights) cotangents from the rows of combine's backward dispatch.
-
-        The weight's cotangent is the dot product of the output cotangent with the slot's expert
-        output: computed here, where the rows are, it costs k numbers per record on the way
-        home, where recomputing it at home would need each slot's row sent home."""
+        """(expert_y, record_weights) cotangents from the rows of combine's backward dispatch."""
         comm = self.comm
-        M = comm.max_recv_tokens
+        M, H = comm.max_recv_tokens, comm.hidden
         rows, back_rows = recv[0], recv[5]
         # The one row each record was expanded to by the backward dispatch, for every slot of
         # that record on this rank; rows past num_tokens, padding and unused rows: none (M).
@@ -284,42 +251,46 @@ class Gradients:
         source_of_row = jnp.full(M, M, jnp.int32).at[target].set(
             jnp.broadcast_to(source[:, None], target.shape), mode="drop")
         weight_of_row = jnp.zeros(M, _F32).at[target].set(record_weights, mode="drop")
-        out_ct = jnp.take(rows, source_of_row, axis=0, mode="fill",
-                          fill_value=0).astype(_F32)
-        y_ct = (out_ct * weight_of_row[:, None]).astype(comm.combine_dtype)
-        dots = jnp.sum(out_ct * expert_y.astype(_F32), axis=1)
+        # Kept in the combine dtype: on the CPU, writing [M, H] in float32 costs more than the
+        # products themselves.
+        out_ct = jnp.take(rows[:, :H], source_of_row, axis=0, mode="fill", fill_value=0)
+        y_ct = (out_ct.astype(_F32) * weight_of_row[:, None]).astype(comm.combine_dtype)
+        dots = jnp.einsum("mh,mh->m", out_ct, expert_y, preferred_element_type=_F32)
         return y_ct, jnp.take(dots, target, mode="fill", fill_value=0)
 
     def _home_rows(self, record_rows, x_ct, scale_ct, weights_ct):
-        """expert_y of the two combines that take dispatch's cotangents home: the rows'
-        (combine dtype, H wide), and narrow, float32: the scales' in columns [0, S) and the
-        weight of slot i's in column S + i of that slot's row (the only row with that column
-        set, so the combine's sum over the record's slots keeps it)."""
+        """expert_y of the combine that takes dispatch's cotangents home: the rows' in the first
+        H columns, their scales' in the next S, and slot i's router weight's in column
+        H + S + i of that slot's row only, so that the combine's sum over a record's slots
+        keeps it."""
         comm = self.comm
         M, H, k, S = comm.max_recv_tokens, comm.hidden, comm.experts_per_token, \
             comm._ops.num_scales
-        wide = (jnp.zeros((M, H), comm.combine_dtype) if _zero(x_ct)
+        rows = (jnp.zeros((M, H), comm.combine_dtype) if _zero(x_ct)
                 else x_ct.astype(comm.combine_dtype))
-        narrow = jnp.zeros((M, self.narrow.hidden), _F32)
+        extra = jnp.zeros((M, self.twin.hidden - H), _F32)
         if not _zero(scale_ct):
-            narrow = narrow.at[:, :S].set(scale_ct)
+            extra = extra.at[:, :S].set(scale_ct)
         if not _zero(weights_ct):
             target = jnp.where(record_rows >= 0, record_rows, M)
-            narrow = narrow.at[target, S + jnp.arange(k)].set(weights_ct, mode="drop")
-        return wide, narrow
+            extra = extra.at[target, S + jnp.arange(k)].set(weights_ct, mode="drop")
+        return jnp.concatenate([rows, extra.astype(comm.combine_dtype)], axis=1)
 
-    def _home_cotangents(self, x_ct, small_ct):
-        """Cotangents of (x, x_scale, topk_ids, topk_weights, num_tokens) from the two
-        combines' results."""
+    def _home_cotangents(self, out):
+        """Cotangents of (x, x_scale, topk_ids, topk_weights, num_tokens) from the combine of
+        _home_rows."""
         comm = self.comm
-        S, k = comm._ops.num_scales, comm.experts_per_token
+        H, S, k = comm.hidden, comm._ops.num_scales, comm.experts_per_token
+        x_ct = out[:, :H]
         if not comm.has_scales:  # float8 keeps the combine dtype (see the module's doc)
             x_ct = x_ct.astype(comm.dispatch_dtype)
-        return x_ct, small_ct[:, :S], None, small_ct[:, S:S + k], None
+        return (x_ct, out[:, H:H + S].astype(_F32), None,
+                out[:, H + S:H + S + k].astype(_F32), None)
 
 
-def _unit_weights(record_rows):
-    return (record_rows >= 0).astype(_F32)
+def _expert_side(recv_tokens, record_rows, home_offsets):
+    """The expert-side handle arrays of a combine that sums each record's slots unweighted."""
+    return recv_tokens, record_rows, (record_rows >= 0).astype(_F32), home_offsets
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -74,19 +74,23 @@ def _replicated_scalar(mesh, per_rank_loss):
 
 def _expert_rows(comm, d, coef, bias):
     """The test's experts: tanh(x * coef[e]) + bias[e] per row of local expert e (padding rows
-    too, so that their zero cotangent is checked)."""
+    too, so that their zero cotangent is checked), plus, for float8, the row's mean scale (so
+    that the scales' cotangents go home too; dequantize_fp8 holds them constant)."""
     import jax
     import jax.numpy as jnp
     from jax_efa_moe import moe
 
     M, L = comm.max_recv_tokens, comm.num_experts // comm.num_ranks
+    shift = 0.0
     if d.expert_x_scale is not None:
         x = moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.float32)
+        shift = jnp.mean(d.expert_x_scale, axis=1, keepdims=True)
     else:
         x = d.expert_x.astype(jnp.float32)
     local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(M), side="right")
     e = jax.lax.axis_index("ep") * L + jnp.minimum(local, L - 1)
-    return (jnp.tanh(x * coef[e][:, None]) + bias[e][:, None]).astype(comm.combine_dtype)
+    y = jnp.tanh(x * coef[e][:, None]) + bias[e][:, None] + shift
+    return y.astype(comm.combine_dtype)
 
 
 def _op_loss(comm, halves: bool):

@@ -568,7 +568,8 @@ def _header(meta):
             *([f"- load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}"]
               if load else []),
             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
-            f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}"]
+            f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; "
+            f"jax {meta['jax']}"]
 
 
 def write_report(results, stem, plot):

@@ -59,7 +59,7 @@ def test_float32_gradients_match_finite_differences():
 def _replicated_scalar(mesh, per_rank_loss):
     """A jitted f(blocks, shared, constants) of whole (replicated) arrays, summed over ranks:
     each rank calls per_rank_loss(*blocks, *shared, *constants) with its own block of each
-    [R, ...] array of ``blocks`` and ``constants`` (integers, and whatever is not differentiated)."""
+    [R, ...] array of ``blocks`` and ``constants`` (integers, and what is not differentiated)."""
     import jax
     from jax.sharding import PartitionSpec as P
 

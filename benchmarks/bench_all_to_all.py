@@ -32,6 +32,16 @@ several ragged dispatch steps did not finish.
 
 Writes ``<out>/<name>.json`` and ``.md`` (date, machine, command) and, with ``--plot``, a PNG
 of latency against tokens per rank (needs matplotlib; ``--replot=FILE.json`` redraws one).
+
+``--training`` times one MoE layer instead, forward and forward+backward (``jax.grad``), ours
+against the stock path (default tokens 128,4096; ``training_<platform>`` files): router, float8
+quantisation, dispatch, the experts, combine, a loss. The experts scale each row by a learned
+per-expert factor: XLA:CPU computes ``ragged_dot`` densely over every local expert, which at
+128 local experts and H=7168 would take minutes per step and measure nothing of the exchange
+(a per-expert vector costs a scatter of every row into it in the backward pass, slower than the
+exchanges on the CPU). Each
+implementation's gradients (of x, the router and the experts) are checked against the first
+stock implementation's before it is timed.
 """
 
 from __future__ import annotations
@@ -74,8 +84,12 @@ flags.DEFINE_bool("stock_check", False, "Stock paths validate routing through a 
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Results folder.")
 flags.DEFINE_string("name", None, "File name stem; default a2a_<platform>.")
 flags.DEFINE_bool("plot", False, "Also write a PNG of latency against tokens per rank.")
-flags.DEFINE_string("replot", None, "Only redraw the .md and .png of this results JSON.")
+flags.DEFINE_string("replot", None, "Only redraw the .md (and .png) of this results JSON.")
 flags.DEFINE_integer("seed", 0, "Routing and data seed.")
+flags.DEFINE_bool("training", False, "Time one MoE layer's forward and backward instead.")
+flags.DEFINE_multi_string("note", [], "A sentence for the results' notes (repeatable).")
+flags.DEFINE_float("grad_rtol", 2 ** -5, "--training: largest max|ours - stock| / max|stock| "
+                   "of a gradient.")
 flags.DEFINE_float("timeout_s", 1800.0, "Deadline for the whole run.")
 FLAGS = flags.FLAGS
 
@@ -378,6 +392,78 @@ def _calibrate_matmul(mesh, inputs, target_us, iters, repeats):
     return n
 
 
+def _training_layer(comm):
+    """Per rank: the loss <layer(x), ct> of one MoE layer (see the module doc) as an [1] array."""
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import moe
+
+    L, M = FLAGS.experts // comm.num_ranks, comm.max_recv_tokens
+
+    def loss(x, router, scales, ct):
+        ids, w = moe.route(x, router, FLAGS.topk)
+        xq, sc = moe.quantize_fp8(x) if FLAGS.dispatch_dtype == "fp8" else (
+            x.astype(comm.dispatch_dtype), None)
+        d = comm.dispatch(xq, ids, w, x_scale=sc)
+        ex = (moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.bfloat16) if sc is not None
+              else d.expert_x.astype(jnp.bfloat16))
+        local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(M), side="right")
+        y = (ex * scales[jnp.minimum(local, L - 1)][:, None]).astype(comm.combine_dtype)
+        out = comm.combine(y, d.handle)
+        return jnp.sum(out.astype(jnp.float32) * ct)[None]
+    return loss
+
+
+def _training_runs(mesh, tokens, repeats):
+    """Per T and implementation: forward and forward+backward ms, gradient errors."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_efa_moe import per_rank
+
+    R, H, E = mesh.shape[AXIS], FLAGS.hidden, FLAGS.experts
+    stock = next(i for i in FLAGS.impls if i != "ours")
+    order = [stock] + [i for i in FLAGS.impls if i != stock]
+    runs = []
+    for T in tokens:
+        def block(r, what, shape, dtype=np.float32):
+            g = np.random.default_rng([FLAGS.seed, T, r, what])
+            return g.standard_normal(shape, np.float32).astype(dtype)
+
+        x = per_rank.put(mesh, AXIS, lambda r: block(r, 0, (T, H), jnp.bfloat16))
+        ct = per_rank.put(mesh, AXIS, lambda r: block(r, 1, (T, H)))
+        router = (block(0, 2, (H, E)) / H ** 0.5).astype(jnp.bfloat16)  # replicated
+        scales = per_rank.put(mesh, AXIS, lambda r: 1 + 0.1 * block(r, 3, (E // R,)))
+        reference = None
+        for impl in order:
+            comm = _make(impl, mesh, T)
+            layer = jax.shard_map(_training_layer(comm), mesh=mesh,
+                                  in_specs=(P(AXIS), P(), P(AXIS), P(AXIS)), out_specs=P(AXIS))
+            forward = jax.jit(lambda x, router, scales, ct: jnp.sum(layer(x, router, scales, ct)))
+            backward = jax.jit(jax.value_and_grad(forward, argnums=(0, 1, 2)))
+            _progress(f"T={T} {impl}: gradients")
+            grads = [np.asarray(g.addressable_shards[0].data, np.float32)
+                     for g in jax.block_until_ready(backward(x, router, scales, ct)[1])]
+            entry = {"tokens": T, "impl": impl, "max_recv_tokens": comm.max_recv_tokens}
+            if reference is None:
+                reference = grads
+            else:
+                errors = {name: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+                          for name, a, b in zip(("x", "router", "experts"), grads, reference)}
+                entry["grad_rel_error_vs_" + stock] = errors
+                if max(errors.values()) > FLAGS.grad_rtol:
+                    raise AssertionError(f"T={T} {impl}: gradients differ from {stock}'s: "
+                                         f"{errors} (--grad_rtol={FLAGS.grad_rtol})")
+            fwd = _timed(forward, (x, router, scales, ct), repeats)
+            both = _timed(backward, (x, router, scales, ct), repeats)
+            comm.close()
+            entry.update(forward_ms=_stats(fwd, 1e3), forward_backward_ms=_stats(both, 1e3))
+            runs.append(entry)
+            _progress(f"T={T} {impl}: forward {entry['forward_ms']['median']:.1f} ms, "
+                      f"forward+backward {entry['forward_backward_ms']['median']:.1f} ms")
+    return runs
+
+
 def worker(rank, world, args):
     """Each rank runs every measurement; rank 0 prints the results as one JSON line."""
     FLAGS(["bench_all_to_all"] + list(args))
@@ -388,6 +474,13 @@ def worker(rank, world, args):
     mesh = per_rank.ep_mesh(AXIS)
     R = mesh.shape[AXIS]
     cpu = jax.devices()[0].platform == "cpu"
+    if FLAGS.training:
+        repeats = FLAGS.repeats or 5
+        runs = _training_runs(mesh, [int(t) for t in FLAGS.tokens or ["128", "4096"]], repeats)
+        if rank == 0:
+            print("BENCH_JSON " + json.dumps({"meta": _meta(R, world, repeats=repeats),
+                                              "runs": runs}))
+        return
     tokens = [int(t) for t in (FLAGS.tokens or (["16", "64", "128"] if cpu else ["128", "4096"]))]
     iters = FLAGS.iters or (20 if cpu else 50)
     repeats = FLAGS.repeats or (10 if cpu else 50)
@@ -444,13 +537,21 @@ def worker(rank, world, args):
                 print(f"T={T} {impl}: dispatch {lu['dispatch']['median']:.1f} us, combine "
                       f"{lu['combine']['median']:.1f} us", file=sys.stderr, flush=True)
     if rank == 0:
-        meta = {"ranks": R, "processes": world, "platform": jax.devices()[0].platform,
-                "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                "hidden": H, "experts": E, "topk": k, "dispatch_dtype": FLAGS.dispatch_dtype,
-                "combine_dtype": FLAGS.combine_dtype, "iters": iters, "repeats": repeats,
-                "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
-                if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
-        print("BENCH_JSON " + json.dumps({"meta": meta, "runs": runs}))
+        print("BENCH_JSON " + json.dumps({"meta": _meta(R, world, iters=iters, repeats=repeats),
+                                          "runs": runs}))
+
+
+def _meta(ranks, world, **counts):
+    import jax
+
+    cpu = jax.devices()[0].platform == "cpu"
+    return {"ranks": ranks, "processes": world, "platform": jax.devices()[0].platform,
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "hidden": FLAGS.hidden, "experts": FLAGS.experts, "topk": FLAGS.topk,
+            "dispatch_dtype": FLAGS.dispatch_dtype, "combine_dtype": FLAGS.combine_dtype,
+            **counts,
+            "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
+            if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -459,13 +560,22 @@ def _fmt(s):
     return f"{s['median']:.1f} / {s['p99']:.1f}"
 
 
+def _header(meta):
+    """The lines every report starts with: when, where, how, which shapes."""
+    load = meta.get("load_average")
+    return [f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+            f"- command: `{meta['command']}`",
+            *([f"- load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}"]
+              if load else []),
+            f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
+            f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; "
+            f"jax {meta['jax']}"]
+
+
 def write_report(results, stem, plot):
     meta, ceiling = results["meta"], results["ceiling"]
     lines = [f"# all-to-all benchmark: {meta['platform']}, {meta['ranks']} ranks", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`",
-             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
-             f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; jax {meta['jax']}",
+             *_header(meta),
              f"- loops of {meta['iters']} steps inside one jit, {meta['repeats']} repeats; "
              f"stock `ragged` exchange: {meta['ragged_exchange']}",
              f"- ceiling: {ceiling['kind']} {ceiling['GBps']:.1f} GB/s one way"
@@ -510,6 +620,32 @@ def write_report(results, stem, plot):
         _plot(results, stem + ".png")
 
 
+def write_training_report(results, stem):
+    meta = results["meta"]
+    lines = [f"# MoE layer forward and backward: {meta['platform']}, {meta['ranks']} ranks", "",
+             *_header(meta),
+             f"- one layer: router, float8 quantisation, dispatch, experts (a learned factor per "
+             f"expert, not SwiGLU: XLA:CPU computes ragged_dot densely over every local "
+             f"expert), combine, a loss; one jitted call per step, {meta['repeats']} "
+             f"repeats; stock exchange: {meta['ragged_exchange']}",
+             *(f"- note: {n}" for n in meta.get("notes", [])),
+             "", "ms per step, median / p99. Gradient error: max |ours - stock| / max |stock| "
+             "of the gradients of x, the router and the experts (equal: bit for bit), checked "
+             "before timing.", "",
+             "| T | impl | forward | forward+backward | backward (difference) | gradient error |",
+             "|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        fwd, both = r["forward_ms"], r["forward_backward_ms"]
+        errors = next((v for k, v in r.items() if k.startswith("grad_rel_error")), None)
+        err = (", ".join(f"{k} {v:.2g}" if v else f"{k} equal" for k, v in errors.items())
+               if errors else "(oracle)")
+        lines.append(f"| {r['tokens']} | {r['impl']} | {fwd['median']:.1f} / {fwd['p99']:.1f} | "
+                     f"{both['median']:.1f} / {both['p99']:.1f} | "
+                     f"{both['median'] - fwd['median']:.1f} | {err} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _plot(results, path):
     try:
         import matplotlib
@@ -549,7 +685,12 @@ def _gpu_count() -> int:
 def main(argv):
     if FLAGS.replot:
         with open(FLAGS.replot) as f:
-            write_report(json.load(f), FLAGS.replot[:-len(".json")], True)
+            results = json.load(f)
+        stem = FLAGS.replot[:-len(".json")]
+        if "forward_ms" in results["runs"][0]:
+            write_training_report(results, stem)
+        else:
+            write_report(results, stem, True)
         return 0
     from jax_efa_moe import launch
 
@@ -558,13 +699,16 @@ def main(argv):
     if plat == "cuda" and gpus < 2:
         raise app.UsageError(f"--platform=cuda needs 2 GPUs, found {gpus}")
     n = FLAGS.processes or (1 if plat == "cuda" else 2)
-    if plat == "cuda":
+    if FLAGS.training:
+        ceiling = None
+    elif plat == "cuda":
         gbps = peer_copy_gbps()
         ceiling = {"kind": "1 GiB peer copy GPU0->GPU1", "GBps": gbps or 0.0}
     else:
         ceiling = {"kind": "loopback TCP (127.0.0.1, two threads)", "GBps": loopback_tcp_gbps(),
                    "memcpy_GBps": memcpy_gbps()}
-    print(f"ceiling: {ceiling}", flush=True)
+    if ceiling is not None:
+        print(f"ceiling: {ceiling}", flush=True)
     env = {"PYTHONPATH": os.pathsep.join([HERE, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     if plat == "cpu":
         # The ranks share the host's cores: one compute thread each keeps them from fighting.
@@ -573,6 +717,7 @@ def main(argv):
         # With one process per GPU, XLA treats ragged_all_to_all as multi-host and refuses it
         # unless told to run it as NCCL send/recv.
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + RAGGED_MULTIPROCESS_FLAG).strip()
+    load_at_start = os.getloadavg()[0]
     try:
         outputs = launch.run("bench_all_to_all:worker", num_processes=n, args=sys.argv[1:],
                              timeout_s=FLAGS.timeout_s, env=env, platform=plat)
@@ -581,20 +726,27 @@ def main(argv):
         return 1
     line = next(l for l in outputs[0].splitlines() if l.startswith("BENCH_JSON "))
     results = json.loads(line[len("BENCH_JSON "):])
-    results["ceiling"] = ceiling
+    if ceiling is not None:
+        results["ceiling"] = ceiling
     cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                       if l.startswith("model name")), host_platform.processor()) \
         if os.path.exists("/proc/cpuinfo") else host_platform.processor()
     results["meta"].update(
+        load_average=[load_at_start, os.getloadavg()[0]],
+        notes=results["meta"].get("notes", []) + FLAGS.note,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{socket.gethostname()}: {os.cpu_count()} cores, {cpu_model}"
                 + (f", {gpus} x {results['meta']['device']}" if plat == "cuda" else ""),
         command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
     os.makedirs(FLAGS.out, exist_ok=True)
-    stem = os.path.join(FLAGS.out, FLAGS.name or f"a2a_{plat}")
+    stem = os.path.join(FLAGS.out,
+                        FLAGS.name or f"{'training' if FLAGS.training else 'a2a'}_{plat}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
-    write_report(results, stem, FLAGS.plot)
+    if FLAGS.training:
+        write_training_report(results, stem)
+    else:
+        write_report(results, stem, FLAGS.plot)
     print(open(stem + ".md").read())
     return 0
 

@@ -3,12 +3,17 @@
     python examples/moe_inference.py                          # small model, 2 CPU processes
     python examples/moe_inference.py --preset=deepseek-v3     # 256 experts, top-8, hidden 7168
     python examples/moe_inference.py --preset=kimi-k2 --platform=cuda   # one process per GPU
+    python examples/moe_inference.py --train                  # a few SGD steps instead
 
 It starts its own processes (one per rank, joined through ``jax.distributed``), runs the
 model with ``jax_efa_moe.AllToAll`` (``--comm=reference`` for the stock JAX path), and prints
 tokens per second, the per-layer dispatch and combine times, and how far each layer's output
 is from the same layer run with ``jax_efa_moe.reference.ReferenceAllToAll`` on the same input.
 It exits non-zero when that error exceeds ``--rtol``.
+
+With ``--train`` it instead fits the stack to a random teacher (float32 master weights, the
+model in bfloat16, gradients through dispatch and combine) with ``--train_steps`` of SGD on
+one batch, prints the loss at every step, and exits non-zero unless the loss went down.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ flags.DEFINE_integer("steps", 5, "Timed forward passes.")
 flags.DEFINE_integer("repeats", 20, "Timed calls of dispatch and of dispatch+combine.")
 flags.DEFINE_float("rtol", 2e-2, "Largest allowed per-layer max|ours-ref| / max|ref|.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and tokens.")
+flags.DEFINE_bool("train", False, "Run SGD steps on the stack instead of timing inference.")
+flags.DEFINE_integer("train_steps", 8, "SGD steps with --train.")
+flags.DEFINE_float("lr", 0.5, "SGD learning rate with --train.")
 flags.DEFINE_float("timeout_s", 900.0, "Deadline for the whole run.")
 FLAGS = flags.FLAGS
 
@@ -137,6 +145,13 @@ def worker(rank, world, args):
                                      out_specs=P(None, AXIS)))
 
     comm = _make_comm(FLAGS.comm, mesh, cfg, T)
+    if FLAGS.train:
+        first, last = _train(comm, cfg, mesh, params, x, say)
+        comm.close()
+        if not last < first:
+            raise SystemExit(f"FAILED: the loss went from {first:.4g} to {last:.4g}")
+        say(f"PASSED: the loss went down from {first:.4g} to {last:.4g}")
+        return
     ref = _make_comm("reference", mesh, cfg, T)
     run = model(comm)
 
@@ -200,6 +215,47 @@ def worker(rank, world, args):
     if worst > FLAGS.rtol:
         raise SystemExit(f"FAILED: per-layer max rel error {worst:.3g} > rtol {FLAGS.rtol:.3g}")
     say(f"PASSED: per-layer max rel error {worst:.3g} <= rtol {FLAGS.rtol:.3g}")
+
+
+def _train(comm, cfg, mesh, params, x, say):
+    """SGD on float32 master weights of the stack, towards tanh(x A) for a random A; returns
+    the first and the last loss."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax_efa_moe import moe
+
+    def forward(params, x):
+        def block(h, p):
+            return moe.moe_block(jax.tree.map(lambda a: a.astype(cfg.dtype), p), h, comm,
+                                 cfg), None
+        return jax.lax.scan(block, x, params)[0]
+
+    stack = jax.shard_map(forward, mesh=mesh, in_specs=(moe.param_specs(AXIS, (None,)), P(AXIS)),
+                          out_specs=P(AXIS))
+
+    def loss_fn(params, x, target):
+        return jnp.mean((stack(params, x).astype(jnp.float32) - target) ** 2)
+
+    @jax.jit
+    def step(params, x, target):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, target)
+        return jax.tree.map(lambda p, g: p - FLAGS.lr * g, params, grads), loss
+
+    H = cfg.hidden
+    teacher = jax.jit(
+        lambda k, x: jnp.tanh(x.astype(jnp.float32) @ (jax.random.normal(k, (H, H)) / H ** 0.5)),
+        out_shardings=NamedSharding(mesh, P(AXIS)))
+    target = teacher(jax.random.key(FLAGS.seed + 1), x)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    losses = []
+    for i in range(FLAGS.train_steps):
+        t0 = time.perf_counter()
+        params, loss = step(params, x, target)
+        losses.append(float(loss))
+        say(f"step {i}: loss {losses[-1]:.5f} ({1e3 * (time.perf_counter() - t0):.0f} ms"
+            f"{', compiling' if i == 0 else ''})")
+    return losses[0], losses[-1]
 
 
 def main(argv):

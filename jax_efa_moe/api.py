@@ -15,6 +15,9 @@ Create one per process outside of ``jit``; call its methods inside ``jax.shard_m
 
 Every result, the handle included, is a pytree of arrays, so it can cross ``jit`` and
 ``shard_map`` boundaries (sharded over ``axis_name`` along its first dimension).
+
+Every method is differentiable in reverse mode (``jax.grad``): the backward pass runs the mirror
+exchanges with the forward's handle (``autodiff.py`` says how, and what float8 dispatch does).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_efa_moe import bootstrap, config as _config, ops
+from jax_efa_moe import autodiff, bootstrap, config as _config, ops
 from jax_efa_moe.config import AllToAllConfig
 
 _TRANSPORTS = ("auto", "fabric", "nvlink")
@@ -60,6 +63,7 @@ class PendingDispatch(NamedTuple):
     send_tokens: jax.Array
     send_index: jax.Array
     num_tokens: jax.Array
+    grad_link: jax.Array        # float32 [R], zeros: joins the halves' backward (autodiff.py)
 
 
 class PendingCombine(NamedTuple):
@@ -67,6 +71,7 @@ class PendingCombine(NamedTuple):
 
     sent: jax.Array
     handle: DispatchHandle
+    grad_link: jax.Array        # float32 [R], zeros: joins the halves' backward (autodiff.py)
 
 
 def _check_transport(platform: str, num_ranks: int, ranks_per_node, transport) -> int | None:
@@ -141,6 +146,9 @@ class AllToAll(_config.ConfigAttributes):
     differ); set-up compares them and raises on every rank, naming what differs. When set-up
     fails on one rank, every rank raises. ``close()`` releases the buffers and the engine;
     an AllToAll dropped without it is released when garbage collected.
+
+    For gradients it opens a second context beside its own, where the backward pass runs:
+    the same routing layout, combine dtype both ways, H + H/128 + k columns (rounded up to 16).
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -187,6 +195,10 @@ class AllToAll(_config.ConfigAttributes):
                                "fabric_provider": fabric_provider})
         self.mesh, self.axis_name = mesh, axis_name
         self.ranks_per_node, self.transport = ranks_per_node, transport
+        # How this AllToAll reaches its peers, as given: the gradients' twin opens the same way.
+        self.transport_options = dict(
+            ranks_per_node=ranks_per_node, transport=transport, fabric_provider=fabric_provider,
+            num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging)
 
         if platform == "cpu":
             from jax_efa_moe.cpu_contexts import CpuContexts
@@ -207,11 +219,20 @@ class AllToAll(_config.ConfigAttributes):
         self.rank = self._contexts.rank
         self.fabric_provider = self._contexts.provider
         self._ops = ops.OpConfig(self._contexts.context_id, self.config)
+        self._gradients = None
+        try:
+            self._gradients = autodiff.Gradients.open(self)
+        except BaseException:
+            self.close()
+            raise
 
     # --- lifetime ---
 
     def close(self) -> None:
         """Releases the buffers and the engine. Idempotent; finish running steps first."""
+        if getattr(self, "_gradients", None) is not None:
+            self._gradients.close()
+            self._gradients = None
         if self._contexts is not None:
             self._finalizer.detach()
             self._contexts.close()
@@ -225,6 +246,8 @@ class AllToAll(_config.ConfigAttributes):
         check = getattr(self._contexts, "raise_if_failed", None)
         if check is not None:
             check()
+        if self._gradients is not None:
+            self._gradients.raise_if_failed()
 
     def __enter__(self) -> AllToAll:
         return self
@@ -244,25 +267,26 @@ class AllToAll(_config.ConfigAttributes):
         """
         operands = self._dispatch_operands("dispatch", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index, *recv = self._call(ops.dispatch, "dispatch", *operands)
-        return self._dispatched(PendingDispatch(send_tokens, send_index,
-                                                operands[-1].reshape(1)), recv)
+        send_tokens, send_index, *recv = self._differentiable("dispatch").dispatch(*operands)
+        return self._dispatched(send_tokens, send_index, operands[-1].reshape(1), recv)
 
     def dispatch_send(self, x, topk_ids, topk_weights, *, x_scale=None,
                       num_tokens=None) -> PendingDispatch:
         """The first half of dispatch: packs and posts what can go at once."""
         operands = self._dispatch_operands("dispatch_send", x, topk_ids, topk_weights, x_scale,
                                            num_tokens)
-        send_tokens, send_index = self._call(ops.dispatch_send, "dispatch_send", *operands)
-        return PendingDispatch(send_tokens, send_index, operands[-1].reshape(1))
+        send_tokens, send_index, link = self._differentiable("dispatch_send").dispatch_send(
+            *operands)
+        return PendingDispatch(send_tokens, send_index, operands[-1].reshape(1), link)
 
     def dispatch_recv(self, pending: PendingDispatch) -> Dispatched:
         """The second half of dispatch: waits for the peers and lays out the tokens."""
         if not isinstance(pending, PendingDispatch):
             raise TypeError("dispatch_recv takes what dispatch_send returned, got "
                             f"{type(pending).__name__}")
-        recv = self._call(ops.dispatch_recv, "dispatch_recv", pending.send_tokens)
-        return self._dispatched(pending, recv)
+        recv = self._differentiable("dispatch_recv").dispatch_recv(
+            *self._varying([pending.send_tokens, pending.grad_link]))
+        return self._dispatched(pending.send_tokens, pending.send_index, pending.num_tokens, recv)
 
     # --- combine ---
 
@@ -275,17 +299,17 @@ class AllToAll(_config.ConfigAttributes):
         """
         self._check_expert_y("combine", expert_y, handle)
         h = handle
-        return self._call(ops.combine, "combine", expert_y, h.recv_tokens, h.record_rows,
-                          h.record_weights, h.home_offsets, h.send_tokens, h.send_index,
-                          h.num_tokens.reshape(()))
+        return self._differentiable("combine").combine(*self._varying([
+            expert_y, h.record_weights, h.recv_tokens, h.record_rows, h.home_offsets,
+            h.send_tokens, h.send_index, h.num_tokens.reshape(())]))
 
     def combine_send(self, expert_y, handle: DispatchHandle) -> PendingCombine:
         """The first half of combine: reduces and sends the partial sums home."""
         self._check_expert_y("combine_send", expert_y, handle)
         h = handle
-        sent = self._call(ops.combine_send, "combine_send", expert_y, h.recv_tokens,
-                          h.record_rows, h.record_weights, h.home_offsets)
-        return PendingCombine(sent, handle)
+        sent, link = self._differentiable("combine_send").combine_send(*self._varying([
+            expert_y, h.record_weights, h.recv_tokens, h.record_rows, h.home_offsets]))
+        return PendingCombine(sent, handle, link)
 
     def combine_recv(self, pending: PendingCombine):
         """The second half of combine: waits for the partials and sums them, [T, H]."""
@@ -293,10 +317,16 @@ class AllToAll(_config.ConfigAttributes):
             raise TypeError("combine_recv takes what combine_send returned, got "
                             f"{type(pending).__name__}")
         h = pending.handle
-        return self._call(ops.combine_recv, "combine_recv", pending.sent, h.send_tokens,
-                          h.send_index, h.num_tokens.reshape(()))
+        return self._differentiable("combine_recv").combine_recv(*self._varying([
+            pending.sent, pending.grad_link, h.send_tokens, h.send_index,
+            h.num_tokens.reshape(())]))
 
     # --- helpers ---
+
+    def _differentiable(self, method: str) -> autodiff.Gradients:
+        if self._contexts is None:
+            raise RuntimeError(f"{method}: this AllToAll is closed")
+        return self._gradients
 
     def _call(self, op, method: str, *operands):
         """One custom call per rank. Operands and results are typed as varying over the axis
@@ -323,11 +353,11 @@ class AllToAll(_config.ConfigAttributes):
                     f"{self.axis_name!r}") from e
         return out
 
-    def _dispatched(self, pending: PendingDispatch, recv) -> Dispatched:
+    def _dispatched(self, send_tokens, send_index, num_tokens, recv) -> Dispatched:
         (expert_x, expert_x_scale, expert_counts, group_sizes, recv_tokens, record_rows,
          record_weights, home_offsets) = recv
-        handle = DispatchHandle(pending.send_tokens, pending.send_index, pending.num_tokens,
-                                recv_tokens, record_rows, record_weights, home_offsets)
+        handle = DispatchHandle(send_tokens, send_index, num_tokens, recv_tokens, record_rows,
+                                record_weights, home_offsets)
         return Dispatched(expert_x, expert_x_scale if self.has_scales else None,
                           expert_counts, group_sizes, handle)
 
@@ -336,7 +366,7 @@ class AllToAll(_config.ConfigAttributes):
             method, x, topk_ids, topk_weights, x_scale, num_tokens)
         if x_scale is None:
             x_scale = jnp.zeros((self.max_tokens_per_rank, 0), jnp.float32)
-        return x, x_scale, topk_ids, topk_weights, num_tokens
+        return self._varying([x, x_scale, topk_ids, topk_weights, num_tokens])
 
     def _check_expert_y(self, method, expert_y, handle):
         if not isinstance(handle, DispatchHandle):

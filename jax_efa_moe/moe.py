@@ -17,6 +17,7 @@ the token transfer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -100,16 +101,38 @@ def route(x, router, k):
 
 
 def quantize_fp8(x):
-    """float8_e4m3fn values with one float32 scale per 128 channels (x ≈ q * scale)."""
+    """float8_e4m3fn values with one float32 scale per 128 channels (x ≈ q * scale).
+
+    Gradients are straight-through: the rounding counts as the identity and the scale as a
+    constant, so q's cotangent reaches x divided by the scale, and with dequantize_fp8 the pair
+    passes cotangents unchanged."""
     T, H = x.shape
     blocks = x.astype(jnp.float32).reshape(T, H // SCALE_BLOCK, SCALE_BLOCK)
-    scale = jnp.maximum(jnp.abs(blocks).max(-1) / FP8_MAX, 1e-12)
+    scale = jax.lax.stop_gradient(jnp.maximum(jnp.abs(blocks).max(-1) / FP8_MAX, 1e-12))
     q = (blocks / scale[..., None]).astype(FP8).reshape(T, H)
     return q, scale
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dequantize_fp8(q, scale, dtype):
+    """q * scale in ``dtype``; with quantize_fp8, straight-through for gradients: the scale is
+    held constant (no gradient), and q's cotangent is ``dtype``, not float8 as JAX's own rule
+    would make it (3 mantissa bits, and every value below 2**-9 flushed to zero). JAX accepts a
+    wider float cotangent for a float8 input, and dispatch's backward carries it home."""
     return (q.astype(jnp.float32) * jnp.repeat(scale, SCALE_BLOCK, axis=1)).astype(dtype)
+
+
+def _dequantize_fwd(q, scale, dtype):
+    return dequantize_fp8(q, scale, dtype), scale
+
+
+def _dequantize_bwd(dtype, scale, ct):
+    T, H = ct.shape
+    blocks = ct.astype(jnp.float32).reshape(T, H // SCALE_BLOCK, SCALE_BLOCK)
+    return (blocks * scale[..., None]).reshape(T, H).astype(dtype), None
+
+
+dequantize_fp8.defvjp(_dequantize_fwd, _dequantize_bwd)
 
 
 def swiglu(x, w_gate, w_up, w_down):

@@ -25,6 +25,9 @@ the second stock baseline.
 Differences from the real AllToAll, by design of the stock path: a token crosses the wire
 once per (token, expert) pair rather than once per destination rank; combine sends each
 expert's output row home and weights it there (the real one sends weighted partial sums).
+
+Gradients are JAX's own (the tests' oracle for AllToAll's), except that float8 rows, moved as
+bytes, pass cotangents in a wider float dtype as AllToAll's do.
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ class PendingCombine(NamedTuple):
     """Between combine_send and combine_recv: expert rows back home, in sorted order."""
     sorted_y: jax.Array
     handle: DispatchHandle
+
+
+def _bytewise(fn, a, axis_name, *args):
+    """fn(a, *args) for fn linear in a, a map of rows. float8 rows go through as their bytes
+    (the same data, and XLA:CPU moves uint8 far faster); their gradient is fn's transpose in the
+    cotangent's dtype, as float8 would keep 3 mantissa bits and flush every value below 2**-9
+    (JAX accepts a wider float cotangent for a float8 input)."""
+    if a.dtype != jnp.dtype(jnp.float8_e4m3fn):
+        return fn(a, *args)
+    shape = a.shape
+
+    @jax.custom_vjp
+    def moved(a, *args):
+        out = fn(jax.lax.bitcast_convert_type(a, jnp.uint8), *args)
+        return jax.lax.bitcast_convert_type(out, a.dtype)
+
+    def bwd(args, ct):
+        zero = jax.lax.pcast(jnp.zeros(shape, ct.dtype), axis_name, to="varying")
+        return (*jax.vjp(lambda v: fn(v, *args), zero)[1](ct), *(None,) * len(args))
+
+    moved.defvjp(lambda a, *args: (moved(a, *args), args), bwd)
+    return moved(a, *args)
 
 
 def _exclusive_cumsum(x, axis=-1):
@@ -166,31 +191,31 @@ class ReferenceAllToAll(ConfigAttributes):
         compact_rows = jnp.where((j < recv_sizes.sum()) & (keep > 0), rows, M).astype(jnp.int32)
 
         tok = order // k
-        # fp8 rows travel as their bytes: same data, and XLA:CPU moves uint8 far faster.
-        send_x = (jax.lax.bitcast_convert_type(x, jnp.uint8) if self.has_scales else x)[tok]
-        send_scale = x_scale[tok] if self.has_scales else None
         sorted_dest = jnp.where(sorted_key < E, sorted_key // L, R)
         slot = jnp.arange(T * k, dtype=jnp.int32) - input_offsets[jnp.minimum(sorted_dest, R - 1)]
         sorted_dest = jnp.where(sorted_dest < R, sorted_dest * self.capacity + slot,
                                 R * self.capacity).astype(jnp.int32)
         if self.exchange == "ragged":
             received_rows = compact_rows
-            exchange = lambda a: jax.lax.ragged_all_to_all(
-                a, jnp.zeros((M,) + a.shape[1:], a.dtype), input_offsets, send_sizes,
-                output_offsets, recv_sizes, axis_name=self.axis_name)
+            offsets = (input_offsets, send_sizes, output_offsets, recv_sizes)
+            exchange = lambda a, *offsets: jax.lax.ragged_all_to_all(
+                a, jnp.zeros((M,) + a.shape[1:], a.dtype), *offsets, axis_name=self.axis_name)
         else:
             c = jnp.arange(self.capacity, dtype=jnp.int32)
             compact = recv_offsets[:, None] + c[None, :]
             received_rows = jnp.where(c[None, :] < recv_sizes[:, None],
                                       compact_rows[jnp.minimum(compact, M - 1)], M).reshape(-1)
-            exchange = lambda a: self._padded_exchange(a, input_offsets, send_sizes)
+            offsets = (input_offsets, send_sizes)
+            exchange = lambda a, *offsets: self._padded_exchange(a, *offsets)
 
         handle = DispatchHandle(inverse_order,
                                 jnp.where(valid, topk_weights, 0.0).astype(jnp.float32),
                                 send_sizes, input_offsets, recv_sizes, recv_offsets,
                                 home_offsets, received_rows, sorted_dest)
-        return PendingDispatch(exchange(send_x), exchange(send_scale) if self.has_scales else None,
-                               expert_counts, group_sizes, handle)
+        received_x = _bytewise(lambda a, tok, *offsets: exchange(a[tok], *offsets), x,
+                               self.axis_name, tok, *offsets)
+        received_scale = exchange(x_scale[tok], *offsets) if self.has_scales else None
+        return PendingDispatch(received_x, received_scale, expert_counts, group_sizes, handle)
 
     def dispatch_recv(self, pending):
         """Permutes the received rows into the per-expert layout; returns Dispatched."""
@@ -199,12 +224,10 @@ class ReferenceAllToAll(ConfigAttributes):
         n = h.received_rows.shape[0]
         source = jnp.full(M, n, jnp.int32).at[h.received_rows].set(
             jnp.arange(n, dtype=jnp.int32), mode="drop")
-        place = lambda a: jnp.take(a, source, axis=0, mode="fill", fill_value=0)
-        expert_x = place(pending.received_x)
-        if self.has_scales:
-            expert_x = jax.lax.bitcast_convert_type(expert_x, self.dispatch_dtype)
+        place = lambda a, source: jnp.take(a, source, axis=0, mode="fill", fill_value=0)
+        expert_x = _bytewise(place, pending.received_x, self.axis_name, source)
         return Dispatched(expert_x,
-                          place(pending.received_scale) if self.has_scales else None,
+                          place(pending.received_scale, source) if self.has_scales else None,
                           pending.expert_counts, pending.group_sizes, h)
 
     # ---- combine --------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Gradients through AllToAll on the CPU backend, in 2 processes, one CPU device each.
+
+The oracle is JAX's own autodiff of the stock path (ReferenceAllToAll) on the same inputs, and
+finite differences (jax.test_util.check_grads) for float32. Every rank draws every rank's
+inputs from one seed, fresh for each run and printed (replay with JEM_TEST_SEED). Inputs enter
+replicated and each rank takes its block, so gradients come back whole on every process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from test_all_to_all import SEED, TESTS_DIR, make_routing, make_tokens
+from jax_efa_moe import launch
+
+# (dispatch dtype, combine dtype, routings): skewed (zipf, one rank takes every token), -1
+# slots, partial num_tokens, a token sent twice to one expert, nothing at all. float32 on both
+# sides is checked against finite differences below.
+CASES = (("bfloat16", "bfloat16", ("zipf", "one_rank", "unused_slots", "partial", "repeated",
+                                   "empty")),
+         ("float8_e4m3fn", "bfloat16", ("zipf", "unused_slots", "partial")),
+         ("bfloat16", "float32", ("one_rank", "partial")))
+
+
+def _rtol(dtype: str) -> float:
+    """Allowed max |ours - reference| / max |reference| for values rounded to ``dtype``: both
+    paths round the same sums, in a different order."""
+    return 1e-5 if dtype == "float32" else 2 ** -6
+
+
+def _run(function: str, timeout_s: float = 300.0) -> list[str]:
+    path = os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])
+    print(f"JEM_TEST_SEED={SEED}")
+    return launch.run(f"test_autodiff:{function}", 2, timeout_s=timeout_s,
+                      env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED)})
+
+
+def test_op_gradients_equal_the_reference():
+    outputs = _run("check_op_gradients")
+    assert all("op gradients ok" in out for out in outputs), outputs
+
+
+def test_moe_layer_gradients_equal_the_reference():
+    outputs = _run("check_layer_gradients")
+    assert all("layer gradients ok" in out for out in outputs), outputs
+
+
+def test_float32_gradients_match_finite_differences():
+    outputs = _run("check_finite_differences")
+    assert all("finite differences ok" in out for out in outputs), outputs
+
+
+# --------------------------------------------------------------------------------------------
+# The children: run by jax_efa_moe.launch in one process per rank.
+# --------------------------------------------------------------------------------------------
+
+def _replicated_scalar(mesh, per_rank_loss):
+    """A jitted f(blocks, shared, constants) of whole (replicated) arrays, summed over ranks:
+    each rank calls per_rank_loss(*blocks, *shared, *constants) with its own block of each
+    [R, ...] array of ``blocks`` and ``constants`` (integers, and what is not differentiated)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    def f(blocks, shared, constants):
+        r = jax.lax.axis_index("ep")
+        mine = lambda arrays: [jax.lax.dynamic_index_in_dim(a, r, keepdims=False)
+                               for a in arrays]
+        return jax.lax.psum(per_rank_loss(*mine(blocks), *shared, *mine(constants)), "ep")
+
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P()))
+
+
+def _expert_rows(comm, d, coef, bias):
+    """The test's experts: tanh(x * coef[e]) + bias[e] per row of local expert e (padding rows
+    too, so that their zero cotangent is checked), plus, for float8, the row's mean scale (so
+    that the scales' cotangents go home too; dequantize_fp8 holds them constant)."""
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import moe
+
+    M, L = comm.max_recv_tokens, comm.num_experts // comm.num_ranks
+    shift = 0.0
+    if d.expert_x_scale is not None:
+        x = moe.dequantize_fp8(d.expert_x, d.expert_x_scale, jnp.float32)
+        shift = jnp.mean(d.expert_x_scale, axis=1, keepdims=True)
+    else:
+        x = d.expert_x.astype(jnp.float32)
+    local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(M), side="right")
+    e = jax.lax.axis_index("ep") * L + jnp.minimum(local, L - 1)
+    y = jnp.tanh(x * coef[e][:, None]) + bias[e][:, None] + shift
+    return y.astype(comm.combine_dtype)
+
+
+def _op_loss(comm, halves: bool):
+    """Per rank: <combine(experts(dispatch(x))), ct>, through the fused ops or the halves with
+    differentiable work between them."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(x, scale, w, coef, bias, ct, ids, n):
+        # float8 arrives as float32 holding float8 values: JAX's rules for the slicing above
+        # expect float8 cotangents, a cast (as in moe.quantize_fp8) takes the wider one.
+        x = x.astype(comm.dispatch_dtype)
+        kw = dict(x_scale=scale if x.dtype == jnp.float8_e4m3fn else None, num_tokens=n)
+        side = 0.0
+        if halves:
+            pending = comm.dispatch_send(x, ids, w, **kw)
+            pending, side = jax.lax.optimization_barrier((pending, jnp.sum(jnp.sin(w))))
+            d = comm.dispatch_recv(pending)
+        else:
+            d = comm.dispatch(x, ids, w, **kw)
+        y = _expert_rows(comm, d, coef, bias)
+        if halves:
+            sent = comm.combine_send(y, d.handle)
+            sent, side = jax.lax.optimization_barrier((sent, side))
+            out = comm.combine_recv(sent)
+        else:
+            out = comm.combine(y, d.handle)
+        return jnp.sum(out.astype(jnp.float32) * ct) + side
+
+    return loss
+
+
+def _close(a, b, rtol, what):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    err, scale = np.abs(a - b).max(initial=0.0), np.abs(b).max(initial=0.0)
+    assert err <= rtol * scale + 1e-6, f"{what}: max error {err:.3g}, max |reference| {scale:.3g}"
+
+
+def check_op_gradients(rank, world, args):
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import AllToAll, per_rank
+    from jax_efa_moe.reference import ReferenceAllToAll
+
+    mesh = per_rank.ep_mesh("ep")
+    R, T, H, k, E = world, 16, 256, 3, 8
+    rng = np.random.default_rng([SEED, 21])
+    checked = 0
+    for ddt, cdt, routings in CASES:
+        kw = dict(num_experts=E, experts_per_token=k, hidden=H, max_tokens_per_rank=T,
+                  dispatch_dtype=jnp.dtype(ddt), combine_dtype=jnp.dtype(cdt))
+        ours = AllToAll(mesh, "ep", **kw)
+        ref = ReferenceAllToAll(mesh, "ep", max_recv_tokens=ours.max_recv_tokens, **kw)
+        grad = lambda comm, halves: jax.jit(jax.grad(
+            _replicated_scalar(mesh, _op_loss(comm, halves)), argnums=(0, 1)))
+        programs = {"fused": grad(ours, False), "halves": grad(ours, True),
+                    "reference": grad(ref, False)}
+        for kind in routings:
+            ids, num_tokens = make_routing(kind, rng, R, T, E, k)
+            x, scale = make_tokens(rng, R, T, H, ddt)
+            if scale is not None:
+                x = x.astype(np.float32)
+            else:
+                scale = np.zeros((R, T, 0), np.float32)
+            w = rng.uniform(0.1, 1.0, (R, T, k)).astype(np.float32)
+            ct = rng.standard_normal((R, T, H)).astype(np.float32)
+            coef = rng.uniform(0.5, 1.5, E).astype(np.float32)
+            bias = rng.uniform(-1.0, 1.0, E).astype(np.float32)
+            inputs = (x, scale, w), (coef, bias), (ct, ids, num_tokens)
+            got = {name: [np.asarray(a) for a in jax.tree.leaves(g(*inputs))]
+                   for name, g in programs.items()}
+            # The halves' loss adds sum(sin(w)), computed between the halves.
+            got["halves"][2] = got["halves"][2] - np.cos(w)
+            where = f"rank {rank}, {ddt}/{cdt}/{kind}"
+            names = ("x", "x_scale", "topk_weights", "coef", "bias")
+            for name, a, b, r in zip(names, got["fused"], got["reference"], got["halves"]):
+                rtol = _rtol(ddt if name == "x" and ddt != "float8_e4m3fn" else cdt)
+                _close(a, b, max(rtol, _rtol(cdt)), f"{where}: d{name}")
+                _close(r, a, 1e-5, f"{where}: d{name} through the halves")
+            dx, _, dw, _, _ = got["fused"]
+            # Independently of the reference: no gradient where nothing was sent.
+            live = np.arange(T)[None, :] < num_tokens[:, None]
+            assert not dx[~live].astype(np.float32).any(), f"{where}: dx past num_tokens"
+            assert not dw[~live[..., None] | (ids < 0)].any(), f"{where}: dw of unused slots"
+            assert (kind == "empty") != bool(np.abs(dw).max()), f"{where}: dw all zero"
+            checked += 1
+        ours.close()
+    print(f"rank {rank}: op gradients ok ({checked} cases)", flush=True)
+
+
+def check_layer_gradients(rank, world, args):
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import AllToAll, moe, per_rank
+    from jax_efa_moe.reference import ReferenceAllToAll
+
+    mesh = per_rank.ep_mesh("ep")
+    R, T = world, 16
+    rng = np.random.default_rng([SEED, 22])
+    for ddt in ("bfloat16", "float8_e4m3fn"):
+        cfg = moe.MoEConfig(hidden=256, ffn=64, shared_ffn=64, num_experts=8,
+                            experts_per_token=3, dispatch_dtype=jnp.dtype(ddt))
+        L = cfg.num_experts // R
+        params = moe.MoEParams(*(
+            (rng.standard_normal(s) / s[-2] ** 0.5).astype(jnp.bfloat16) for s in
+            ((256, 8), (8, 256, 64), (8, 256, 64), (8, 64, 256), (256, 64), (256, 64),
+             (64, 256))))
+        x = rng.standard_normal((R, T, cfg.hidden)).astype(jnp.bfloat16)
+        num_tokens = np.array([T, T // 2 + 1], np.int32)[:R]
+        ct = rng.standard_normal((R, T, cfg.hidden)).astype(np.float32)
+        got = []
+        for cls in (AllToAll, ReferenceAllToAll):
+            comm = cls(mesh, "ep", max_tokens_per_rank=T, **cfg.comm_kwargs())
+
+            def loss(x, p, ct, n, comm=comm):
+                r = jax.lax.axis_index("ep")
+                mine = lambda a: jax.lax.dynamic_slice_in_dim(a, r * L, L)
+                p = p._replace(w_gate=mine(p.w_gate), w_up=mine(p.w_up),
+                               w_down=mine(p.w_down))
+                out = moe.moe_layer(p, x, comm, cfg, num_tokens=n)
+                return jnp.sum(out.astype(jnp.float32) * ct)
+
+            g = jax.jit(jax.grad(_replicated_scalar(mesh, loss), argnums=(0, 1)))
+            got.append(jax.tree.map(np.asarray, g((x,), (params,), (ct, num_tokens))))
+            comm.close()
+        ((ours_dx,), (ours_p,)), ((ref_dx,), (ref_p,)) = got
+        where = f"rank {rank}, moe_layer {ddt}"
+        # bfloat16 activations and weights: ours and the stock path round the routed sum in
+        # a different order, and that difference goes through every matmul of the backward.
+        _close(ours_dx, ref_dx, 2 ** -4, f"{where}: dx")
+        for name, a, b in zip(moe.MoEParams._fields, ours_p, ref_p):
+            _close(a, b, 2 ** -4, f"{where}: d{name}")
+        assert np.abs(ours_p.router.astype(np.float32)).max() > 0, f"{where}: no router grad"
+    print(f"rank {rank}: layer gradients ok", flush=True)
+
+
+def check_finite_differences(rank, world, args):
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+    from jax_efa_moe import AllToAll, per_rank
+
+    mesh = per_rank.ep_mesh("ep")
+    R, T, H, k, E = world, 8, 16, 2, 4
+    rng = np.random.default_rng([SEED, 23])
+    comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                    max_tokens_per_rank=T, dispatch_dtype=jnp.float32,
+                    combine_dtype=jnp.float32, expert_alignment=4)
+    # -1 slots and partial num_tokens in one routing.
+    ids, _ = make_routing("unused_slots", rng, R, T, E, k)
+    _, num_tokens = make_routing("partial", rng, R, T, E, k)
+    x = rng.standard_normal((R, T, H)).astype(np.float32)
+    scale = np.zeros((R, T, 0), np.float32)
+    ct = rng.standard_normal((R, T, H)).astype(np.float32)
+    for halves in (False, True):
+        f = _replicated_scalar(mesh, _op_loss(comm, halves))
+
+        def loss(x, w, coef, bias, f=f):
+            return f((x, scale, w), (coef, bias), (ct, ids, num_tokens))
+
+        check_grads(loss, (x, rng.uniform(0.1, 1.0, (R, T, k)).astype(np.float32),
+                           rng.uniform(0.5, 1.5, E).astype(np.float32),
+                           rng.uniform(-1.0, 1.0, E).astype(np.float32)),
+                    order=1, modes=["rev"], eps=1e-3)
+    comm.close()
+    print(f"rank {rank}: finite differences ok", flush=True)

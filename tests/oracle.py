@@ -262,3 +262,16 @@ def transport_options(args) -> dict:
         else:
             options[name] = value
     return options
+
+
+def run_children(target: str, num_processes: int, *args: str, timeout_s: float = 240.0,
+                 env: dict[str, str] | None = None, platform: str = "cpu") -> list[str]:
+    """``target`` ("test_module:function") in one process per rank, with this folder on the
+    path and this run's seed (printed, so that a failure can be replayed)."""
+    from jax_efa_moe import launch
+
+    path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                            os.environ.get("PYTHONPATH", "")])
+    print(f"JEM_TEST_SEED={SEED}")
+    return launch.run(target, num_processes, list(args), timeout_s=timeout_s, platform=platform,
+                      env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED), **(env or {})})

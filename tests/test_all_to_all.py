@@ -18,7 +18,6 @@ import pytest
 import oracle
 from jax_efa_moe import bootstrap, launch, providers
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SEED = oracle.SEED
 # Set-up waits timeout_s for each peer, and on tcp a rank's close() sometimes takes 60 s (the
 # engine's deadline for a task on the proxy thread, busy with a write, likely the last step's
@@ -28,11 +27,8 @@ SETUP_AFTER_CLOSE_S = 90.0
 
 def _run(function: str, num_processes: int, *args: str, timeout_s: float = 240.0,
          env: dict[str, str] | None = None) -> list[str]:
-    path = os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])
-    print(f"JEM_TEST_SEED={SEED}")
-    return launch.run(f"test_all_to_all:{function}", num_processes, list(args),
-                      timeout_s=timeout_s,
-                      env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED), **(env or {})})
+    return oracle.run_children(f"test_all_to_all:{function}", num_processes, *args,
+                               timeout_s=timeout_s, env=env)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ replicated and each rank takes its block, so gradients come back whole on every 
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
-from test_all_to_all import SEED, TESTS_DIR, make_routing, make_tokens
-from jax_efa_moe import launch
+import oracle
+from oracle import SEED, make_routing, make_tokens
 
 # (dispatch dtype, combine dtype, routings): skewed (zipf, one rank takes every token), -1
 # slots, partial num_tokens, a token sent twice to one expert, nothing at all. float32 on both
@@ -31,10 +30,7 @@ def _rtol(dtype: str) -> float:
 
 
 def _run(function: str, timeout_s: float = 300.0) -> list[str]:
-    path = os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])
-    print(f"JEM_TEST_SEED={SEED}")
-    return launch.run(f"test_autodiff:{function}", 2, timeout_s=timeout_s,
-                      env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED)})
+    return oracle.run_children(f"test_autodiff:{function}", 2, timeout_s=timeout_s)
 
 
 def test_op_gradients_equal_the_reference():

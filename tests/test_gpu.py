@@ -252,7 +252,6 @@ def check_cases(rank, world, args):
 
 def check_bad_input(rank, world, args):
     import jax
-    import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
     from jax_efa_moe import AllToAll
 

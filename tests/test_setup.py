@@ -15,16 +15,10 @@ import time
 import numpy as np
 
 import oracle
-from jax_efa_moe import launch
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(function: str, timeout_s: float = 180.0) -> list[str]:
-    print(f"JEM_TEST_SEED={oracle.SEED}")
-    path = os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])
-    return launch.run(f"test_setup:{function}", 2, timeout_s=timeout_s,
-                      env={"PYTHONPATH": path, "JEM_TEST_SEED": str(oracle.SEED)})
+    return oracle.run_children(f"test_setup:{function}", 2, timeout_s=timeout_s)
 
 
 def test_different_arguments_on_two_ranks_fail_on_both():

@@ -149,6 +149,7 @@ class AllToAll(_config.ConfigAttributes):
 
     For gradients it opens a second context beside its own, where the backward pass runs:
     the same routing layout, combine dtype both ways, H + H/128 + k columns (rounded up to 16).
+    ``differentiable=False`` (inference) spares that context; a backward pass then raises.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int,
@@ -158,7 +159,8 @@ class AllToAll(_config.ConfigAttributes):
                  ranks_per_node: int | None = None, transport: str = "auto",
                  fabric_provider: str | None = None, num_nics: int = 1,
                  nic_names: tuple[str, ...] = (), fabric_staging: bool | None = None,
-                 zero_unused_rows: bool = True, timeout_s: float = 60.0):
+                 zero_unused_rows: bool = True, differentiable: bool = True,
+                 timeout_s: float = 60.0):
         self._contexts = None
         setup = bootstrap.Setup("AllToAll", timeout_s)
         # Bad arguments on one rank are published before raising, so that the other ranks
@@ -185,6 +187,7 @@ class AllToAll(_config.ConfigAttributes):
             if fabric_staging is not None:
                 fabric_staging = _config.check_bool("fabric_staging", fabric_staging)
             self.zero_unused_rows = _config.check_bool("zero_unused_rows", zero_unused_rows)
+            differentiable = _config.check_bool("differentiable", differentiable)
             self.timeout_s = setup.timeout_s = _config.check_timeout(timeout_s)
             layout = self.config.layout()
         except Exception as e:
@@ -192,7 +195,8 @@ class AllToAll(_config.ConfigAttributes):
             raise
         setup.agree("config", {**self.config.fingerprint(), "axis_name": str(axis_name),
                                "ranks_per_node": ranks_per_node, "transport": transport,
-                               "fabric_provider": fabric_provider})
+                               "fabric_provider": fabric_provider,
+                               "differentiable": differentiable})
         self.mesh, self.axis_name = mesh, axis_name
         self.ranks_per_node, self.transport = ranks_per_node, transport
         # How this AllToAll reaches its peers, as given: the gradients' twin opens the same way.
@@ -221,7 +225,7 @@ class AllToAll(_config.ConfigAttributes):
         self._ops = ops.OpConfig(self._contexts.context_id, self.config)
         self._gradients = None
         try:
-            self._gradients = autodiff.Gradients.open(self)
+            self._gradients = autodiff.Gradients.open(self, differentiable)
         except BaseException:
             self.close()
             raise

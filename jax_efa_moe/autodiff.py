@@ -65,20 +65,23 @@ class Gradients:
     """The differentiable forms of one AllToAll's ops, and the twin their backward runs on."""
 
     @classmethod
-    def open(cls, comm) -> Gradients | None:
-        """None for the twins themselves: they are never differentiated."""
-        return None if getattr(_building, "active", False) else cls(comm)
+    def open(cls, comm, differentiable: bool = True) -> Gradients | None:
+        """None for the twins themselves: they are never differentiated. Without
+        ``differentiable`` no twin is opened, and a backward pass raises."""
+        return None if getattr(_building, "active", False) else cls(comm, differentiable)
 
-    def __init__(self, comm):
+    def __init__(self, comm, differentiable: bool = True):
         self.comm = comm
-        cdt = comm.combine_dtype
-        # The CUDA kernels move rows in 16-element blocks.
-        extra = _round_up(comm.num_scales + comm.experts_per_token, 16)
-        _building.active = True
-        try:
-            self.twin = _twin(comm, comm.hidden + extra, cdt)
-        finally:
-            _building.active = False
+        self.twin = None
+        if differentiable:
+            cdt = comm.combine_dtype
+            # The CUDA kernels move rows in 16-element blocks.
+            extra = _round_up(comm.num_scales + comm.experts_per_token, 16)
+            _building.active = True
+            try:
+                self.twin = _twin(comm, comm.hidden + extra, cdt)
+            finally:
+                _building.active = False
         self.dispatch = _custom_vjp(self._dispatch, self._dispatch_fwd, self._dispatch_bwd)
         self.dispatch_send = _custom_vjp(self._send, self._send_fwd, self._send_bwd)
         self.dispatch_recv = _custom_vjp(self._recv, self._recv_fwd, self._recv_bwd)
@@ -87,10 +90,20 @@ class Gradients:
         self.combine_recv = _custom_vjp(self._crecv, self._crecv_fwd, self._crecv_bwd)
 
     def close(self) -> None:
-        self.twin.close()
+        if self.twin is not None:
+            self.twin.close()
 
     def raise_if_failed(self) -> None:
-        self.twin.raise_if_failed()
+        if self.twin is not None:
+            self.twin.raise_if_failed()
+
+    def _backward(self):
+        """The twin the backward pass runs on."""
+        if self.twin is None:
+            raise RuntimeError("this AllToAll was created with differentiable=False, so it has "
+                               "no context for the backward pass; create it with "
+                               "differentiable=True (the default) to take gradients.")
+        return self.twin
 
     # --- dispatch: (x, x_scale, topk_ids, topk_weights, num_tokens) -> the ops' results ---
 
@@ -109,10 +122,11 @@ class Gradients:
         send_tokens, send_index, num_tokens, recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[2], cts[3], cts[8]))):
             return (None,) * 5
-        out = self.twin._call(ops.combine, "combine (backward of dispatch)",
-                              self._home_rows(record_rows, cts[2], cts[3], cts[8]),
-                              *_expert_side(recv_tokens, record_rows, home_offsets),
-                              send_tokens, send_index, num_tokens)
+        out = self._backward()._call(
+            ops.combine, "combine (backward of dispatch)",
+            self._home_rows(record_rows, cts[2], cts[3], cts[8]),
+            *_expert_side(recv_tokens, record_rows, home_offsets),
+            send_tokens, send_index, num_tokens)
         return self._home_cotangents(out)
 
     # --- dispatch_send: same operands -> (send_tokens, send_index, grad_link) ---
@@ -131,8 +145,9 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(cts[2]):
             return (None,) * 5
-        out = self.twin._call(ops.combine_recv, "combine_recv (backward of dispatch_send)",
-                              cts[2].astype(jnp.int32), send_tokens, send_index, num_tokens)
+        out = self._backward()._call(
+            ops.combine_recv, "combine_recv (backward of dispatch_send)",
+            cts[2].astype(jnp.int32), send_tokens, send_index, num_tokens)
         return self._home_cotangents(out)
 
     # --- dispatch_recv: (send_tokens, grad_link) -> dispatch's results past the first two ---
@@ -150,9 +165,10 @@ class Gradients:
         recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[0], cts[1], cts[6]))):
             return None, None
-        sent = self.twin._call(ops.combine_send, "combine_send (backward of dispatch_recv)",
-                               self._home_rows(record_rows, cts[0], cts[1], cts[6]),
-                               *_expert_side(recv_tokens, record_rows, home_offsets))
+        sent = self._backward()._call(
+            ops.combine_send, "combine_send (backward of dispatch_recv)",
+            self._home_rows(record_rows, cts[0], cts[1], cts[6]),
+            *_expert_side(recv_tokens, record_rows, home_offsets))
         return None, sent.astype(_F32)
 
     # --- combine: (expert_y, record_weights, recv_tokens, record_rows, home_offsets,
@@ -173,8 +189,9 @@ class Gradients:
         expert_y, record_weights, record_rows, send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 8
-        recv = self.twin._call(ops.dispatch, "dispatch (backward of combine)",
-                               *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
+        recv = self._backward()._call(
+            ops.dispatch, "dispatch (backward of combine)",
+            *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
         return (*self._expert_cotangents(recv[2:], expert_y, record_weights, record_rows),
                 *(None,) * 6)
 
@@ -194,8 +211,9 @@ class Gradients:
         expert_y, record_weights, record_rows = res
         if _zero(cts[1]):
             return (None,) * 5
-        recv = self.twin._call(ops.dispatch_recv, "dispatch_recv (backward of combine_send)",
-                               cts[1].astype(jnp.int32))
+        recv = self._backward()._call(
+            ops.dispatch_recv, "dispatch_recv (backward of combine_send)",
+            cts[1].astype(jnp.int32))
         return (*self._expert_cotangents(recv, expert_y, record_weights, record_rows),
                 None, None, None)
 
@@ -214,9 +232,9 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 5
-        sent, _ = self.twin._call(ops.dispatch_send, "dispatch_send (backward of combine_recv)",
-                                  *self._back_operands(out_ct, send_tokens, send_index,
-                                                       num_tokens))
+        sent, _ = self._backward()._call(
+            ops.dispatch_send, "dispatch_send (backward of combine_recv)",
+            *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
         return None, sent.astype(_F32), None, None, None
 
     # --- helpers ---
@@ -235,7 +253,8 @@ class Gradients:
         T, H, k = comm.max_tokens_per_rank, comm.hidden, comm.experts_per_token
         dest = jnp.searchsorted(jnp.cumsum(send_tokens), send_index, side="right")
         ids = jnp.where(send_index >= 0, dest * comm.local_experts, -1).astype(jnp.int32)
-        rows = jnp.pad(out_ct.astype(comm.combine_dtype), ((0, 0), (0, self.twin.hidden - H)))
+        twin_hidden = self._backward().hidden
+        rows = jnp.pad(out_ct.astype(comm.combine_dtype), ((0, 0), (0, twin_hidden - H)))
         return rows, jnp.zeros((T, 0), _F32), ids, jnp.zeros((T, k), _F32), num_tokens
 
     def _expert_cotangents(self, recv, expert_y, record_weights, record_rows):
@@ -268,7 +287,7 @@ class Gradients:
             comm.num_scales
         rows = (jnp.zeros((M, H), comm.combine_dtype) if _zero(x_ct)
                 else x_ct.astype(comm.combine_dtype))
-        extra = jnp.zeros((M, self.twin.hidden - H), _F32)
+        extra = jnp.zeros((M, self._backward().hidden - H), _F32)
         if not _zero(scale_ct):
             extra = extra.at[:, :S].set(scale_ct)
         if not _zero(weights_ct):

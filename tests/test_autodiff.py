@@ -224,6 +224,7 @@ def check_layer_gradients(rank, world, args):
 
 
 def check_finite_differences(rank, world, args):
+    import jax
     import jax.numpy as jnp
     from jax.test_util import check_grads
     from jax_efa_moe import AllToAll, per_rank
@@ -250,5 +251,21 @@ def check_finite_differences(rank, world, args):
                            rng.uniform(0.5, 1.5, E).astype(np.float32),
                            rng.uniform(-1.0, 1.0, E).astype(np.float32)),
                     order=1, modes=["rev"], eps=1e-3)
+
+    # An inference-only AllToAll computes the same forward and refuses a backward pass.
+    inference = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                         max_tokens_per_rank=T, dispatch_dtype=jnp.float32,
+                         combine_dtype=jnp.float32, expert_alignment=4, differentiable=False)
+    args = (x, rng.uniform(0.1, 1.0, (R, T, k)).astype(np.float32),
+            rng.uniform(0.5, 1.5, E).astype(np.float32),
+            rng.uniform(-1.0, 1.0, E).astype(np.float32))
+
+    def loss_of(c):
+        f = _replicated_scalar(mesh, _op_loss(c, False))
+        return lambda x, w, coef, bias: f((x, scale, w), (coef, bias), (ct, ids, num_tokens))
+
+    assert np.array_equal(np.asarray(loss_of(inference)(*args)), np.asarray(loss_of(comm)(*args)))
+    oracle.expect_error(lambda: jax.grad(loss_of(inference))(*args), "differentiable=False")
+    inference.close()
     comm.close()
     print(f"rank {rank}: finite differences ok", flush=True)

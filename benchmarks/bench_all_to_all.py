@@ -191,7 +191,7 @@ def _make(impl, mesh, T):
               combine_dtype=jnp.dtype(DTYPES[FLAGS.combine_dtype]))
     if impl == "ours":
         from jax_efa_moe import AllToAll
-        return AllToAll(mesh, AXIS, **kw)
+        return AllToAll(mesh, AXIS, differentiable=FLAGS.training, **kw)
     from jax_efa_moe.reference import PaddedAllToAll, ReferenceAllToAll
     return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(
         mesh, AXIS, check=FLAGS.stock_check, **kw)

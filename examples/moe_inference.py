@@ -86,7 +86,9 @@ def _config():
 def _make_comm(kind, mesh, cfg, tokens):
     if kind == "ours":
         from jax_efa_moe import AllToAll
-        return AllToAll(mesh, AXIS, max_tokens_per_rank=tokens, **cfg.comm_kwargs())
+        # Serving needs no gradient context; training does.
+        return AllToAll(mesh, AXIS, max_tokens_per_rank=tokens, differentiable=FLAGS.train,
+                        **cfg.comm_kwargs())
     from jax_efa_moe.reference import ReferenceAllToAll
     # The padded exchange: same rows as the ragged one, and it runs on every backend in either
     # process model (XLA:CPU has no ragged_all_to_all; see benchmarks/ for GPU caveats).

@@ -174,8 +174,10 @@ def check_drop_without_close(rank, world, args):
         oracle.expect_error(lambda: _jem.context_steps(context), "no all-to-all context")
         usage.append(_usage())
     print(f"rank {rank}: (RSS, fds, threads) per round {usage}", flush=True)
-    # From the first round without a step on: JAX may still start threads after a step.
-    assert len({u[1:] for u in usage[2:]}) == 1, f"fds or threads grew: {usage}"
+    # From the first round without a step on: JAX may still start threads after a step, and
+    # may close a socket of its own at any time, so only growth counts.
+    assert all(u[1] <= usage[2][1] and u[2] <= usage[2][2] for u in usage[2:]), (
+        f"fds or threads grew: {usage}")
     grown = usage[-1][0] - usage[3][0]
     assert grown < 8 << 20, f"RSS grew by {grown >> 20} MB in 4 rounds: {usage}"
     print(f"rank {rank}: drop ok", flush=True)

@@ -302,7 +302,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
                       "combine": _stats(np.subtract(rt_times, d_times), iters)}
 
     # The halves, one jitted call each; pending state and handles cross as per-rank arrays.
-    fs, fr, fh, fc = _Flat(), _Flat(), _Flat(), _Flat()
+    fs, fh, fc = _Flat(), _Flat(), _Flat()
     send = shard(lambda x, sc, ids, w: fs.out(comm.dispatch_send(x, ids, w, x_scale=sc)))
     jax.eval_shape(send, *inputs)
 
@@ -332,7 +332,6 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
 
 
 def _matmul_loop(n, iters):
-    import jax
     import jax.numpy as jnp
 
     def run(a, b):
@@ -394,7 +393,6 @@ def _calibrate_matmul(mesh, inputs, target_us, iters, repeats):
 
 def _training_layer(comm):
     """Per rank: the loss <layer(x), ct> of one MoE layer (see the module doc) as an [1] array."""
-    import jax
     import jax.numpy as jnp
     from jax_efa_moe import moe
 

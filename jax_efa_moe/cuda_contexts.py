@@ -112,8 +112,6 @@ class CudaContexts:
                 host_of_rank[r] = p["host"]
         nodes = node_of_ranks(R, transport, ranks_per_node, host_of_rank)
         masks = [sum(1 << p for p in range(R) if nodes[p] != nodes[r]) for r in self.ranks]
-        self.fabric_peers = {r: [p for p in range(R) if nodes[p] != nodes[r]]
-                             for r in self.ranks}
         self.provider = "nvlink"
         if len(set(nodes)) > 1:
             self.provider = fabric_provider or providers.choose(hosts)
@@ -128,8 +126,8 @@ class CudaContexts:
             handles = _jem.cuda_context_ipc_handles(self.context_id)
             gpus = _jem.cuda_context_pci_addresses(self.context_id)
             endpoints = _jem.cuda_context_fabric_endpoints(self.context_id)
-            self.fabric_staged = {r: e[2] for r, e in zip(self.ranks, endpoints) if e[0]}
-            if fabric_staging is False and any(self.fabric_staged.values()):
+            staged = [e[2] for e in endpoints if e[0]]
+            if fabric_staging is False and any(staged):
                 raise RuntimeError(
                     f"fabric_staging=False, but provider '{self.provider}' cannot register GPU "
                     "memory here (no FI_HMEM with CUDA); use a libfabric built with CUDA "

@@ -138,15 +138,14 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
     args_.fabric_buffer = static_cast<uint8_t*>(mapped);
   }
 
-  const int64_t words = AlignUp(sizeof(ProxyMailbox), 256) + nl.signals_bytes();
-  Check(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), words,
+  Check(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), nl.proxy_words_bytes(),
                       cudaHostAllocMapped | cudaHostAllocPortable),
         "cudaHostAlloc of the proxy mailbox");
-  std::memset(host_words_, 0, words);
+  std::memset(host_words_, 0, nl.proxy_words_bytes());
   void* mapped = nullptr;
   Check(cudaHostGetDevicePointer(&mapped, host_words_, 0), "cudaHostGetDevicePointer");
   args_.mailbox = static_cast<ProxyMailbox*>(mapped);
-  args_.fabric_signals = static_cast<uint8_t*>(mapped) + AlignUp(sizeof(ProxyMailbox), 256);
+  args_.fabric_signals = static_cast<uint8_t*>(mapped) + nl.proxy_signals_offset();
   args_.fabric_mask = fabric.mask;
 }
 
@@ -247,10 +246,11 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
     }
   }
   if (engine_) {
-    const int64_t mailbox_bytes = AlignUp(sizeof(ProxyMailbox), 256);
+    const NvlinkLayout nl{args_.layout};
     proxy_ = std::make_unique<FabricProxy>(
         *engine_, args_.layout, args_.rank, args_.fabric_mask, fabric_region_,
-        reinterpret_cast<ProxyMailbox*>(host_words_), host_words_ + mailbox_bytes, fabric);
+        reinterpret_cast<ProxyMailbox*>(host_words_), host_words_ + nl.proxy_signals_offset(),
+        fabric);
   }
   connected_ = true;
 }

@@ -163,6 +163,13 @@ struct NvlinkLayout {
            (home_rank * T() + index) * layout.combine_row_bytes();
   }
 
+  // --- proxy words: mapped pinned host memory of a rank with fabric peers: its ProxyMailbox,
+  // then the flags the proxy raises for fabric peers, laid out like the signals region ---
+  JEM_HD int64_t proxy_signals_offset() const {
+    return AlignUp(static_cast<int64_t>(sizeof(ProxyMailbox)), 256);
+  }
+  JEM_HD int64_t proxy_words_bytes() const { return proxy_signals_offset() + signals_bytes(); }
+
   JEM_HD int64_t arena_bytes() const {
     return staging_offset() + R() * outbox_bytes() + partials_bytes();
   }

@@ -163,7 +163,7 @@ class AllToAllConfig:
         return self.hidden // SCALE_BLOCK if self.has_scales else 0
 
     def layout(self):
-        """The C++ buffer layout (cc/a2a/layout.h) of this configuration."""
+        """The C++ buffer layout (cc/base/layout.h) of this configuration."""
         from jax_efa_moe import _jem
 
         layout = _jem.Layout()

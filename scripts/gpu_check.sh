@@ -72,17 +72,17 @@ build() {
   fabric_root || return 1
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DPython_EXECUTABLE="$(command -v "$PY")" || return 1
-  ninja -C build/gpu _jem nvlink_kernels_test proxy_signal_bench || return 1
+  ninja -C build/gpu _jem nvlink_context_test proxy_signal_bench || return 1
   cp build/gpu/_jem*.so jax_efa_moe/ || return 1
   "$PY" -c "from jax_efa_moe import _jem; assert _jem.has_cuda; print('GPUs:', _jem.cuda_device_count())"
 }
 
-kernels_two_processes() {  # nvlink_kernels_test as 2 processes over CUDA IPC; $1 = wrapper
+kernels_two_processes() {  # nvlink_context_test as 2 processes over CUDA IPC; $1 = wrapper
   local dir
   dir=$(mktemp -d)
   local pids=()
   for r in 0 1; do
-    $1 build/gpu/nvlink_kernels_test --rank $r --world 2 --rendezvous "$dir" ${2:-} \
+    $1 build/gpu/nvlink_context_test --rank $r --world 2 --rendezvous "$dir" ${2:-} \
       >"$dir/rank$r.log" 2>&1 &
     pids+=($!)
   done
@@ -97,7 +97,7 @@ profile() {  # ncu on one rank's kernels at T=128 (one rank: ncu serializes laun
   local rep=$OUT/kernels_r1
   ncu --clock-control none --set full --import-source yes -f -o "$rep" \
     -k regex:'DispatchSend|DispatchRecv|CombineSend|CombineRecv' --launch-skip 8 --launch-count 4 \
-    build/gpu/nvlink_kernels_test --world 1 --profile "T=128" || return 1
+    build/gpu/nvlink_context_test --world 1 --profile "T=128" || return 1
   ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
   ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
   # Per-instruction stall samples, where this ncu can print them.
@@ -124,7 +124,7 @@ for s in $STAGES; do
     build)
       stage build build.log 300 build ;;
     kernels)
-      stage "kernels, one process" kernels.log 90 build/gpu/nvlink_kernels_test
+      stage "kernels, one process" kernels.log 90 build/gpu/nvlink_context_test
       stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
     pytest)
       stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ${PYTEST_ARGS:-} ;;
@@ -144,9 +144,9 @@ for s in $STAGES; do
       stage memcheck sanitizer.log 120 sanitize memcheck
       stage racecheck sanitizer.log 120 sanitize racecheck ;;
     kbench)
-      stage "kernel benchmark" bench.log 180 build/gpu/nvlink_kernels_test \
+      stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
         --bench "$OUT/bench_kernels.json"
-      stage "kernel benchmark, one rank" bench.log 180 build/gpu/nvlink_kernels_test \
+      stage "kernel benchmark, one rank" bench.log 180 build/gpu/nvlink_context_test \
         --world 1 --bench "$OUT/bench_kernels_r1.json" ;;
     profile)
       stage profile profile.log 300 profile ;;

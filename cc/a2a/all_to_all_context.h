@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "cc/a2a/layout.h"
-#include "cc/a2a/plan.h"
+#include "cc/base/layout.h"
+#include "cc/base/plan.h"
 #include "cc/transfer_engine/api.h"
 
 namespace jem {

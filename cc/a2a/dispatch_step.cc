@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "cc/a2a/plan.h"
+#include "cc/base/plan.h"
 
 namespace jem {
 namespace {

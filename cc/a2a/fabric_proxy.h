@@ -19,8 +19,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "cc/a2a/layout.h"
-#include "cc/a2a/nvlink_layout.h"
+#include "cc/base/layout.h"
+#include "cc/base/nvlink_layout.h"
 #include "cc/transfer_engine/api.h"
 
 namespace jem {

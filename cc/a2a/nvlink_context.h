@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "cc/a2a/fabric_proxy.h"
-#include "cc/a2a/layout.h"
-#include "cc/a2a/nvlink_layout.h"
+#include "cc/base/layout.h"
+#include "cc/base/nvlink_layout.h"
 #include "cc/kernels/nvlink_kernels.h"
 #include "cc/transfer_engine/api.h"
 

@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "cc/a2a/nvlink_layout.h"
-#include "cc/kernels/device_status.h"
+#include "cc/base/nvlink_layout.h"
+#include "cc/base/device_status.h"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {

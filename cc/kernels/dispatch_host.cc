@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "cc/a2a/plan.h"
+#include "cc/base/plan.h"
 #include "cc/kernels/host_kernels.h"
 
 namespace jem {

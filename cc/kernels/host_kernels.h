@@ -1,6 +1,6 @@
 // Host (CPU) twins of the dispatch and combine kernels: count, pack, unpack into the
 // per-expert layout, weighted partial reduce, final sum. The CUDA kernels (*.cu) have the same
-// semantics; both follow cc/a2a/layout.h and cc/a2a/plan.h.
+// semantics; both follow cc/base/layout.h and cc/a2a/plan.h.
 //
 // Functions that can meet bad input return an error sentence, empty on success; they never
 // write out of bounds of the buffers the layout describes.
@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cc/a2a/layout.h"
+#include "cc/base/layout.h"
 
 namespace jem {
 

@@ -1,4 +1,4 @@
-// Launchers of the CUDA dispatch/combine kernels of the NVLink path (cc/a2a/nvlink_layout.h).
+// Launchers of the CUDA dispatch/combine kernels of the NVLink path (cc/base/nvlink_layout.h).
 // Each enqueues one kernel on `stream` and returns at once: no allocation, no sync. A kernel
 // that meets bad input, a full buffer or a silent peer records it in the rank's sticky
 // DeviceStatus, writes nothing out of bounds, and still completes the protocol with its peers
@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include "cc/a2a/nvlink_layout.h"
-#include "cc/kernels/device_status.h"
+#include "cc/base/nvlink_layout.h"
+#include "cc/base/device_status.h"
 
 namespace jem {
 

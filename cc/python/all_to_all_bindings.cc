@@ -14,7 +14,7 @@
 
 #include "cc/a2a/all_to_all_context.h"
 #include "cc/a2a/context_registry.h"
-#include "cc/a2a/layout.h"
+#include "cc/base/layout.h"
 #include "cc/ffi/all_to_all_cpu.h"
 #include "cc/python/bindings.h"
 
@@ -46,7 +46,7 @@ nb::capsule Capsule(Fn* handler) {
 }  // namespace
 
 void BindAllToAll(nb::module_& m) {
-  nb::class_<Layout>(m, "Layout", "The all-to-all buffer layout (cc/a2a/layout.h).")
+  nb::class_<Layout>(m, "Layout", "The all-to-all buffer layout (cc/base/layout.h).")
       .def(nb::init<>())
       .def_rw("num_ranks", &Layout::num_ranks)
       .def_rw("num_experts", &Layout::num_experts)

@@ -1,14 +1,14 @@
 // Standalone test and benchmark of the NVLink kernels, without XLA: random routings checked
 // bit for bit against an independent host reference, error cases, and per-phase timings.
 //
-//   nvlink_kernels_test                        every rank in this process, GPU r = rank r
-//   nvlink_kernels_test --rank r --world n --rendezvous DIR
+//   nvlink_context_test                        every rank in this process, GPU r = rank r
+//   nvlink_context_test --rank r --world n --rendezvous DIR
 //                                              one rank per process (CUDA IPC), handles
 //                                              exchanged as files in DIR
-//   nvlink_kernels_test --small                only the small cases (for compute-sanitizer)
-//   nvlink_kernels_test --bench OUT.json       timings at T=128 and T=4096, and the variants
+//   nvlink_context_test --small                only the small cases (for compute-sanitizer)
+//   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, and the variants
 //                                              that break T=128 down (one process)
-//   nvlink_kernels_test --profile NAME         a few steps of one benchmark configuration,
+//   nvlink_context_test --profile NAME         a few steps of one benchmark configuration,
 //                                              nothing held back: for ncu
 //   --world N (without --rank)                 N ranks in this process (default: 2 GPUs)
 #include <cuda_runtime.h>

@@ -39,7 +39,7 @@
 
 #include <cstdint>
 
-#include "cc/a2a/layout.h"
+#include "cc/base/layout.h"
 
 namespace jem {
 

@@ -46,11 +46,8 @@ stock implementation's before it is timed.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform as host_platform
-import shlex
 import shutil
 import socket
 import subprocess
@@ -60,6 +57,9 @@ import time
 
 import numpy as np
 from absl import app, flags
+
+import bench_report
+from jax_efa_moe.timing import summary, time_calls
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -159,11 +159,6 @@ def peer_copy_gbps() -> float | None:
 
 # ---- one rank ------------------------------------------------------------------------------
 
-def _stats(seconds, per):
-    us = np.asarray(seconds) * 1e6 / per
-    return {"median": float(np.median(us)), "p99": float(np.percentile(us, 99))}
-
-
 _T0 = time.perf_counter()
 
 
@@ -173,15 +168,8 @@ def _progress(what):
 
 
 def _timed(fn, args, repeats):
-    import jax
     _progress(f"compile and time {getattr(fn, '__name__', 'fn')}")
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(fn, args, repeats)
 
 
 def _make(impl, mesh, T):
@@ -298,8 +286,9 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
     rt_loop = shard(round_trip_loop)
     d_times = _timed(d_loop, inputs, repeats)
     rt_times = _timed(rt_loop, inputs + (expert_y,), repeats)
-    res["loop_us"] = {"dispatch": _stats(d_times, iters), "round_trip": _stats(rt_times, iters),
-                      "combine": _stats(np.subtract(rt_times, d_times), iters)}
+    res["loop_us"] = {"dispatch": summary(d_times, iters),
+                      "round_trip": summary(rt_times, iters),
+                      "combine": summary(np.subtract(rt_times, d_times), iters)}
 
     # The halves, one jitted call each; pending state and handles cross as per-rank arrays.
     fs, fh, fc = _Flat(), _Flat(), _Flat()
@@ -327,7 +316,7 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
         if i:  # the first round compiles
             for name, dt in zip(half, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 half[name].append(dt)
-    res["per_call_us"] = {name: _stats(v, 1) for name, v in half.items()}
+    res["per_call_us"] = {name: summary(v, 1) for name, v in half.items()}
     return res
 
 
@@ -455,7 +444,8 @@ def _training_runs(mesh, tokens, repeats):
             fwd = _timed(forward, (x, router, scales, ct), repeats)
             both = _timed(backward, (x, router, scales, ct), repeats)
             comm.close()
-            entry.update(forward_ms=_stats(fwd, 1e3), forward_backward_ms=_stats(both, 1e3))
+            entry.update(forward_ms=summary(fwd, unit=1e3),
+                         forward_backward_ms=summary(both, unit=1e3))
             runs.append(entry)
             _progress(f"T={T} {impl}: forward {entry['forward_ms']['median']:.1f} ms, "
                       f"forward+backward {entry['forward_backward_ms']['median']:.1f} ms")
@@ -726,16 +716,12 @@ def main(argv):
     results = json.loads(line[len("BENCH_JSON "):])
     if ceiling is not None:
         results["ceiling"] = ceiling
-    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                      if l.startswith("model name")), host_platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else host_platform.processor()
     results["meta"].update(
         load_average=[load_at_start, os.getloadavg()[0]],
         notes=results["meta"].get("notes", []) + FLAGS.note,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=f"{socket.gethostname()}: {os.cpu_count()} cores, {cpu_model}"
-                + (f", {gpus} x {results['meta']['device']}" if plat == "cuda" else ""),
-        command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+        date=bench_report.now(), command=bench_report.command(),
+        machine=bench_report.machine_text(
+            f"{gpus} x {results['meta']['device']}" if plat == "cuda" else ""))
     os.makedirs(FLAGS.out, exist_ok=True)
     stem = os.path.join(FLAGS.out,
                         FLAGS.name or f"{'training' if FLAGS.training else 'a2a'}_{plat}")

@@ -24,9 +24,17 @@ def machine():
             "kernel": platform.release(), "load_avg_at_start": os.getloadavg()}
 
 
+def machine_text(extra=""):
+    """machine() in one line, for a report's header."""
+    m = machine()
+    return f"{m['host']}: {m['nproc']} cores, {m['cpu_model']}" + (f", {extra}" if extra else "")
+
+
 def command():
-    """The command line as run: interpreter, script and flags."""
-    return shlex.join([os.path.basename(sys.executable)] + sys.argv)
+    """The command line as run, from the repository root: interpreter, script and flags."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), root)
+    return shlex.join([os.path.basename(sys.executable), script] + sys.argv[1:])
 
 
 def now():

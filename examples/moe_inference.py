@@ -97,16 +97,8 @@ def _make_comm(kind, mesh, cfg, tokens):
 
 
 def _median_ms(fn, args, repeats):
-    import numpy as np
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    from jax_efa_moe import timing
+    return timing.summary(timing.time_calls(fn, args, repeats), unit=1e3)["median"]
 
 
 def worker(rank, world, args):

@@ -102,34 +102,39 @@ system_libfabric = repository_rule(
     doc = "Exposes //:libfabric: LIBFABRIC_ROOT, /opt/amazon/efa, else pkg-config.",
 )
 
-_RULES_CC_DEFS = """\
-# The native C++ rules under the names that rules_cc gives them.
-cc_binary = native.cc_binary
-cc_import = native.cc_import
-cc_library = native.cc_library
-cc_proto_library = native.cc_proto_library
-cc_test = native.cc_test
-cc_toolchain = native.cc_toolchain
-cc_toolchain_suite = native.cc_toolchain_suite
-fdo_prefetch_hints = native.fdo_prefetch_hints
-fdo_profile = native.fdo_profile
-objc_import = native.objc_import
-objc_library = native.objc_library
-"""
+def _native_aliases(kind, rules):
+    """A defs.bzl that names the native rules as rules_<kind> does."""
+    return "# The native rules under the names that rules_%s gives them.\n" % kind + "".join([
+        "%s = native.%s\n" % (rule, rule)
+        for rule in rules
+    ])
 
-_RULES_JAVA_DEFS = """\
-# The native Java rules under the names that rules_java gives them.
-java_binary = native.java_binary
-java_import = native.java_import
-java_library = native.java_library
-java_lite_proto_library = native.java_lite_proto_library
-java_package_configuration = native.java_package_configuration
-java_plugin = native.java_plugin
-java_proto_library = native.java_proto_library
-java_runtime = native.java_runtime
-java_test = native.java_test
-java_toolchain = native.java_toolchain
-"""
+_RULES_CC_DEFS = _native_aliases("cc", [
+    "cc_binary",
+    "cc_import",
+    "cc_library",
+    "cc_proto_library",
+    "cc_test",
+    "cc_toolchain",
+    "cc_toolchain_suite",
+    "fdo_prefetch_hints",
+    "fdo_profile",
+    "objc_import",
+    "objc_library",
+])
+
+_RULES_JAVA_DEFS = _native_aliases("java", [
+    "java_binary",
+    "java_import",
+    "java_library",
+    "java_lite_proto_library",
+    "java_package_configuration",
+    "java_plugin",
+    "java_proto_library",
+    "java_runtime",
+    "java_test",
+    "java_toolchain",
+])
 
 _COVERAGE_TOOLS_BUILD = """\
 # Coverage is not used by this build; these only satisfy @bazel_tools//tools/test.

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_all_to_all.py                           # CPU, 2 processes
     python benchmarks/bench_all_to_all.py --platform=cuda --tokens=128,4096 --plot
+    python benchmarks/bench_all_to_all.py --platform=cuda --processes=2 --ranks_per_node=1 \
+        --impls=ours --name=a2a_fabric_cuda      # the fabric (proxy) path between 2 GPUs
 
 Implementations: ``ours`` (``jax_efa_moe.AllToAll``), ``ragged`` (the MaxText-style
 ``ReferenceAllToAll``: sort by expert, ``jax.lax.ragged_all_to_all``; on CPU, where XLA lacks
@@ -77,6 +79,11 @@ flags.DEFINE_list("impls", ["ours", "ragged", "padded"], "Implementations to tim
 flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "cuda"], "auto: cuda where GPUs exist.")
 flags.DEFINE_integer("processes", 0, "0: 2 on CPU (a device each), 1 on cuda (every GPU); "
                      "on cuda N > 1 gives process i GPU i.")
+flags.DEFINE_enum("transport", "auto", ["auto", "fabric", "nvlink"],
+                  "ours: AllToAll(transport=...); fabric times the proxy path between GPUs.")
+flags.DEFINE_integer("ranks_per_node", None, "ours: AllToAll(ranks_per_node=...); 1 puts every "
+                     "peer on another node (the fabric path), None: the processes' hosts.")
+flags.DEFINE_string("fabric_provider", None, "ours: libfabric provider (default: found).")
 flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
 flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
 flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
@@ -179,7 +186,9 @@ def _make(impl, mesh, T):
               combine_dtype=jnp.dtype(DTYPES[FLAGS.combine_dtype]))
     if impl == "ours":
         from jax_efa_moe import AllToAll
-        return AllToAll(mesh, AXIS, differentiable=FLAGS.training, **kw)
+        return AllToAll(mesh, AXIS, differentiable=FLAGS.training, transport=FLAGS.transport,
+                        ranks_per_node=FLAGS.ranks_per_node,
+                        fabric_provider=FLAGS.fabric_provider, **kw)
     from jax_efa_moe.reference import PaddedAllToAll, ReferenceAllToAll
     return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(
         mesh, AXIS, check=FLAGS.stock_check, **kw)
@@ -537,6 +546,7 @@ def _meta(ranks, world, **counts):
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "hidden": FLAGS.hidden, "experts": FLAGS.experts, "topk": FLAGS.topk,
             "dispatch_dtype": FLAGS.dispatch_dtype, "combine_dtype": FLAGS.combine_dtype,
+            "transport": FLAGS.transport, "ranks_per_node": FLAGS.ranks_per_node,
             **counts,
             "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
             if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
@@ -557,7 +567,9 @@ def _header(meta):
               if load else []),
             f"- shapes: hidden {meta['hidden']}, {meta['experts']} experts, top-{meta['topk']}, "
             f"dispatch {meta['dispatch_dtype']}, combine {meta['combine_dtype']}; "
-            f"jax {meta['jax']}"]
+            f"jax {meta['jax']}",
+            f"- ours: transport {meta.get('transport', 'auto')}, ranks per node "
+            f"{meta.get('ranks_per_node') or 'from the hosts'}"]
 
 
 def write_report(results, stem, plot):

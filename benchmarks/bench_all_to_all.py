@@ -10,7 +10,8 @@ Implementations: ``ours`` (``jax_efa_moe.AllToAll``), ``ragged`` (the MaxText-st
 that op, its exchange is a padded all_to_all) and ``padded`` (``PaddedAllToAll``, the padded
 ``jax.lax.all_to_all`` round trip).
 
-Per tokens-per-rank and implementation, inside one ``jax.jit``:
+Per tokens-per-rank and implementation, after checking that combine(dispatch(x)) gives x times
+its summed router weights, inside one ``jax.jit``:
 - dispatch: a ``lax.fori_loop`` of ``--iters`` dispatches (``--iters=1``: one step, no loop,
   for XLA ops that hang inside loops); round trip: the same of
   dispatch+combine; combine = round trip - dispatch, repeat by repeat. Median and p99 over
@@ -260,6 +261,26 @@ def _loop(iters, body, init):
     """fori_loop, or the body once when iters == 1 (no while loop in the program)."""
     import jax
     return body(0, init) if iters == 1 else jax.lax.fori_loop(0, iters, body, init)
+
+
+def _check_round_trip(comm, mesh, inputs, x_of, w_of):
+    """Before timing: combine(dispatch(x).expert_x) must give x times its summed weights
+    (every slot routed), within a few roundings of the combine dtype."""
+    import jax.numpy as jnp
+    from jax_efa_moe import per_rank
+
+    def round_trip(x, sc, ids, w):
+        d = comm.dispatch(x, ids, w, x_scale=sc)
+        return comm.combine(d.expert_x.astype(comm.combine_dtype), d.handle)
+    got = per_rank.get(_sharded(mesh)(round_trip)(*inputs), mesh, AXIS)
+    cdt = jnp.dtype(comm.combine_dtype)
+    for r, out in got.items():
+        y = x_of(r).astype(np.float32).astype(cdt).astype(np.float64)
+        want = y * w_of(r).astype(np.float64).sum(1, keepdims=True)
+        err = np.abs(out.astype(np.float64) - want)
+        if not (err <= 2.0 ** -6 * np.abs(want) + 1e-6).all():
+            raise AssertionError(f"rank {r}: combine(dispatch(x)) differs from x * sum(weights) "
+                                 f"by up to {err.max():.3g}; nothing timed")
 
 
 def _measure(comm, mesh, inputs, expert_y, iters, repeats):
@@ -512,6 +533,7 @@ def worker(rank, world, args):
                 entry.update(available=False, note=f"not available: {e}")
                 runs.append(entry)
                 continue
+            _check_round_trip(comm, mesh, inputs, lambda r: block(r, 0), lambda r: block(r, 2))
             M = comm.max_recv_tokens
             expert_y = per_rank.put(mesh, AXIS, lambda r: np.random.default_rng(
                 [FLAGS.seed, T, r, 3]).standard_normal((M, H), np.float32).astype(cdt))

@@ -73,7 +73,7 @@ def iterations(size, bytes_per_point, lo, hi):
 def worker(rank, world, args):
     """Rank 0 drives and times; rank 1 mirrors. Prints one RESULT line on rank 0.
 
-    For each size, repeats alternate an engine stream, an engine ping-pong and (on rank 0)
+    For each size, the warm-up's bytes are checked on both ranks; then repeats alternate an engine stream, an engine ping-pong and (on rank 0)
     one fi_pingpong run, so that both see the same machine load; during fi_pingpong both
     ranks wait in the key-value store, leaving their engines idle.
     """
@@ -86,6 +86,7 @@ def worker(rank, world, args):
     addresses = bootstrap.all_gather_bytes("bench_addr", engine.address(), rank, world)
     descriptors = bootstrap.all_gather_bytes("bench_desc", dst_region.descriptor(), rank, world)
     peer = 1 - rank
+    peer_src = np.random.default_rng(peer).integers(0, 256, largest, dtype=np.uint8)
     group = engine.add_peer_group(src_region, [(addresses[peer], descriptors[peer])])
     wait = lambda imm, n=1: engine.wait_imm(imm, n, TIMEOUT_S)  # noqa: E731
     sync = lambda: bootstrap.all_gather_bytes("bench_sync", b"", rank, world)  # noqa: E731
@@ -119,6 +120,9 @@ def worker(rank, world, args):
                     wait(1)
                     engine.scatter(group, one, 2)
             sync()
+            if repeat == 0 and not np.array_equal(dst[:size], peer_src[:size]):
+                raise AssertionError(f"rank {rank}: the {size} bytes from rank {peer} arrived "
+                                     "wrong in the warm-up; nothing timed")
             if rank == 0 and cfg["pingpong"]:
                 result = fi_pingpong_once(cfg["provider"], size, iters)
             if rank == 0 and repeat > 0:

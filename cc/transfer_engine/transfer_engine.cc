@@ -210,20 +210,12 @@ class Engine final : public TransferEngine {
   void NotifyImm(uint32_t imm, uint32_t count, volatile uint32_t* flag,
                  uint32_t value) override {
     if (!flag) throw Error("NotifyImm needs a flag");
-    ImmCounter::Notification n;
-    n.count = count;
-    n.flag = flag;
-    n.value = value;
-    Notify(imm, n);
+    Notify(imm, {count, flag, value, nullptr, nullptr});
   }
 
   void NotifyImm(uint32_t imm, uint32_t count, void (*callback)(void*), void* arg) override {
     if (!callback) throw Error("NotifyImm needs a callback");
-    ImmCounter::Notification n;
-    n.count = count;
-    n.callback = callback;
-    n.arg = arg;
-    Notify(imm, n);
+    Notify(imm, {count, nullptr, 0, callback, arg});
   }
 
   bool TryConsumeImm(uint32_t imm, uint32_t count) override {

@@ -277,3 +277,10 @@ def run_children(target: str, num_processes: int, *args: str, timeout_s: float =
     print(f"JEM_TEST_SEED={SEED}")
     return launch.run(target, num_processes, list(args), timeout_s=timeout_s, platform=platform,
                       env={"PYTHONPATH": path, "JEM_TEST_SEED": str(SEED), **(env or {})})
+
+
+def check_children(target: str, num_processes: int, says: str, *args: str, **kwargs) -> None:
+    """run_children, and every rank must have printed ``says``, which a child prints once its
+    checks pass."""
+    outputs = run_children(target, num_processes, *args, **kwargs)
+    assert all(says in out for out in outputs), outputs

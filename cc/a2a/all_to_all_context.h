@@ -53,8 +53,6 @@ class AllToAllContext {
   const Layout& layout() const { return layout_; }
   int rank() const { return rank_; }
   double timeout_s() const { return timeout_s_; }
-  TransferEngine& engine() { return *engine_; }
-  PeerGroupId peers() const { return peers_; }
   uint8_t* arena() { return arena_; }
   RouteTable route() const {
     return RouteTable{reinterpret_cast<const int32_t*>(arena_ + layout_.route_offset()), layout_};
@@ -77,8 +75,14 @@ class AllToAllContext {
   // awaited.
   void WaitArrivals(ImmKind kind, uint32_t seq, uint32_t count, const std::string& what);
 
-  // Remembers submitted writes; WaitAllSent returns once their source bytes may be reused.
-  void Track(SendTicket ticket) { tickets_.push_back(ticket); }
+  // Writes to peers, each carrying MakeImm(kind, seq); Barrier: one empty write to every peer.
+  // WaitAllSent returns once the source bytes of every write so far may be reused.
+  void Scatter(const std::vector<WriteSpec>& writes, ImmKind kind, uint32_t seq) {
+    tickets_.push_back(engine_->Scatter(peers_, writes.data(), writes.size(), MakeImm(kind, seq)));
+  }
+  void Barrier(ImmKind kind, uint32_t seq) {
+    tickets_.push_back(engine_->Barrier(peers_, MakeImm(kind, seq)));
+  }
   void WaitAllSent();
 
   // Throws unless Connect has run and no step has failed.

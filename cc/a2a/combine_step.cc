@@ -78,10 +78,7 @@ void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle&
         writes.push_back({ctx.PeerIndex(s), src, dst, length});
       }
     }
-    if (!writes.empty()) {
-      ctx.Track(ctx.engine().Scatter(ctx.peers(), writes.data(), writes.size(),
-                                     MakeImm(ImmKind::kCombineData, seq)));
-    }
+    if (!writes.empty()) ctx.Scatter(writes, ImmKind::kCombineData, seq);
     ctx.combine.pending = true;
   });
 }
@@ -109,9 +106,7 @@ void CombineRecv(AllToAllContext& ctx, const HomeHandle& handle, void* out) {
                        handle.send_index, handle.num_tokens, out);
     if (!problem.empty()) throw InputError(problem);
 
-    if (R > 1) {
-      ctx.Track(ctx.engine().Barrier(ctx.peers(), MakeImm(ImmKind::kCombineCredit, seq)));
-    }
+    if (R > 1) ctx.Barrier(ImmKind::kCombineCredit, seq);
     ctx.combine.pending = false;
     ++ctx.combine.steps;
   });

@@ -40,8 +40,7 @@ void PostRouteRow(AllToAllContext& ctx, uint32_t seq) {
     const uint64_t offset = l.route_row_offset(me);
     writes.push_back({ctx.PeerIndex(d), offset, offset, uint64_t(l.route_row_ints()) * 4});
   }
-  ctx.Track(ctx.engine().Scatter(ctx.peers(), writes.data(), writes.size(),
-                                 MakeImm(ImmKind::kRoute, seq)));
+  ctx.Scatter(writes, ImmKind::kRoute, seq);
 }
 
 // The first min(n, P) records of each chunk go to this rank's private slot on the peer; a
@@ -58,8 +57,7 @@ void PostPrivateWrites(AllToAllContext& ctx, uint32_t seq) {
                       uint64_t(l.private_record_offset(me, 0)),
                       uint64_t(route.private_count(me, d) * l.record_bytes())});
   }
-  ctx.Track(ctx.engine().Scatter(ctx.peers(), writes.data(), writes.size(),
-                                 MakeImm(ImmKind::kDispatchData, seq)));
+  ctx.Scatter(writes, ImmKind::kDispatchData, seq);
 }
 
 // The rest of each chunk goes to the peer's overflow region, after the overflow of every
@@ -76,9 +74,7 @@ void PostOverflowWrites(AllToAllContext& ctx, uint32_t seq) {
                       uint64_t(l.overflow_record_offset(route.overflow_start(me, d))),
                       uint64_t(route.overflow_count(me, d) * l.record_bytes())});
   }
-  if (writes.empty()) return;
-  ctx.Track(ctx.engine().Scatter(ctx.peers(), writes.data(), writes.size(),
-                                 MakeImm(ImmKind::kDispatchData, seq)));
+  if (!writes.empty()) ctx.Scatter(writes, ImmKind::kDispatchData, seq);
 }
 
 // Ranks whose route row has not arrived (still carrying the receiver's mark), as "1, 3".
@@ -192,9 +188,7 @@ void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const Expert
     for (int s = 0; s < R; ++s) {
       if (s != me) ctx.route_row(s)[0] = kRouteAwaited;
     }
-    if (R > 1) {
-      ctx.Track(ctx.engine().Barrier(ctx.peers(), MakeImm(ImmKind::kDispatchCredit, seq)));
-    }
+    if (R > 1) ctx.Barrier(ImmKind::kDispatchCredit, seq);
     ctx.dispatch.pending = false;
     ++ctx.dispatch.steps;
   });

@@ -15,46 +15,46 @@ namespace {
 // with no float32 row buffer to re-read per input.
 constexpr int64_t kBlock = 64;
 
+inline float ToFloat(uint16_t bf16) { return Bf16ToFloat(bf16); }
+inline float ToFloat(float f) { return f; }
+inline void Store(float f, uint16_t* bf16) { *bf16 = FloatToBf16(f); }
+inline void Store(float f, float* out) { *out = f; }
+
 // out[h] = sum_j scales[j] * rows[j][h] for h in [0, H), accumulated in float32 from zero in
-// the order of `rows`. Built for AVX2 (without FMA, so mul and add stay separately rounded and
-// both builds give the same bits) and for the baseline; the loader picks one.
-__attribute__((target_clones("avx2", "default")))
-void WeightedSumBf16(const uint16_t* const* rows, const float* scales, int n, int64_t H,
-                     uint16_t* out) {
+// the order of `rows`. Always inlined, so that each target clone below compiles it for its own
+// instruction set.
+template <typename T>
+__attribute__((always_inline)) inline void WeightedSumOf(const T* const* rows,
+                                                         const float* scales, int n, int64_t H,
+                                                         T* out) {
   for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
     const int64_t len = std::min(kBlock, H - h0);
     float acc[kBlock];
     for (int64_t h = 0; h < kBlock; ++h) acc[h] = 0.0f;
     for (int j = 0; j < n; ++j) {
-      const uint16_t* v = rows[j] + h0;
+      const T* v = rows[j] + h0;
       const float s = scales[j];
       if (len == kBlock) {
-        for (int64_t h = 0; h < kBlock; ++h) acc[h] += s * Bf16ToFloat(v[h]);
+        for (int64_t h = 0; h < kBlock; ++h) acc[h] += s * ToFloat(v[h]);
       } else {
-        for (int64_t h = 0; h < len; ++h) acc[h] += s * Bf16ToFloat(v[h]);
+        for (int64_t h = 0; h < len; ++h) acc[h] += s * ToFloat(v[h]);
       }
     }
-    for (int64_t h = 0; h < len; ++h) out[h0 + h] = FloatToBf16(acc[h]);
+    for (int64_t h = 0; h < len; ++h) Store(acc[h], out + h0 + h);
   }
+}
+
+// Built for AVX2 (without FMA, so mul and add stay separately rounded and both builds give the
+// same bits) and for the baseline; the loader picks one.
+__attribute__((target_clones("avx2", "default")))
+void WeightedSumBf16(const uint16_t* const* rows, const float* scales, int n, int64_t H,
+                     uint16_t* out) {
+  WeightedSumOf(rows, scales, n, H, out);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WeightedSumF32(const float* const* rows, const float* scales, int n, int64_t H, float* out) {
-  for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
-    const int64_t len = std::min(kBlock, H - h0);
-    float acc[kBlock];
-    for (int64_t h = 0; h < kBlock; ++h) acc[h] = 0.0f;
-    for (int j = 0; j < n; ++j) {
-      const float* v = rows[j] + h0;
-      const float s = scales[j];
-      if (len == kBlock) {
-        for (int64_t h = 0; h < kBlock; ++h) acc[h] += s * v[h];
-      } else {
-        for (int64_t h = 0; h < len; ++h) acc[h] += s * v[h];
-      }
-    }
-    std::memcpy(out + h0, acc, len * sizeof(float));
-  }
+  WeightedSumOf(rows, scales, n, H, out);
 }
 
 // The combine-dtype row `out` = sum_j scales[j] * rows[j], for n rows of the combine dtype.

@@ -14,24 +14,11 @@ namespace {
 constexpr size_t kQueueCapacity = 4096;
 constexpr size_t kCompletionsPerPoll = 64;
 constexpr size_t kSubmissionsPerDrain = 64;
-// Idle policy when not busy-polling: spin, then yield the core, then sleep in short naps.
-// Ranks often outnumber cores (8 ranks on 2 in CI), so idle proxies must give the CPU away.
-constexpr auto kSpinFor = std::chrono::microseconds(20);
-constexpr auto kYieldFor = std::chrono::microseconds(1000);
-constexpr auto kNap = std::chrono::microseconds(100);
 // Submit gives up when the queue stays full this long (the proxy cannot post).
 constexpr auto kFullQueueTimeout = std::chrono::seconds(60);
 
 // The worker whose Loop runs on this thread, if any.
 thread_local const ProxyWorker* tls_proxy = nullptr;
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 }  // namespace
 
@@ -77,16 +64,18 @@ void ProxyWorker::Submit(Submission&& s) {
     return;
   }
   if (!queue_.TryPush(s)) {
+    const Backoff backoff(options_.busy_poll);
     const auto deadline = Clock::now() + kFullQueueTimeout;
     while (!queue_.TryPush(s)) {
       if (stop_.load(std::memory_order_relaxed)) throw Error("the engine is shutting down");
-      if (Clock::now() > deadline) {
+      const auto now = Clock::now();
+      if (now > deadline) {
         throw Error("the proxy accepted no work for " +
                     std::to_string(kFullQueueTimeout.count()) +
                     " s: its posts are not completing (a peer may be dead or stalled)" +
                     (failed() ? ": " + failure() : std::string()));
       }
-      sched_yield();
+      backoff.Pause(now);
     }
   }
   WakeIfSleeping();
@@ -136,19 +125,13 @@ void ProxyWorker::Fail(const std::string& message) {
 }
 
 bool ProxyWorker::PollUntil(const std::function<bool()>& pred, Clock::time_point deadline) const {
-  const auto start = Clock::now();
+  const Backoff backoff(options_.busy_poll);
   for (;;) {
     if (pred()) return true;
     if (failed()) return false;
     auto now = Clock::now();
     if (now >= deadline) return false;
-    if (options_.busy_poll || now - start < kSpinFor) {
-      CpuRelax();
-    } else if (now - start < kYieldFor) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+    backoff.Pause(now);
   }
 }
 
@@ -219,7 +202,7 @@ bool ProxyWorker::RunHooks() {
 
 void ProxyWorker::Loop() {
   tls_proxy = this;
-  auto last_work = Clock::now();
+  Backoff idle(options_.busy_poll);
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = RunHooks();
     if (current_) {
@@ -232,39 +215,30 @@ void ProxyWorker::Loop() {
     if (!last_chunks_.empty()) worked |= PostLastChunks();
     auto now = Clock::now();
     if (worked) {
-      last_work = now;
-    } else if (!options_.busy_poll) {
-      // Sends in flight, someone waiting on arrivals, or a hook watching memory: keep
-      // polling, but let other ranks sharing this core run in between.
-      bool active = !remaining_.empty() || current_ || counter_->HasWaiters() ||
-                    num_hooks_.load(std::memory_order_relaxed) > 0 ||
-                    (reorder_ && !reorder_->empty());
-      if (active) {
-        sched_yield();
-      } else {
-        Idle(now - last_work);
-      }
-    } else {
-      CpuRelax();
+      idle.Restart(now);
+    } else if (!options_.busy_poll && Active()) {
+      // Keep polling, but let other ranks sharing this core run in between.
+      sched_yield();
+    } else if (!idle.SpinOrYield(now)) {
+      Nap();
     }
   }
 }
 
-void ProxyWorker::Idle(Clock::duration idle_for) {
-  if (idle_for < kSpinFor) {
-    CpuRelax();
-  } else if (idle_for < kYieldFor) {
-    sched_yield();
-  } else {
-    std::unique_lock<std::mutex> lock(sleep_mu_);
-    sleeping_.store(true, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    // A nap bounded by kNap: incoming writes need CQ polling to make progress too.
-    if (queue_.Empty() && local_.empty() && !stop_.load(std::memory_order_relaxed)) {
-      sleep_cv_.wait_for(lock, kNap);
-    }
-    sleeping_.store(false, std::memory_order_relaxed);
+bool ProxyWorker::Active() const {
+  return !remaining_.empty() || current_ || counter_->HasWaiters() ||
+         num_hooks_.load(std::memory_order_relaxed) > 0 || (reorder_ && !reorder_->empty());
+}
+
+void ProxyWorker::Nap() {
+  std::unique_lock<std::mutex> lock(sleep_mu_);
+  sleeping_.store(true, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Bounded even without a wake: incoming writes need CQ polling to make progress too.
+  if (queue_.Empty() && local_.empty() && !stop_.load(std::memory_order_relaxed)) {
+    sleep_cv_.wait_for(lock, Backoff::kNap);
   }
+  sleeping_.store(false, std::memory_order_relaxed);
 }
 
 bool ProxyWorker::DrainSubmissions() {

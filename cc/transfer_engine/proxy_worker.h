@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cc/transfer_engine/api.h"
+#include "cc/transfer_engine/backoff.h"
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/peer_group.h"
@@ -53,7 +54,7 @@ class ProxyWorker {
   ProxyWorker(const ProxyWorker&) = delete;
   ProxyWorker& operator=(const ProxyWorker&) = delete;
 
-  // Any thread. Waits (yielding) while the queue is full, up to a minute; on the proxy
+  // Any thread. Waits (Backoff) while the queue is full, up to a minute; on the proxy
   // thread itself (a hook, a callback) it never waits: the proxy is the queue's only consumer.
   void Submit(Submission&& s);
   // Runs `fn` on the proxy thread and returns its result or rethrows its exception.
@@ -70,7 +71,7 @@ class ProxyWorker {
   SendTicket completed() const { return completed_.load(std::memory_order_acquire); }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
   std::string failure() const;
-  // Polls (spin, then yield, then sleep) until pred() or the deadline or a failure.
+  // Polls with a Backoff until pred() or the deadline or a failure.
   // Returns pred()'s final value.
   bool PollUntil(const std::function<bool()>& pred, Clock::time_point deadline) const;
 
@@ -92,7 +93,11 @@ class ProxyWorker {
   void OnWriteCompletion(OpContext* context);
   bool ReleaseHeld();
   void OnWriteCompleted(OpContext* context);
-  void Idle(Clock::duration idle_for);
+  // Sends in flight, someone waiting on arrivals, or a hook watching memory: the proxy must
+  // not sleep.
+  bool Active() const;
+  // Sleeps up to Backoff::kNap, or until WakeIfSleeping.
+  void Nap();
   void WakeIfSleeping();
   void Fail(const std::string& message);
   OpContext* AcquireContext();

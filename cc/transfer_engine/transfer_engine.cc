@@ -1,7 +1,5 @@
 // TransferEngine::Create and the engine: domains, registrations and peer groups owned here,
 // fabric work done by the proxy worker, waits with deadlines on the caller's thread.
-#include <sched.h>
-
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -12,6 +10,7 @@
 #include <unordered_map>
 
 #include "cc/transfer_engine/api.h"
+#include "cc/transfer_engine/backoff.h"
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/memory_region.h"
@@ -26,8 +25,6 @@ using Clock = std::chrono::steady_clock;
 // Setup tasks (registration, address resolution) run on the proxy thread; they take
 // milliseconds, so this bound only catches a wedged proxy.
 constexpr double kSetupTimeoutS = 60.0;
-constexpr auto kSpinFor = std::chrono::microseconds(20);
-constexpr auto kYieldFor = std::chrono::microseconds(500);
 
 Clock::time_point Deadline(double timeout_s) {
   if (!(timeout_s >= 0)) throw Error("timeout_s must be a non-negative number of seconds");
@@ -192,18 +189,14 @@ class Engine final : public TransferEngine {
     NotOnProxy("WaitImm");
     auto deadline = Deadline(timeout_s);
     ImmCounter::Waiter waiter(&counter_);
-    const auto start = Clock::now();
+    const Backoff backoff(options_.busy_poll);
     for (;;) {
       ThrowIfFailed();
       uint64_t generation;
       if (counter_.TryConsume(imm, count, &generation)) return;
       auto now = Clock::now();
       if (now >= deadline) break;
-      if (options_.busy_poll || now - start < kSpinFor) {
-        continue;
-      } else if (now - start < kYieldFor) {
-        sched_yield();
-      } else {
+      if (!backoff.SpinOrYield(now)) {
         counter_.WaitForArrival(generation,
                                 std::min(deadline, now + std::chrono::milliseconds(10)));
       }
@@ -217,20 +210,12 @@ class Engine final : public TransferEngine {
   void NotifyImm(uint32_t imm, uint32_t count, volatile uint32_t* flag,
                  uint32_t value) override {
     if (!flag) throw Error("NotifyImm needs a flag");
-    ImmCounter::Notification n;
-    n.count = count;
-    n.flag = flag;
-    n.value = value;
-    Notify(imm, n);
+    Notify(imm, {count, flag, value, nullptr, nullptr});
   }
 
   void NotifyImm(uint32_t imm, uint32_t count, void (*callback)(void*), void* arg) override {
     if (!callback) throw Error("NotifyImm needs a callback");
-    ImmCounter::Notification n;
-    n.count = count;
-    n.callback = callback;
-    n.arg = arg;
-    Notify(imm, n);
+    Notify(imm, {count, nullptr, 0, callback, arg});
   }
 
   bool TryConsumeImm(uint32_t imm, uint32_t count) override {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cc/transfer_engine/api.h"
+#include "cc/transfer_engine/backoff.h"
 
 namespace {
 
@@ -84,9 +85,11 @@ std::vector<jem::WriteSpec> Writes(int rank) {
 template <typename Pred>
 bool Await(Pred pred, double timeout_s = kTimeoutS) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  const jem::Backoff backoff(/*busy_poll=*/false);
   while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::yield();
+    const auto now = std::chrono::steady_clock::now();
+    if (now > deadline) return false;
+    backoff.Pause(now);
   }
   return true;
 }
@@ -199,12 +202,7 @@ int Run(int rank, int fd) {
   std::vector<jem::WriteSpec> signals(2);
   engine->WaitSent(engine->Scatter(group, signals.data(), 2, kFlagImm), kTimeoutS);
   engine->WaitSent(engine->Scatter(group, signals.data(), 1, kCallbackImm), kTimeoutS);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while ((__atomic_load_n(&flag, __ATOMIC_ACQUIRE) != 42 || called.load() != 1) &&
-         std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::yield();
-  }
-  if (flag != 42 || called.load() != 1) {
+  if (!Await([&] { return __atomic_load_n(&flag, __ATOMIC_ACQUIRE) == 42 && called == 1; })) {
     std::fprintf(stderr, "rank %d: flag %u, callback called %d times\n", rank, flag,
                  called.load());
     ++bad;

@@ -113,10 +113,12 @@ void AllToAllContext::WaitAllSent() {
 void AllToAllContext::CheckUsable() const {
   std::lock_guard<std::mutex> lock(failure_mutex_);
   if (!failure_.empty()) {
-    throw Error("this AllToAll failed earlier and cannot be used again; close it and create "
-                "a new one. The first error was: " + failure_);
+    throw ContextUnusable("this AllToAll failed earlier and cannot be used again; close it "
+                          "and create a new one. The first error was: " + failure_);
   }
-  if (!connected_) throw Error("this all-to-all context is not connected to its peers yet");
+  if (!connected_) {
+    throw ContextUnusable("this all-to-all context is not connected to its peers yet");
+  }
 }
 
 void AllToAllContext::Fail(const std::string& message) {

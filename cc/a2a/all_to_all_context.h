@@ -10,18 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "cc/a2a/errors.h"
 #include "cc/base/layout.h"
 #include "cc/base/plan.h"
 #include "cc/transfer_engine/api.h"
 
 namespace jem {
-
-// Input a user can fix (expert ids, num_tokens, capacity, misuse of the halves): reported as
-// an invalid argument rather than an internal error.
-class InputError : public Error {
- public:
-  using Error::Error;
-};
 
 // "2.5 s", for messages.
 std::string FormatSeconds(double seconds);
@@ -85,7 +79,7 @@ class AllToAllContext {
   }
   void WaitAllSent();
 
-  // Throws unless Connect has run and no step has failed.
+  // Throws ContextUnusable unless Connect has run and no step has failed.
   void CheckUsable() const;
   // Keeps the first failure; every later step fails at once with it.
   void Fail(const std::string& message);

@@ -1,48 +1,24 @@
 #include "cc/a2a/context_registry.h"
 
-#include <mutex>
-#include <unordered_map>
+#include "cc/a2a/id_registry.h"
 
 namespace jem {
 namespace {
 
-struct Registry {
-  std::mutex mutex;
-  int64_t next_id = 1;
-  std::unordered_map<int64_t, std::shared_ptr<AllToAllContext>> contexts;
-};
-
-Registry& GetRegistry() {
-  static Registry* registry = new Registry();  // never destroyed: handlers may run at exit
-  return *registry;
-}
+using Registry = IdRegistry<std::shared_ptr<AllToAllContext>>;
 
 }  // namespace
 
 int64_t RegisterContext(std::unique_ptr<AllToAllContext> context) {
-  Registry& r = GetRegistry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  const int64_t id = r.next_id++;
-  r.contexts.emplace(id, std::move(context));
-  return id;
+  return Registry::Get().Add(std::move(context));
 }
 
 std::shared_ptr<AllToAllContext> FindContext(int64_t id) {
-  Registry& r = GetRegistry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  auto it = r.contexts.find(id);
-  return it == r.contexts.end() ? nullptr : it->second;
+  return Registry::Get().Find(id, [](const auto& context) { return context; });
 }
 
 bool RemoveContext(int64_t id) {
-  std::shared_ptr<AllToAllContext> removed;  // destroyed outside the lock
-  Registry& r = GetRegistry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  auto it = r.contexts.find(id);
-  if (it == r.contexts.end()) return false;
-  removed = std::move(it->second);
-  r.contexts.erase(it);
-  return true;
+  return Registry::Get().Remove(id).has_value();  // the context goes outside the lock
 }
 
 }  // namespace jem

@@ -71,7 +71,7 @@ void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle&
       const uint64_t src = l.combine_send_row_offset(base);
       const uint64_t dst = l.combine_recv_row_offset(handle.home_offsets[s]);
       const uint64_t length = uint64_t(handle.recv_tokens[s]) * l.combine_row_bytes();
-      sent[s] = handle.recv_tokens[s];
+      if (sent != nullptr) sent[s] = handle.recv_tokens[s];
       if (s == me) {
         std::memmove(arena + dst, arena + src, length);
       } else {

@@ -24,7 +24,8 @@ struct HomeHandle {
   int32_t num_tokens = 0;
 };
 
-// expert_y [M, H] in the combine dtype; sent [R]: partial rows sent to each home rank.
+// expert_y [M, H] in the combine dtype; sent [R]: partial rows sent to each home rank, or null
+// (the fused combine has no such result).
 void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle& handle,
                  int32_t* sent);
 

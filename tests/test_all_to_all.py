@@ -87,6 +87,43 @@ def test_one_rank_in_this_process():
     oracle.check_combine(0, E, np.dtype(np.float32), ids, weights, num_tokens, x, None, got[3])
 
 
+def test_custom_call_misuse_has_one_error_code_each():
+    # The custom calls themselves, past AllToAll's checks in Python: each misuse has the code
+    # cc/ffi/README.md gives it (the CUDA handlers share the code that decides).
+    import jax
+    import jax.numpy as jnp
+    from jax_efa_moe import AllToAll, ops
+
+    mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices("cpu")[:1])
+    T, H, k, E = 8, 128, 2, 4
+    comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                    max_tokens_per_rank=T)
+    op, cfg = comm._ops, comm.config
+    x, scale = jnp.zeros((T, H), jnp.bfloat16), jnp.zeros((T, 0), jnp.float32)
+    ids, w, n = jnp.zeros((T, k), jnp.int32), jnp.ones((T, k), jnp.float32), jnp.int32(T)
+    sent, index = jnp.zeros((1,), jnp.int32), jnp.zeros((T, k), jnp.int32)
+
+    def expect(code, words, call, *operands):
+        message = oracle.expect_error(
+            lambda: jax.block_until_ready(jax.jit(lambda *a: call(op, *a))(*operands)), words)
+        assert f"{code}: " in message, message
+
+    send = ops.dispatch_send
+    expect("INVALID_ARGUMENT", "dispatch_send: x has shape [8, 64], expected [8, 128].",
+           send, x[:, :64], scale, ids, w, n)
+    expect("INVALID_ARGUMENT", "dispatch_send: topk_ids has dtype float32, expected int32.",
+           send, x, scale, w, w, n)
+    expect("INVALID_ARGUMENT", "combine_recv takes 4 operands, got 3.",
+           lambda op, *a: ops._call("jem_combine_recv", ops._out(cfg), op, *a),
+           sent, sent, index)
+    # Halves out of order: the caller's to fix, and (on CPU) it ends the context.
+    expect("INVALID_ARGUMENT", "called without a combine_send before it",
+           ops.combine_recv, sent, sent, index, n)
+    expect("FAILED_PRECONDITION", "failed earlier", send, x, scale, ids, w, n)
+    comm.close()
+    expect("NOT_FOUND", "no all-to-all context", send, x, scale, ids, w, n)
+
+
 def test_provider_choice():
     one_host = [{"host": "a", "providers": ["tcp;ofi_rxm", "shm"]}] * 2
     assert providers.choose(one_host) == "shm"

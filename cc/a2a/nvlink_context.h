@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cc/a2a/errors.h"
 #include "cc/a2a/fabric_proxy.h"
 #include "cc/base/layout.h"
 #include "cc/base/nvlink_layout.h"
@@ -78,13 +79,16 @@ class NvlinkContext {
   // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
   void Synchronize() const;
 
-  // Empty, or the first error its kernels reported (read from mapped memory, no sync).
+  // Empty, or why no step may run: not connected, or the first error its kernels reported
+  // (read from mapped memory, no sync).
   std::string Failure() const;
+  // Throws ContextUnusable with Failure() unless it is empty.
+  void CheckUsable() const;
 
-  // Host-side order of the halves (calls arrive in stream order): throws InputError-like
-  // Error text when a recv half has no send half before it, or a send half repeats.
-  std::string BeginSend(bool combine);
-  std::string BeginRecv(bool combine);
+  // Host-side order of the halves (calls arrive in stream order): throws InputError when a
+  // recv half has no send half before it, or a send half repeats.
+  void BeginSend(bool combine);
+  void BeginRecv(bool combine);
 
  private:
   void OpenFabric(const FabricOptions& fabric);

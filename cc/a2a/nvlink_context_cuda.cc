@@ -310,22 +310,27 @@ std::string NvlinkContext::Failure() const {
   return text;
 }
 
-std::string NvlinkContext::BeginSend(bool combine) {
-  const char* phase = combine ? "combine" : "dispatch";
-  if (pending_[combine]) {
-    return std::string(phase) + "_send was called twice without " + phase + "_recv between.";
+void NvlinkContext::CheckUsable() const {
+  const std::string failure = Failure();
+  if (!failure.empty()) {
+    throw ContextUnusable("the all-to-all context failed earlier: " + failure);
   }
-  pending_[combine] = true;
-  return {};
 }
 
-std::string NvlinkContext::BeginRecv(bool combine) {
-  const char* phase = combine ? "combine" : "dispatch";
+void NvlinkContext::BeginSend(bool combine) {
+  if (pending_[combine]) {
+    const std::string phase = combine ? "combine" : "dispatch";
+    throw InputError(phase + "_send was called twice without " + phase + "_recv between.");
+  }
+  pending_[combine] = true;
+}
+
+void NvlinkContext::BeginRecv(bool combine) {
   if (!pending_[combine]) {
-    return std::string(phase) + "_recv was called without a " + phase + "_send before it.";
+    const std::string phase = combine ? "combine" : "dispatch";
+    throw InputError(phase + "_recv was called without a " + phase + "_send before it.");
   }
   pending_[combine] = false;
-  return {};
 }
 
 }  // namespace jem

@@ -9,11 +9,27 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <stdexcept>
+#include <string>
 
 #include "cc/base/nvlink_layout.h"
 #include "cc/base/device_status.h"
 
 namespace jem {
+
+// A CUDA call of the NVLink path that failed (set-up, a launch, a copy): not the caller's to
+// fix.
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Throws CudaError "<what> failed: <CUDA's words>" unless `err` is cudaSuccess.
+inline void CheckCuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw CudaError(std::string(what) + " failed: " + cudaGetErrorString(err));
+  }
+}
 
 // What every kernel of one rank needs: the layout, who it is, every NVLink peer's arena as
 // mapped on this rank's device (its own at arenas[rank]), and how fabric peers are reached.

@@ -35,8 +35,8 @@ struct FabricOptions {
 class NvlinkContext {
  public:
   // Allocates the arena and the status on `device`, and with fabric peers opens the engine
-  // and the fabric buffer. Throws Error for a layout the kernels do not support, a missing
-  // provider or a CUDA failure.
+  // and the fabric buffer. Throws Error for a layout the kernels do not support or a missing
+  // provider, CudaError for a CUDA failure.
   NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
                 bool zero_unused_rows, const FabricOptions& fabric = {});
   ~NvlinkContext();
@@ -74,7 +74,8 @@ class NvlinkContext {
   // the outboxes, and the copy stream moves them over NVLink once the kernel is done, then
   // raises the ready flags: `stream` is free for other work while the bytes move. Direct, the
   // kernel stores straight into the peers' arenas (the least latency when nothing overlaps).
-  cudaError_t EnqueueDispatchSend(const DispatchSendIo& io, bool staged, cudaStream_t stream);
+  // Throws CudaError.
+  void EnqueueDispatchSend(const DispatchSendIo& io, bool staged, cudaStream_t stream);
 
   // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
   void Synchronize() const;

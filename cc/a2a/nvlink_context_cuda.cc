@@ -10,18 +10,12 @@
 namespace jem {
 namespace {
 
-void Check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw Error(std::string(what) + " failed: " + cudaGetErrorString(err));
-  }
-}
-
 // Makes `device` current for the scope.
 class DeviceScope {
  public:
   explicit DeviceScope(int device) {
-    Check(cudaGetDevice(&previous_), "cudaGetDevice");
-    Check(cudaSetDevice(device), "cudaSetDevice");
+    CheckCuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    CheckCuda(cudaSetDevice(device), "cudaSetDevice");
   }
   ~DeviceScope() { cudaSetDevice(previous_); }
 
@@ -83,25 +77,25 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   args_.zero_unused_rows = zero_unused_rows;
 
   DeviceScope scope(device);
-  Check(cudaDeviceGetAttribute(&args_.num_sms, cudaDevAttrMultiProcessorCount, device),
+  CheckCuda(cudaDeviceGetAttribute(&args_.num_sms, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute");
   const NvlinkLayout nl{layout};
-  Check(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
-  Check(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
-  Check(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(DeviceStatus),
+  CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
+  CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
+  CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(DeviceStatus),
                       cudaHostAllocMapped | cudaHostAllocPortable),
         "cudaHostAlloc of the status word");
   std::memset(status_, 0, sizeof(DeviceStatus));
   void* status_on_device = nullptr;
-  Check(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
+  CheckCuda(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
   args_.status = static_cast<DeviceStatus*>(status_on_device);
   args_.arenas[rank] = arena_;
-  Check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-  Check(cudaEventCreateWithFlags(&packed_, cudaEventDisableTiming), "cudaEventCreate");
-  Check(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
+  CheckCuda(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  CheckCuda(cudaEventCreateWithFlags(&packed_, cudaEventDisableTiming), "cudaEventCreate");
+  CheckCuda(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
   if (fabric.mask != 0) OpenFabric(fabric);
-  Check(LoadNvlinkKernels(), "loading the NVLink kernels");
-  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  LoadNvlinkKernels();
+  CheckCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
@@ -128,22 +122,22 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
     }
   }
   if (!registered) {
-    Check(cudaHostAlloc(reinterpret_cast<void**>(&mirror_), nl.arena_bytes(),
+    CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&mirror_), nl.arena_bytes(),
                         cudaHostAllocMapped | cudaHostAllocPortable),
           "cudaHostAlloc of the fabric buffer");
     std::memset(mirror_, 0, nl.arena_bytes());
     fabric_region_ = engine_->RegisterMemory(mirror_, nl.arena_bytes(), MemoryKind::kHost);
     void* mapped = nullptr;
-    Check(cudaHostGetDevicePointer(&mapped, mirror_, 0), "cudaHostGetDevicePointer");
+    CheckCuda(cudaHostGetDevicePointer(&mapped, mirror_, 0), "cudaHostGetDevicePointer");
     args_.fabric_buffer = static_cast<uint8_t*>(mapped);
   }
 
-  Check(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), nl.proxy_words_bytes(),
+  CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), nl.proxy_words_bytes(),
                       cudaHostAllocMapped | cudaHostAllocPortable),
         "cudaHostAlloc of the proxy mailbox");
   std::memset(host_words_, 0, nl.proxy_words_bytes());
   void* mapped = nullptr;
-  Check(cudaHostGetDevicePointer(&mapped, host_words_, 0), "cudaHostGetDevicePointer");
+  CheckCuda(cudaHostGetDevicePointer(&mapped, host_words_, 0), "cudaHostGetDevicePointer");
   args_.mailbox = static_cast<ProxyMailbox*>(mapped);
   args_.fabric_signals = static_cast<uint8_t*>(mapped) + nl.proxy_signals_offset();
   args_.fabric_mask = fabric.mask;
@@ -151,7 +145,7 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
 
 std::string NvlinkContext::PciAddress() const {
   char bus[32] = {};
-  Check(cudaDeviceGetPCIBusId(bus, sizeof bus, device_), "cudaDeviceGetPCIBusId");
+  CheckCuda(cudaDeviceGetPCIBusId(bus, sizeof bus, device_), "cudaDeviceGetPCIBusId");
   for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
   return bus;
 }
@@ -186,7 +180,7 @@ NvlinkContext::~NvlinkContext() {
 Bytes NvlinkContext::IpcHandle() const {
   DeviceScope scope(device_);
   cudaIpcMemHandle_t handle;
-  Check(cudaIpcGetMemHandle(&handle, arena_), "cudaIpcGetMemHandle");
+  CheckCuda(cudaIpcGetMemHandle(&handle, arena_), "cudaIpcGetMemHandle");
   const auto* p = reinterpret_cast<const uint8_t*>(&handle);
   return Bytes(p, p + sizeof(handle));
 }
@@ -217,7 +211,7 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
       const int peer = local[r]->device();
       if (peer != device_) {
         int can = 0;
-        Check(cudaDeviceCanAccessPeer(&can, device_, peer), "cudaDeviceCanAccessPeer");
+        CheckCuda(cudaDeviceCanAccessPeer(&can, device_, peer), "cudaDeviceCanAccessPeer");
         if (!can) {
           throw Error("GPU " + std::to_string(device_) + " cannot access GPU " +
                       std::to_string(peer) + " directly (no NVLink/P2P path).");
@@ -226,7 +220,7 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
         if (err == cudaErrorPeerAccessAlreadyEnabled) {
           cudaGetLastError();
         } else {
-          Check(err, "cudaDeviceEnablePeerAccess");
+          CheckCuda(err, "cudaDeviceEnablePeerAccess");
         }
       }
       args_.arenas[r] = local[r]->arena();
@@ -239,7 +233,7 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
       cudaIpcMemHandle_t handle;
       std::memcpy(&handle, handles[r].data(), sizeof(handle));
       void* p = nullptr;
-      Check(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
+      CheckCuda(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
             ("cudaIpcOpenMemHandle for rank " + std::to_string(r)).c_str());
       opened_.push_back(p);
       args_.arenas[r] = static_cast<uint8_t*>(p);
@@ -255,21 +249,21 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
   connected_ = true;
 }
 
-cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
-                                               cudaStream_t stream) {
+void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
+                                        cudaStream_t stream) {
   // The kernel rewrites the outboxes only once the last staged send's copies have read them.
-  cudaError_t err = cudaStreamWaitEvent(stream, copies_done_, 0);
-  if (err == cudaSuccess) err = LaunchDispatchSend(args_, io, staged, stream);
-  if (err != cudaSuccess || !staged) return err;
-  err = cudaEventRecord(packed_, stream);
-  if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_stream_, packed_, 0);
+  CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
+  LaunchDispatchSend(args_, io, staged, stream);
+  if (!staged) return;
+  CheckCuda(cudaEventRecord(packed_, stream), "cudaEventRecord");
+  CheckCuda(cudaStreamWaitEvent(copy_stream_, packed_, 0), "cudaStreamWaitEvent");
   // Whole outboxes (T records each): the host does not know how many records the kernel
   // packed, and the receiver reads only those. The flag goes last, by the copy engine too:
   // copies on one stream complete in order.
   const NvlinkLayout nl{args_.layout};
   const int me = args_.rank;
   const int64_t k = args_.layout.experts_per_token;
-  for (int d = 0; d < args_.layout.num_ranks && err == cudaSuccess; ++d) {
+  for (int d = 0; d < args_.layout.num_ranks; ++d) {
     if (d == me || (((args_.fabric_mask | args_.same_gpu_mask) >> d) & 1)) continue;
     const struct {
       int64_t to, from, bytes;
@@ -282,19 +276,17 @@ cudaError_t NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool st
          nl.state_offset() + static_cast<int64_t>(offsetof(NvlinkState, staged_ready)), 8},
     };
     for (const auto& part : parts) {
-      if (err == cudaSuccess) {
-        err = cudaMemcpyAsync(args_.arenas[d] + part.to, arena_ + part.from, part.bytes,
-                              cudaMemcpyDefault, copy_stream_);
-      }
+      CheckCuda(cudaMemcpyAsync(args_.arenas[d] + part.to, arena_ + part.from, part.bytes,
+                                cudaMemcpyDefault, copy_stream_),
+                "cudaMemcpyAsync to a peer's arena");
     }
   }
-  if (err == cudaSuccess) err = cudaEventRecord(copies_done_, copy_stream_);
-  return err;
+  CheckCuda(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
 }
 
 void NvlinkContext::Synchronize() const {
   DeviceScope scope(device_);
-  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  CheckCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 std::string NvlinkContext::Failure() const {

@@ -74,14 +74,14 @@ CombineRecvIo CombineIo(const operands::HomeHandle& home, const operands::Out& o
 void Run(target::DispatchSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send) {
   ctx.BeginSend(false);
-  CheckCuda(ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/true, stream), "dispatch_send");
+  ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/true, stream);
 }
 
 void Run(target::DispatchRecv, NvlinkContext& ctx, cudaStream_t stream,
          const operands::SendTokens&, const operands::RecvResults& recv,
          const operands::ExpertHandle& handle) {
   ctx.BeginRecv(false);
-  CheckCuda(LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream), "launching dispatch_recv");
+  LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
 
 void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
@@ -89,21 +89,21 @@ void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
          const operands::RecvResults& recv, const operands::ExpertHandle& handle) {
   ctx.BeginSend(false);
   ctx.BeginRecv(false);
-  CheckCuda(ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/false, stream), "dispatch");
-  CheckCuda(LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream), "launching dispatch_recv");
+  ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/false, stream);
+  LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
 
 void Run(target::CombineSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::ExpertY& expert_y, const operands::ExpertHandle& handle,
          const operands::Sent& sent) {
   ctx.BeginSend(true);
-  CheckCuda(LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, sent.p), stream), "launching combine_send");
+  LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, sent.p), stream);
 }
 
 void Run(target::CombineRecv, NvlinkContext& ctx, cudaStream_t stream, const operands::Sent&,
          const operands::HomeHandle& home, const operands::Out& out) {
   ctx.BeginRecv(true);
-  CheckCuda(LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream), "launching combine_recv");
+  LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }
 
 void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
@@ -111,8 +111,8 @@ void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
          const operands::HomeHandle& home, const operands::Out& out) {
   ctx.BeginSend(true);
   ctx.BeginRecv(true);
-  CheckCuda(LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), stream), "launching combine_send");
-  CheckCuda(LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream), "launching combine_recv");
+  LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), stream);
+  LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }
 
 template <typename Target>

@@ -2,14 +2,13 @@
 // token, the partials its records came back with (float32 accumulation), and give every
 // expert rank the credit to reuse its partial slot here. Rows at or past num_tokens are zero.
 #include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {
 namespace {
 
 using namespace device;
-
-constexpr int kThreads = 512;
 
 __host__ __device__ inline int64_t TokensPerBlock(const Layout& lay, int grid) {
   return CeilDiv(lay.max_tokens, grid);
@@ -126,32 +125,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T>
-cudaError_t Launch(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream) {
-  const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
-  const int64_t shared = RecvSharedBytes(args.layout, grid);
-  if (shared > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        CombineRecvKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(shared));
-    if (err != cudaSuccess) return err;
-  }
-  CombineRecvKernel<T><<<grid, kThreads, shared, stream>>>(args, io);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
-cudaError_t LoadCombineRecv() {
-  cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>);
+void LoadCombineRecv() {
+  LoadKernels("loading combine_recv", CombineRecvKernel<float>, CombineRecvKernel<__nv_bfloat16>);
 }
 
-cudaError_t LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io,
-                              cudaStream_t stream) {
-  return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)
-                                             : Launch<__nv_bfloat16>(args, io, stream);
+void LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream) {
+  const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
+  LaunchKernel("launching combine_recv",
+               args.layout.combine_elem_bytes == 4 ? CombineRecvKernel<float>
+                                                   : CombineRecvKernel<__nv_bfloat16>,
+               grid, RecvSharedBytes(args.layout, grid), stream, args, io);
 }
 
 }  // namespace jem

@@ -4,14 +4,13 @@
 // which the proxy writes); then raise this rank's ready flag at every NVLink home rank and
 // tell the proxy. Before writing, wait for each home rank's credit for the previous combine.
 #include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {
 namespace {
 
 using namespace device;
-
-constexpr int kThreads = 512;
 
 __host__ __device__ inline int64_t RecordsPerBlock(const Layout& lay, int grid) {
   return CeilDiv(lay.max_recv_records(), grid);
@@ -130,32 +129,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T>
-cudaError_t Launch(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream) {
-  const int grid = 2 * args.num_sms;
-  const int64_t shared = SendSharedBytes(args.layout, grid);
-  if (shared > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        CombineSendKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(shared));
-    if (err != cudaSuccess) return err;
-  }
-  CombineSendKernel<T><<<grid, kThreads, shared, stream>>>(args, io);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
-cudaError_t LoadCombineSend() {
-  cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, CombineSendKernel<float>);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, CombineSendKernel<__nv_bfloat16>);
+void LoadCombineSend() {
+  LoadKernels("loading combine_send", CombineSendKernel<float>, CombineSendKernel<__nv_bfloat16>);
 }
 
-cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,
-                              cudaStream_t stream) {
-  return args.layout.combine_elem_bytes == 4 ? Launch<float>(args, io, stream)
-                                             : Launch<__nv_bfloat16>(args, io, stream);
+void LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream) {
+  const int grid = 2 * args.num_sms;
+  LaunchKernel("launching combine_send",
+               args.layout.combine_elem_bytes == 4 ? CombineSendKernel<float>
+                                                   : CombineSendKernel<__nv_bfloat16>,
+               grid, SendSharedBytes(args.layout, grid), stream, args, io);
 }
 
 }  // namespace jem

@@ -9,14 +9,13 @@
 // senders + the slot rank the sender computed, so blocks own contiguous record ranges and
 // never wait for each other.
 #include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {
 namespace {
 
 using namespace device;
-
-constexpr int kThreads = 512;
 
 struct RecvPlan {
   int64_t records_per_block;
@@ -285,23 +284,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-cudaError_t LoadDispatchRecv() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, DispatchRecvKernel);
-}
+void LoadDispatchRecv() { LoadKernels("loading dispatch_recv", DispatchRecvKernel); }
 
-cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
-                               cudaStream_t stream) {
+void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream) {
   const int grid = 2 * args.num_sms;
-  const RecvPlan plan = PlanRecv(args.layout, grid);
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        DispatchRecvKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(plan.shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  DispatchRecvKernel<<<grid, kThreads, plan.shared_bytes, stream>>>(args, io);
-  return cudaGetLastError();
+  LaunchKernel("launching dispatch_recv", DispatchRecvKernel, grid,
+               PlanRecv(args.layout, grid).shared_bytes, stream, args, io);
 }
 
 }  // namespace jem

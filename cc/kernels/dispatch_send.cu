@@ -16,14 +16,13 @@
 // the kernel is bound by latency, not bytes: every phase is one parallel pass over coalesced
 // loads, int32 index math, and the credit wait overlaps the counting.
 #include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {
 namespace {
 
 using namespace device;
-
-constexpr int kThreads = 512;
 
 struct SendPlan {
   int64_t tokens_per_block;
@@ -325,23 +324,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-cudaError_t LoadDispatchSend() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, DispatchSendKernel);
-}
+void LoadDispatchSend() { LoadKernels("loading dispatch_send", DispatchSendKernel); }
 
-cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
-                               cudaStream_t stream) {
+void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
+                        cudaStream_t stream) {
   const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
-  const SendPlan plan = PlanSend(args.layout, grid);
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        DispatchSendKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(plan.shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  DispatchSendKernel<<<grid, kThreads, plan.shared_bytes, stream>>>(args, io, staged);
-  return cudaGetLastError();
+  LaunchKernel("launching dispatch_send", DispatchSendKernel, grid,
+               PlanSend(args.layout, grid).shared_bytes, stream, args, io, staged);
 }
 
 }  // namespace jem

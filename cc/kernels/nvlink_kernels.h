@@ -1,14 +1,13 @@
 // Launchers of the CUDA dispatch/combine kernels of the NVLink path (cc/base/nvlink_layout.h).
-// Each enqueues one kernel on `stream` and returns at once: no allocation, no sync. A kernel
-// that meets bad input, a full buffer or a silent peer records it in the rank's sticky
-// DeviceStatus, writes nothing out of bounds, and still completes the protocol with its peers
-// where it can, so that no rank hangs.
+// Each enqueues one kernel on `stream` and returns at once: no allocation, no sync; a failed
+// launch throws CudaError. A kernel that meets bad input, a full buffer or a silent peer
+// records it in the rank's sticky DeviceStatus, writes nothing out of bounds, and still
+// completes the protocol with its peers where it can, so that no rank hangs.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -93,27 +92,22 @@ struct CombineRecvIo {
 // Loads every kernel on the current device. Call once per device at set-up: with CUDA's lazy
 // module loading, a kernel loaded at its first launch may wait for the device to go idle,
 // while a kernel already running on it waits for a peer whose launch comes after.
-cudaError_t LoadDispatchSend();
-cudaError_t LoadDispatchRecv();
-cudaError_t LoadCombineSend();
-cudaError_t LoadCombineRecv();
-inline cudaError_t LoadNvlinkKernels() {
-  for (cudaError_t (*load)() : {LoadDispatchSend, LoadDispatchRecv, LoadCombineSend,
-                                LoadCombineRecv}) {
-    const cudaError_t err = load();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+void LoadDispatchSend();
+void LoadDispatchRecv();
+void LoadCombineSend();
+void LoadCombineRecv();
+inline void LoadNvlinkKernels() {
+  LoadDispatchSend();
+  LoadDispatchRecv();
+  LoadCombineSend();
+  LoadCombineRecv();
 }
 
 // staged: peers' records go to this rank's outboxes (nvlink_layout.h), for the copy engine.
-cudaError_t LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
-                               cudaStream_t stream);
-cudaError_t LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io,
-                               cudaStream_t stream);
-cudaError_t LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io,
-                              cudaStream_t stream);
-cudaError_t LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io,
-                              cudaStream_t stream);
+void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
+                        cudaStream_t stream);
+void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream);
+void LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream);
+void LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream);
 
 }  // namespace jem

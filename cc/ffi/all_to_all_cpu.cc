@@ -97,15 +97,8 @@ inline auto CpuBinding() {
 }  // namespace
 }  // namespace jem
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchSendCpu, jem::CpuHandler<jem::target::DispatchSend>,
-                              jem::CpuBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchRecvCpu, jem::CpuHandler<jem::target::DispatchRecv>,
-                              jem::CpuBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCpu, jem::CpuHandler<jem::target::Dispatch>,
-                              jem::CpuBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineSendCpu, jem::CpuHandler<jem::target::CombineSend>,
-                              jem::CpuBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineRecvCpu, jem::CpuHandler<jem::target::CombineRecv>,
-                              jem::CpuBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineCpu, jem::CpuHandler<jem::target::Combine>,
-                              jem::CpuBinding());
+#define JEM_DEFINE_CPU_HANDLER(Name, python_name) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Jem##Name##Cpu, jem::CpuHandler<jem::target::Name>, \
+                                jem::CpuBinding());
+JEM_FFI_TARGETS(JEM_DEFINE_CPU_HANDLER)
+#undef JEM_DEFINE_CPU_HANDLER

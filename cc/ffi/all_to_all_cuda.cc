@@ -137,15 +137,8 @@ inline auto CudaBinding() {
 }  // namespace
 }  // namespace jem
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchSendCuda, jem::CudaHandler<jem::target::DispatchSend>,
-                              jem::CudaBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchRecvCuda, jem::CudaHandler<jem::target::DispatchRecv>,
-                              jem::CudaBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCuda, jem::CudaHandler<jem::target::Dispatch>,
-                              jem::CudaBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineSendCuda, jem::CudaHandler<jem::target::CombineSend>,
-                              jem::CudaBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineRecvCuda, jem::CudaHandler<jem::target::CombineRecv>,
-                              jem::CudaBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineCuda, jem::CudaHandler<jem::target::Combine>,
-                              jem::CudaBinding());
+#define JEM_DEFINE_CUDA_HANDLER(Name, python_name) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Jem##Name##Cuda, jem::CudaHandler<jem::target::Name>, \
+                                jem::CudaBinding());
+JEM_FFI_TARGETS(JEM_DEFINE_CUDA_HANDLER)
+#undef JEM_DEFINE_CUDA_HANDLER

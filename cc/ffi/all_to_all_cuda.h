@@ -1,12 +1,12 @@
-// XLA FFI handlers of the all-to-all targets (cc/ffi/README.md) for platform "CUDA".
+// The XLA FFI handlers for platform "CUDA", one per target of cc/ffi/targets.h
+// (Jem<Name>Cuda).
 #pragma once
 
-#include "xla/ffi/api/c_api.h"
+#include "cc/ffi/targets.h"
 #include "xla/ffi/api/api.h"
+#include "xla/ffi/api/c_api.h"
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemDispatchSendCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemDispatchRecvCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemDispatchCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemCombineSendCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemCombineRecvCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JemCombineCuda);
+#define JEM_DECLARE_CUDA_HANDLER(Name, python_name) \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(Jem##Name##Cuda);
+JEM_FFI_TARGETS(JEM_DECLARE_CUDA_HANDLER)
+#undef JEM_DECLARE_CUDA_HANDLER

@@ -132,12 +132,10 @@ void BindAllToAll(nb::module_& m) {
       "registrations",
       [] {
         nb::dict targets;
-        targets["jem_dispatch_send"] = Capsule(JemDispatchSendCpu);
-        targets["jem_dispatch_recv"] = Capsule(JemDispatchRecvCpu);
-        targets["jem_dispatch"] = Capsule(JemDispatchCpu);
-        targets["jem_combine_send"] = Capsule(JemCombineSendCpu);
-        targets["jem_combine_recv"] = Capsule(JemCombineRecvCpu);
-        targets["jem_combine"] = Capsule(JemCombineCpu);
+#define JEM_CPU_CAPSULE(Name, python_name) \
+  targets[python_name] = Capsule(Jem##Name##Cpu);
+        JEM_FFI_TARGETS(JEM_CPU_CAPSULE)
+#undef JEM_CPU_CAPSULE
         return targets;
       },
       "The XLA FFI handlers for platform \"cpu\", by target name.");

@@ -164,12 +164,10 @@ void BindCuda(nb::module_& m) {
         "Frees the contexts once their queued kernels have finished.");
   m.def("cuda_registrations", []() {
     nb::dict d;
-    d["jem_dispatch_send"] = nb::capsule(reinterpret_cast<void*>(&JemDispatchSendCuda));
-    d["jem_dispatch_recv"] = nb::capsule(reinterpret_cast<void*>(&JemDispatchRecvCuda));
-    d["jem_dispatch"] = nb::capsule(reinterpret_cast<void*>(&JemDispatchCuda));
-    d["jem_combine_send"] = nb::capsule(reinterpret_cast<void*>(&JemCombineSendCuda));
-    d["jem_combine_recv"] = nb::capsule(reinterpret_cast<void*>(&JemCombineRecvCuda));
-    d["jem_combine"] = nb::capsule(reinterpret_cast<void*>(&JemCombineCuda));
+#define JEM_CUDA_CAPSULE(Name, python_name) \
+  d[python_name] = nb::capsule(reinterpret_cast<void*>(&Jem##Name##Cuda));
+    JEM_FFI_TARGETS(JEM_CUDA_CAPSULE)
+#undef JEM_CUDA_CAPSULE
     return d;
   }, "XLA FFI handler capsules for platform 'CUDA', by target name.");
 }

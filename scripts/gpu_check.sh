@@ -9,7 +9,9 @@
 #                                        through pinned host memory on the system libfabric, and
 #                                        with GPU memory registered (FI_HMEM) on a libfabric
 #                                        built with CUDA in .deps/libfabric-cuda; bench runs
-#                                        benchmarks/bench_all_to_all.py against the stock paths)
+#                                        benchmarks/bench_all_to_all.py against the stock paths;
+#                                        fabric_bench, not by default, times ours through the
+#                                        proxy between 2 GPUs, one process each)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -150,10 +152,15 @@ for s in $STAGES; do
         --world 1 --bench "$OUT/bench_kernels_r1.json" ;;
     profile)
       stage profile profile.log 300 profile ;;
+    fabric_bench)
+      stage "bench_all_to_all, fabric path" bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
+        benchmarks/bench_all_to_all.py --platform=cuda --processes=2 --ranks_per_node=1 \
+        --impls=ours --overlap=false --name=a2a_fabric_cuda --out="$OUT" ${BENCH_ARGS:-} ;;
     bench)
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
-    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal" \
+         "bench fabric_bench)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

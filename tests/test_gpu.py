@@ -126,6 +126,19 @@ def test_dead_peer_two_processes():
     assert "dead peer reported" in outputs[0], outputs
 
 
+# The autodiff suite (test_autodiff.py) on GPUs, one process per GPU: its oracle is JAX's
+# autodiff of the stock path, whose ragged_all_to_all XLA runs between processes only as NCCL
+# send/recv (NCCL refuses two ranks on one GPU, hence two GPUs).
+@two_gpus
+@pytest.mark.parametrize("function,says", [("check_op_gradients", "op gradients ok"),
+                                           ("check_layer_gradients", "layer gradients ok"),
+                                           ("check_finite_differences", "finite differences ok")])
+def test_gradients_two_processes(function, says):
+    fallback = "--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
+    oracle.check_children(f"test_autodiff:{function}", 2, says, timeout_s=600.0,
+                          env=_env({"XLA_FLAGS": fallback}), platform="cuda")
+
+
 # Every rank a node of its own, through the fabric: the CPU suite's routings, dtypes,
 # alignments, halves and 100 steps in one jit; at EP4 each GPU's peers split over two NICs.
 @pytest.mark.parametrize("world,provider,nics", [(2, "shm", 1), (4, "tcp;ofi_rxm", 2),

@@ -78,13 +78,13 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
 
   DeviceScope scope(device);
   CheckCuda(cudaDeviceGetAttribute(&args_.num_sms, cudaDevAttrMultiProcessorCount, device),
-        "cudaDeviceGetAttribute");
+            "cudaDeviceGetAttribute");
   const NvlinkLayout nl{layout};
   CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
   CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
   CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(DeviceStatus),
-                      cudaHostAllocMapped | cudaHostAllocPortable),
-        "cudaHostAlloc of the status word");
+                          cudaHostAllocMapped | cudaHostAllocPortable),
+            "cudaHostAlloc of the status word");
   std::memset(status_, 0, sizeof(DeviceStatus));
   void* status_on_device = nullptr;
   CheckCuda(cudaHostGetDevicePointer(&status_on_device, status_, 0), "cudaHostGetDevicePointer");
@@ -123,8 +123,8 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   }
   if (!registered) {
     CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&mirror_), nl.arena_bytes(),
-                        cudaHostAllocMapped | cudaHostAllocPortable),
-          "cudaHostAlloc of the fabric buffer");
+                            cudaHostAllocMapped | cudaHostAllocPortable),
+              "cudaHostAlloc of the fabric buffer");
     std::memset(mirror_, 0, nl.arena_bytes());
     fabric_region_ = engine_->RegisterMemory(mirror_, nl.arena_bytes(), MemoryKind::kHost);
     void* mapped = nullptr;
@@ -133,8 +133,8 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   }
 
   CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&host_words_), nl.proxy_words_bytes(),
-                      cudaHostAllocMapped | cudaHostAllocPortable),
-        "cudaHostAlloc of the proxy mailbox");
+                          cudaHostAllocMapped | cudaHostAllocPortable),
+            "cudaHostAlloc of the proxy mailbox");
   std::memset(host_words_, 0, nl.proxy_words_bytes());
   void* mapped = nullptr;
   CheckCuda(cudaHostGetDevicePointer(&mapped, host_words_, 0), "cudaHostGetDevicePointer");
@@ -234,7 +234,7 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
       std::memcpy(&handle, handles[r].data(), sizeof(handle));
       void* p = nullptr;
       CheckCuda(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
-            ("cudaIpcOpenMemHandle for rank " + std::to_string(r)).c_str());
+                ("cudaIpcOpenMemHandle for rank " + std::to_string(r)).c_str());
       opened_.push_back(p);
       args_.arenas[r] = static_cast<uint8_t*>(p);
     }

@@ -8,6 +8,7 @@
 #include "cc/a2a/dispatch_step.h"
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,17 +31,28 @@ void CopyOwnRecords(AllToAllContext& ctx, int64_t begin, int64_t end, int64_t ov
   }
 }
 
+// One scatter of this step's writes of `kind`: write(d) -> {src, dst, bytes} or nothing, for
+// every peer d.
+template <typename Write>
+void ScatterToPeers(AllToAllContext& ctx, ImmKind kind, uint32_t seq, Write&& write) {
+  std::vector<WriteSpec> writes;
+  for (int d = 0; d < ctx.layout().num_ranks; ++d) {
+    if (d == ctx.rank()) continue;
+    if (const std::optional<WriteSpec> w = write(d)) {
+      writes.push_back(*w);
+      writes.back().peer = ctx.PeerIndex(d);
+    }
+  }
+  if (!writes.empty()) ctx.Scatter(writes, kind, seq);
+}
+
 // Posts this rank's route row to the same place in every peer's route table.
 void PostRouteRow(AllToAllContext& ctx, uint32_t seq) {
   const Layout& l = ctx.layout();
-  const int me = ctx.rank();
-  std::vector<WriteSpec> writes;
-  for (int d = 0; d < l.num_ranks; ++d) {
-    if (d == me) continue;
-    const uint64_t offset = l.route_row_offset(me);
-    writes.push_back({ctx.PeerIndex(d), offset, offset, uint64_t(l.route_row_ints()) * 4});
-  }
-  ctx.Scatter(writes, ImmKind::kRoute, seq);
+  const uint64_t offset = l.route_row_offset(ctx.rank());
+  ScatterToPeers(ctx, ImmKind::kRoute, seq, [&](int) {
+    return std::optional<WriteSpec>({0, offset, offset, uint64_t(l.route_row_ints()) * 4});
+  });
 }
 
 // The first min(n, P) records of each chunk go to this rank's private slot on the peer; a
@@ -49,15 +61,12 @@ void PostPrivateWrites(AllToAllContext& ctx, uint32_t seq) {
   const Layout& l = ctx.layout();
   const RouteTable route = ctx.route();
   const int me = ctx.rank();
-  std::vector<WriteSpec> writes;
-  for (int d = 0; d < l.num_ranks; ++d) {
-    if (d == me) continue;
-    writes.push_back({ctx.PeerIndex(d),
-                      uint64_t(l.dispatch_send_record_offset(route.send_offset(me, d))),
-                      uint64_t(l.private_record_offset(me, 0)),
-                      uint64_t(route.private_count(me, d) * l.record_bytes())});
-  }
-  ctx.Scatter(writes, ImmKind::kDispatchData, seq);
+  ScatterToPeers(ctx, ImmKind::kDispatchData, seq, [&](int d) {
+    return std::optional<WriteSpec>(
+        {0, uint64_t(l.dispatch_send_record_offset(route.send_offset(me, d))),
+         uint64_t(l.private_record_offset(me, 0)),
+         uint64_t(route.private_count(me, d) * l.record_bytes())});
+  });
 }
 
 // The rest of each chunk goes to the peer's overflow region, after the overflow of every
@@ -66,15 +75,13 @@ void PostOverflowWrites(AllToAllContext& ctx, uint32_t seq) {
   const Layout& l = ctx.layout();
   const RouteTable route = ctx.route();
   const int me = ctx.rank();
-  std::vector<WriteSpec> writes;
-  for (int d = 0; d < l.num_ranks; ++d) {
-    if (d == me || route.overflow_count(me, d) == 0) continue;
+  ScatterToPeers(ctx, ImmKind::kDispatchData, seq, [&](int d) -> std::optional<WriteSpec> {
+    if (route.overflow_count(me, d) == 0) return std::nullopt;
     const int64_t first = route.send_offset(me, d) + l.private_records();
-    writes.push_back({ctx.PeerIndex(d), uint64_t(l.dispatch_send_record_offset(first)),
-                      uint64_t(l.overflow_record_offset(route.overflow_start(me, d))),
-                      uint64_t(route.overflow_count(me, d) * l.record_bytes())});
-  }
-  if (!writes.empty()) ctx.Scatter(writes, ImmKind::kDispatchData, seq);
+    return WriteSpec{0, uint64_t(l.dispatch_send_record_offset(first)),
+                     uint64_t(l.overflow_record_offset(route.overflow_start(me, d))),
+                     uint64_t(route.overflow_count(me, d) * l.record_bytes())};
+  });
 }
 
 // Ranks whose route row has not arrived (still carrying the receiver's mark), as "1, 3".

@@ -136,7 +136,8 @@ class AllToAll(_config.ConfigAttributes):
     Transport (GPUs): peers on the same node (``ranks_per_node`` consecutive ranks, or by host
     name when None) are reached over NVLink, the others through the fabric
     (``fabric_provider``, e.g. ``efa``; found automatically when None) by a proxy thread per
-    GPU. ``transport="fabric"`` sends every peer through the fabric, ``"nvlink"`` refuses
+    GPU; the attribute ``fabric_provider`` then names the provider in use (None when every
+    peer is an NVLink peer). ``transport="fabric"`` sends every peer through the fabric, ``"nvlink"`` refuses
     ranks on other nodes. ``num_nics`` NICs per GPU (the nearest by PCI topology, or
     ``nic_names``) share the peers. ``fabric_staging``: None uses GPU memory directly where
     the provider registers it (FI_HMEM) and stages through pinned host memory otherwise; True

@@ -112,7 +112,8 @@ class CudaContexts:
                 host_of_rank[r] = p["host"]
         nodes = node_of_ranks(R, transport, ranks_per_node, host_of_rank)
         masks = [sum(1 << p for p in range(R) if nodes[p] != nodes[r]) for r in self.ranks]
-        self.provider = "nvlink"
+        # None when every peer is on this node: no fabric is opened.
+        self.provider = None
         if len(set(nodes)) > 1:
             self.provider = fabric_provider or providers.choose(hosts)
 

@@ -229,7 +229,7 @@ def check_cases(rank, world, args):
                         max_tokens_per_rank=T, dispatch_dtype=getattr(jnp, dispatch_dtype),
                         combine_dtype=getattr(jnp, combine_dtype), expert_alignment=align,
                         timeout_s=30.0)
-        assert comm.fabric_provider == "nvlink", comm.fabric_provider
+        assert comm.fabric_provider is None, comm.fabric_provider  # NVLink only
         whole, halves, loop = oracle.programs(comm, mesh)
         cdt = np.dtype(comm.combine_dtype)
         for kind in oracle.ROUTINGS:

@@ -3,10 +3,6 @@
 // checks every byte against what the sender's seed says it wrote; then host-flag and callback
 // releases (NotifyImm), and poll hooks that answer the peer from the proxy thread. Exit code 0
 // on success.
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -21,6 +17,7 @@
 
 #include "cc/transfer_engine/api.h"
 #include "cc/transfer_engine/backoff.h"
+#include "cc/transfer_engine/forked_ranks.h"
 
 namespace {
 
@@ -37,27 +34,6 @@ constexpr uint32_t kHookBarrierImm = 12;
 // More scatters than the submission queue holds, posted by one hook call.
 constexpr int kBurst = 5000;
 constexpr double kTimeoutS = 30.0;
-
-void SendBytes(int fd, const jem::Bytes& b) {
-  uint32_t n = static_cast<uint32_t>(b.size());
-  if (write(fd, &n, sizeof n) != sizeof n ||
-      write(fd, b.data(), n) != static_cast<ssize_t>(n)) {
-    throw jem::Error("socketpair write failed");
-  }
-}
-
-jem::Bytes RecvBytes(int fd) {
-  uint32_t n = 0;
-  if (read(fd, &n, sizeof n) != sizeof n) throw jem::Error("socketpair read failed");
-  jem::Bytes b(n);
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = read(fd, b.data() + got, n - got);
-    if (r <= 0) throw jem::Error("socketpair read failed");
-    got += r;
-  }
-  return b;
-}
 
 // Everything rank `rank` writes is derived from its seed, so the receiver can recompute it.
 std::vector<uint8_t> SourceBytes(int rank) {
@@ -166,7 +142,7 @@ int CheckThrowingHook(int rank) {
   return bad;
 }
 
-int Run(int rank, int fd) {
+int Run(int rank, const jem::AllGather& all_gather) {
   jem::EngineOptions options;
   options.provider = "tcp;ofi_rxm";
   auto engine = jem::TransferEngine::Create(options);
@@ -175,9 +151,9 @@ int Run(int rank, int fd) {
   std::memcpy(region.data(), source.data(), kHalf);
   jem::MemoryRegionId mr = engine->RegisterMemory(region.data(), region.size(),
                                                   jem::MemoryKind::kHost);
-  SendBytes(fd, engine->Address());
-  SendBytes(fd, engine->Descriptor(mr));
-  jem::PeerSpec peer{RecvBytes(fd), RecvBytes(fd)};
+  const int other = 1 - rank;
+  jem::PeerSpec peer{all_gather(engine->Address())[other],
+                     all_gather(engine->Descriptor(mr))[other]};
   jem::PeerGroupId group = engine->AddPeerGroup(mr, {peer});
 
   std::vector<jem::WriteSpec> writes = Writes(rank);
@@ -185,7 +161,6 @@ int Run(int rank, int fd) {
   engine->WaitSent(ticket, kTimeoutS);
   engine->WaitImm(kImm, kWrites, kTimeoutS);
 
-  const int other = 1 - rank;
   std::vector<uint8_t> theirs = SourceBytes(other);
   int bad = 0;
   for (const jem::WriteSpec& w : Writes(other)) {
@@ -220,28 +195,9 @@ int Run(int rank, int fd) {
   return bad == 0 ? 0 : 1;
 }
 
-int RunChecked(int rank, int fd) {
-  try {
-    return Run(rank, fd);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
-    return 1;
-  }
-}
-
 }  // namespace
 
 int main() {
   setenv("FI_TCP_IFACE", "lo", 0);
-  int fds[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) return 2;
-  // Fork before any libfabric call: the child must not inherit fabric state.
-  pid_t child = fork();
-  if (child < 0) return 2;
-  if (child == 0) _exit(RunChecked(1, fds[1]));
-  int code = RunChecked(0, fds[0]);
-  int status = 0;
-  waitpid(child, &status, 0);
-  bool child_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-  return code == 0 && child_ok ? 0 : 1;
+  return jem::RunForkedRanks(2, Run);
 }

@@ -1,10 +1,12 @@
-// The GPU path's fabric proxy without a GPU: three ranks (fork) over tcp;ofi_rxm, each a
-// FabricProxy on its engine, with this test playing the kernels in host memory: per step, fill
-// the outboxes with bytes seeded by (sender, receiver, step), publish counts and the step in
-// the mailbox, wait for the flags the proxy raises, check every byte that landed from every
-// peer, then publish the read step and wait for the credits. Dispatch and combine, several
-// steps. CMake and Bazel also run it with JEM_REORDER_SEED (arrivals out of order, as on EFA).
-// Exit code 0 on success.
+// The GPU path's fabric proxy without a GPU: ranks (fork) over tcp;ofi_rxm, each a FabricProxy
+// on its engine, with this test playing the kernels in host memory: per step, fill the
+// outboxes for fabric peers with bytes seeded by (sender, receiver, step), publish counts and
+// the step in the mailbox, wait for the flags the proxy raises, check every byte that landed
+// from every fabric peer, then publish the read step and wait for the credits. Dispatch and
+// combine, several steps; 3 ranks each a node of its own, then 2 nodes of 2 ranks (the
+// NVLink peers are left to the kernels, so the proxy must leave them alone). CMake and Bazel
+// also run it with JEM_REORDER_SEED (arrivals out of order, as on EFA). Exit code 0 on success.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -12,6 +14,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cc/a2a/fabric_proxy.h"
@@ -24,7 +27,6 @@
 namespace jem {
 namespace {
 
-constexpr int kRanks = 3;
 constexpr int kSteps = 12;
 constexpr double kTimeoutS = 30.0;
 
@@ -50,28 +52,29 @@ int32_t Count(int sender, int receiver, int step, Part part, int64_t max) {
   return static_cast<int32_t>(std::mt19937_64(Seed(sender, receiver, step, part))() % (max + 1));
 }
 
-Layout TestLayout() {
+Layout TestLayout(int ranks) {
   Layout l;
-  l.num_ranks = kRanks;
-  l.num_experts = 2 * kRanks;
+  l.num_ranks = ranks;
+  l.num_experts = 2 * ranks;
   l.experts_per_token = 2;
   l.hidden = 128;
   l.max_tokens = 6;
-  l.max_recv_tokens = kRanks * l.max_tokens * l.experts_per_token;
+  l.max_recv_tokens = ranks * l.max_tokens * l.experts_per_token;
   return l;
 }
 
 // What the kernels of one rank would do, on host memory.
 class FakeKernels {
  public:
-  FakeKernels(const NvlinkLayout& nl, int rank, uint8_t* buffer, ProxyMailbox* mailbox,
-              uint8_t* signals)
-      : nl_(nl), rank_(rank), buffer_(buffer), mailbox_(mailbox), signals_(signals) {}
+  FakeKernels(const NvlinkLayout& nl, int rank, uint64_t fabric_mask, uint8_t* buffer,
+              ProxyMailbox* mailbox, uint8_t* signals)
+      : nl_(nl), rank_(rank), fabric_mask_(fabric_mask), buffer_(buffer), mailbox_(mailbox),
+        signals_(signals) {}
 
   void SendDispatch(int step) {
     const Layout& l = nl_.layout;
-    for (int d = 0; d < kRanks; ++d) {
-      if (d == rank_) continue;
+    for (int d = 0; d < nl_.R(); ++d) {
+      if (!Fabric(d)) continue;
       const int32_t n = Count(rank_, d, step, kCount, l.max_tokens);
       Fill(buffer_ + nl_.outbox_route_offset(d), nl_.route_row_ints() * 4,
            Seed(rank_, d, step, kRouteRow));
@@ -88,8 +91,16 @@ class FakeKernels {
   std::string CheckDispatch(int step) const {
     const Layout& l = nl_.layout;
     std::string wrong;
-    for (int s = 0; s < kRanks; ++s) {
-      if (s == rank_) continue;
+    for (int s = 0; s < nl_.R(); ++s) {
+      if (!Fabric(s)) {
+        // An NVLink peer's slot is its kernels' to write, never the proxy's.
+        const uint8_t* row = buffer_ + nl_.route_row_offset(s);
+        if (s != rank_ && std::any_of(row, row + nl_.route_row_ints() * 4,
+                                      [](uint8_t b) { return b != 0; })) {
+          wrong += " rank " + std::to_string(s) + " (an NVLink peer)";
+        }
+        continue;
+      }
       const int32_t n = Count(s, rank_, step, kCount, l.max_tokens);
       if (!Same(buffer_ + nl_.route_row_offset(s), nl_.route_row_ints() * 4,
                 Seed(s, rank_, step, kRouteRow)) ||
@@ -104,8 +115,8 @@ class FakeKernels {
   }
 
   void SendCombine(int step) {
-    for (int home = 0; home < kRanks; ++home) {
-      if (home == rank_) continue;
+    for (int home = 0; home < nl_.R(); ++home) {
+      if (!Fabric(home)) continue;
       const int32_t n = Count(rank_, home, step, kPartialCount, nl_.layout.max_tokens);
       Fill(buffer_ + nl_.combine_outbox_offset(home, 0), n * nl_.layout.combine_row_bytes(),
            Seed(rank_, home, step, kPartials));
@@ -116,8 +127,8 @@ class FakeKernels {
 
   std::string CheckCombine(int step) const {
     std::string wrong;
-    for (int s = 0; s < kRanks; ++s) {
-      if (s == rank_) continue;
+    for (int s = 0; s < nl_.R(); ++s) {
+      if (!Fabric(s)) continue;
       const int32_t n = Count(s, rank_, step, kPartialCount, nl_.layout.max_tokens);
       if (!Same(buffer_ + nl_.partial_offset(s, 0), n * nl_.layout.combine_row_bytes(),
                 Seed(s, rank_, step, kPartials))) {
@@ -135,8 +146,8 @@ class FakeKernels {
     const auto start = std::chrono::steady_clock::now();
     const auto deadline = start + std::chrono::duration<double>(kTimeoutS);
     const Backoff backoff(/*busy_poll=*/false, start);
-    for (int p = 0; p < kRanks; ++p) {
-      if (p == rank_) continue;
+    for (int p = 0; p < nl_.R(); ++p) {
+      if (!Fabric(p)) continue;
       const auto* flag = reinterpret_cast<const uint64_t*>(signals_ + offset_of(p));
       while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < uint64_t(step)) {
         const auto now = std::chrono::steady_clock::now();
@@ -148,15 +159,18 @@ class FakeKernels {
   }
 
  private:
+  bool Fabric(int peer) const { return (fabric_mask_ >> peer) & 1; }
+
   const NvlinkLayout& nl_;
   int rank_;
+  uint64_t fabric_mask_;
   uint8_t* buffer_;
   ProxyMailbox* mailbox_;
   uint8_t* signals_;
 };
 
-int Run(int rank, const AllGather& all_gather) {
-  const NvlinkLayout nl{TestLayout()};
+int Run(int rank, int ranks, int ranks_per_node, const AllGather& all_gather) {
+  const NvlinkLayout nl{TestLayout(ranks)};
   EngineOptions options;
   options.provider = "tcp;ofi_rxm";
   auto engine = TransferEngine::Create(options);
@@ -169,13 +183,16 @@ int Run(int rank, const AllGather& all_gather) {
   const std::vector<Bytes> addresses = all_gather(engine->Address());
   const std::vector<Bytes> descriptors = all_gather(engine->Descriptor(region));
   std::vector<PeerSpec> peers;
-  for (int r = 0; r < kRanks; ++r) peers.push_back({addresses[r], descriptors[r]});
-  const uint64_t everyone_else = ((uint64_t(1) << kRanks) - 1) & ~(uint64_t(1) << rank);
+  uint64_t other_nodes = 0;
+  for (int r = 0; r < ranks; ++r) {
+    peers.push_back({addresses[r], descriptors[r]});
+    if (r / ranks_per_node != rank / ranks_per_node) other_nodes |= uint64_t(1) << r;
+  }
 
   bool ok = true;
   {
-    FabricProxy proxy(*engine, nl.layout, rank, everyone_else, region, mailbox, signals, peers);
-    FakeKernels kernels(nl, rank, buffer.data(), mailbox, signals);
+    FabricProxy proxy(*engine, nl.layout, rank, other_nodes, region, mailbox, signals, peers);
+    FakeKernels kernels(nl, rank, other_nodes, buffer.data(), mailbox, signals);
     // One phase of one step, as its kernels see it: send, wait for the data, check it,
     // consume it, wait for the credits. False at the first failure, said on stderr.
     const auto phase = [&](const char* name, int step, auto send, auto ready_offset,
@@ -208,8 +225,8 @@ int Run(int rank, const AllGather& all_gather) {
     // Nobody tears down its proxy while a peer may still expect its credits.
     all_gather({});
   }
-  std::printf("rank %d: %d steps of dispatch and combine through the proxy, %s\n", rank, kSteps,
-              ok ? "every byte right" : "FAILED");
+  std::printf("rank %d of %d (%d per node): %d steps of dispatch and combine through the proxy, "
+              "%s\n", rank, ranks, ranks_per_node, kSteps, ok ? "every byte right" : "FAILED");
   return ok ? 0 : 1;
 }
 
@@ -218,5 +235,12 @@ int Run(int rank, const AllGather& all_gather) {
 
 int main() {
   setenv("FI_TCP_IFACE", "lo", 0);
-  return jem::RunForkedRanks(jem::kRanks, jem::Run);
+  for (const std::pair<int, int>& world : {std::pair{3, 1}, std::pair{4, 2}}) {
+    const int ranks = world.first, per_node = world.second;
+    const int code = jem::RunForkedRanks(ranks, [&](int rank, const jem::AllGather& gather) {
+      return jem::Run(rank, ranks, per_node, gather);
+    });
+    if (code != 0) return code;
+  }
+  return 0;
 }

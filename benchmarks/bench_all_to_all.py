@@ -546,6 +546,12 @@ def worker(rank, world, args):
                     overlap_n = _calibrate_matmul(mesh, inputs, dispatch_us, iters, repeats)
                 entry["overlap"] = _overlap(comm, mesh, inputs, iters, repeats, overlap_n,
                                             dispatch_us)
+            times = comm.fabric_times() if impl == "ours" else None
+            if times and times[0]["dispatch"]["steps"]:
+                entry["fabric_us_per_step"] = {
+                    phase: {key[:-len("_ns")]: ns / 1e3 / t["steps"]
+                            for key, ns in t.items() if key.endswith("_ns")}
+                    for phase, t in times[0].items() if t["steps"]}
             comm.close()
             entry["bytes"] = {"dispatch": nbytes["dispatch"], "combine": nbytes["combine"]}
             if impl in ("ragged", "padded"):
@@ -636,6 +642,16 @@ def write_report(results, stem, plot):
             lines.append(f"| {r['tokens']} | {r['impl']} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
                          f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {o['overlapped_us']:.1f} | "
                          f"{100 * o['hidden_fraction']:.0f}% |")
+    fabric = [r for r in results["runs"] if r.get("fabric_us_per_step")]
+    if fabric:
+        lines += ["", "Fabric steps on the first rank's proxy thread, µs per step (mean): "
+                  "submitting the writes; from then until every fabric peer's data arrived; "
+                  "from this rank's credit until every peer's arrived.", "",
+                  "| T | phase | post | data wait | credit wait |", "|---|---|---|---|---|"]
+        for r in fabric:
+            for phase, t in r["fabric_us_per_step"].items():
+                lines.append(f"| {r['tokens']} | {phase} | {t['post']:.2f} | "
+                             f"{t['data_wait']:.2f} | {t['credit_wait']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     if plot:

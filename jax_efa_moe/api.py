@@ -243,6 +243,16 @@ class AllToAll(_config.ConfigAttributes):
             self._contexts.close()
             self._contexts = None
 
+    def fabric_times(self) -> list[dict] | None:
+        """On GPUs, per rank of this process: where its steps through the fabric spent their
+        time so far on the proxy thread, summed over steps, per phase ("dispatch",
+        "combine"): ``steps``, ``post_ns`` (submitting the writes), ``data_wait_ns`` (writes
+        submitted until every fabric peer's data arrived), ``credit_wait_ns`` (credit sent
+        until every fabric peer's arrived). None on the CPU backend, whose steps run on the
+        caller's thread."""
+        times = getattr(self._contexts, "proxy_times", None)
+        return None if times is None else times()
+
     def raise_if_failed(self) -> None:
         """Raises the first error a step reported, if any. On GPUs the kernels report errors
         (bad expert ids, num_tokens, capacity, a silent peer) without stopping the host: call

@@ -176,6 +176,12 @@ class CudaContexts:
 
         return list(_jem.cuda_context_failures(self.context_id))
 
+    def proxy_times(self) -> list[dict]:
+        """Per local rank, where its fabric steps spent their time on the proxy thread."""
+        from jax_efa_moe import _jem
+
+        return list(_jem.cuda_context_proxy_times(self.context_id))
+
     def raise_if_failed(self) -> None:
         found = [f for f in self.failures() if f]
         if found:

@@ -226,6 +226,9 @@ def check_cases(rank, world, args):
                 assert _local(loop(*inputs))[0] == 0, f"100 steps changed the result: {where}"
             if comm._contexts.platform == "gpu":
                 comm.raise_if_failed()
+        times = comm.fabric_times()  # GPUs: the proxy timed every step it served
+        assert times is None or comm.fabric_provider is None or all(
+            t[phase]["steps"] >= len(routings) for t in times for phase in t), times
         comm.close()
     print(f"rank {rank}: checked {checked} cases on {comm.fabric_provider}", flush=True)
 

@@ -260,7 +260,7 @@ def check_cases(rank, world, args):
             comm.raise_if_failed()
         comm.close()
     print(f"ranks {_local_ranks(mesh)}: checked {len(configs)} configs x {len(oracle.ROUTINGS)} "
-          f"routings on {comm.fabric_provider}", flush=True)
+          f"routings on {comm.fabric_provider or 'NVLink'}", flush=True)
 
 
 def check_bad_input(rank, world, args):

@@ -12,6 +12,18 @@ uint64_t LoadAcquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQ
 
 int32_t LoadCount(const int32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
+// Adds `ns` to a sum only the proxy thread writes.
+void Add(std::atomic<uint64_t>& sum, int64_t ns) {
+  sum.store(sum.load(std::memory_order_relaxed) + static_cast<uint64_t>(ns > 0 ? ns : 0),
+            std::memory_order_relaxed);
+}
+
+int64_t NsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now() - t)
+      .count();
+}
+
 }  // namespace
 
 FabricProxy::FabricProxy(TransferEngine& engine, const Layout& layout, int rank,
@@ -34,6 +46,17 @@ FabricProxy::FabricProxy(TransferEngine& engine, const Layout& layout, int rank,
 
 FabricProxy::~FabricProxy() { engine_.RemovePollHook(hook_); }
 
+FabricPhaseTimes FabricProxy::Phase::Sums() const {
+  FabricPhaseTimes t;
+  t.steps = steps.load(std::memory_order_relaxed);
+  t.post_ns = post_ns.load(std::memory_order_relaxed);
+  t.data_wait_ns = data_wait_ns.load(std::memory_order_relaxed);
+  t.credit_wait_ns = credit_wait_ns.load(std::memory_order_relaxed);
+  return t;
+}
+
+FabricTimes FabricProxy::Times() const { return {dispatch_.Sums(), combine_.Sums()}; }
+
 bool FabricProxy::Poll() {
   bool worked = Advance(dispatch_, &mailbox_->dispatch_sent, &mailbox_->dispatch_read,
                         ImmKind::kDispatchData, kWritesPerDispatch, ImmKind::kDispatchCredit,
@@ -55,18 +78,29 @@ bool FabricProxy::Advance(Phase& phase, const uint64_t* sent, const uint64_t* re
   bool worked = false;
   // A send kernel cannot run ahead: it waits for the credits of the previous step, which
   // need this rank's writes of that step. So the mailbox moves one step at a time.
-  if (LoadAcquire(sent) > phase.posted) worked |= (this->*post)(++phase.posted);
+  // A wait that ends before this rank's own event of that step (peers ahead) counts as none.
+  if (LoadAcquire(sent) > phase.posted) {
+    const Clock::time_point start = Clock::now();
+    worked |= (this->*post)(++phase.posted);
+    phase.posted_at = Clock::now();
+    Add(phase.post_ns, (phase.posted_at - start).count());
+  }
   if (engine_.TryConsumeImm(MakeImm(data, static_cast<uint32_t>(phase.landed + 1)),
                             data_writes * F)) {
-    Release([&](int peer) { return (nl_.*ready_offset)(peer); }, ++phase.landed);
+    // Timed before the release, so that whoever sees the flags sees the sums too.
+    if (++phase.landed == phase.posted) Add(phase.data_wait_ns, NsSince(phase.posted_at));
+    Release([&](int peer) { return (nl_.*ready_offset)(peer); }, phase.landed);
     worked = true;
   }
   if (LoadAcquire(read) > phase.credited) {
     engine_.Barrier(group_, MakeImm(credit, static_cast<uint32_t>(++phase.credited)));
+    phase.credited_at = Clock::now();
     worked = true;
   }
   if (engine_.TryConsumeImm(MakeImm(credit, static_cast<uint32_t>(phase.freed + 1)), F)) {
-    Release([&](int peer) { return (nl_.*credit_offset)(peer); }, ++phase.freed);
+    if (++phase.freed == phase.credited) Add(phase.credit_wait_ns, NsSince(phase.credited_at));
+    Add(phase.steps, 1);
+    Release([&](int peer) { return (nl_.*credit_offset)(peer); }, phase.freed);
     worked = true;
   }
   return worked;

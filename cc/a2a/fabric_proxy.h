@@ -16,6 +16,8 @@
 // zero-length write still carries its immediate, so every expected count is fixed.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -24,6 +26,20 @@
 #include "cc/transfer_engine/api.h"
 
 namespace jem {
+
+// Where one phase's fabric steps spent their time on this rank, summed over steps, on the
+// proxy thread's clock. A wait counts from this rank's own event to the last arrival, so a
+// peer that is late shows up here as waiting.
+struct FabricPhaseTimes {
+  uint64_t steps = 0;           // steps whose credits from every fabric peer arrived
+  uint64_t post_ns = 0;         // submitting the step's writes (the mailbox was seen)
+  uint64_t data_wait_ns = 0;    // writes submitted -> every fabric peer's data counted
+  uint64_t credit_wait_ns = 0;  // this rank's credit sent -> every fabric peer's counted
+};
+
+struct FabricTimes {
+  FabricPhaseTimes dispatch, combine;
+};
 
 class FabricProxy {
  public:
@@ -39,12 +55,22 @@ class FabricProxy {
   FabricProxy(const FabricProxy&) = delete;
   FabricProxy& operator=(const FabricProxy&) = delete;
 
+  // Any thread; the sums so far.
+  FabricTimes Times() const;
+
  private:
+  using Clock = std::chrono::steady_clock;
+
   struct Phase {
     uint64_t posted = 0;    // steps whose data went out
     uint64_t landed = 0;    // steps whose data from every fabric peer arrived
     uint64_t credited = 0;  // steps whose credit went out
     uint64_t freed = 0;     // steps whose credit from every fabric peer arrived
+    Clock::time_point posted_at, credited_at;  // of the last step posted, credited
+    // Written by the proxy thread only, read by Times().
+    std::atomic<uint64_t> steps{0}, post_ns{0}, data_wait_ns{0}, credit_wait_ns{0};
+
+    FabricPhaseTimes Sums() const;
   };
 
   bool Poll();

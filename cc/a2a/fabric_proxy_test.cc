@@ -4,8 +4,9 @@
 // the step in the mailbox, wait for the flags the proxy raises, check every byte that landed
 // from every fabric peer, then publish the read step and wait for the credits. Dispatch and
 // combine, several steps; 3 ranks each a node of its own, then 2 nodes of 2 ranks (the
-// NVLink peers are left to the kernels, so the proxy must leave them alone). CMake and Bazel
-// also run it with JEM_REORDER_SEED (arrivals out of order, as on EFA). Exit code 0 on success.
+// NVLink peers are left to the kernels, so the proxy must leave them alone), and the proxy's
+// step timings count every step. CMake and Bazel also run it with JEM_REORDER_SEED (arrivals
+// out of order, as on EFA). Exit code 0 on success.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -221,6 +222,15 @@ int Run(int rank, int ranks, int ranks_per_node, const AllGather& all_gather) {
                  [&](int p) { return nl.combine_ready_offset(p); },
                  [&](int s) { return kernels.CheckCombine(s); }, &mailbox->combine_read,
                  [&](int p) { return nl.combine_credit_offset(p); });
+    }
+    // Every step timed, in both phases (the flags are raised after the sums are added).
+    const FabricTimes times = proxy.Times();
+    if (ok && (times.dispatch.steps != kSteps || times.combine.steps != kSteps ||
+               times.dispatch.post_ns == 0 || times.combine.post_ns == 0)) {
+      std::fprintf(stderr, "rank %d: the proxy timed %llu dispatch and %llu combine steps\n",
+                   rank, static_cast<unsigned long long>(times.dispatch.steps),
+                   static_cast<unsigned long long>(times.combine.steps));
+      ok = false;
     }
     // Nobody tears down its proxy while a peer may still expect its credits.
     all_gather({});

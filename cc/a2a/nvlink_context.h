@@ -80,6 +80,9 @@ class NvlinkContext {
   // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
   void Synchronize() const;
 
+  // Where this rank's fabric steps spent their time so far (zeros without fabric peers).
+  FabricTimes ProxyTimes() const { return proxy_ ? proxy_->Times() : FabricTimes{}; }
+
   // Empty, or why no step may run: not connected, or the first error its kernels reported
   // (read from mapped memory, no sync).
   std::string Failure() const;

@@ -120,6 +120,27 @@ std::vector<std::string> Failures(int64_t id) {
   return out;
 }
 
+nb::dict PhaseTimes(const FabricPhaseTimes& t) {
+  nb::dict d;
+  d["steps"] = t.steps;
+  d["post_ns"] = t.post_ns;
+  d["data_wait_ns"] = t.data_wait_ns;
+  d["credit_wait_ns"] = t.credit_wait_ns;
+  return d;
+}
+
+nb::list ProxyTimes(int64_t id) {
+  nb::list out;
+  for (const auto& c : Contexts(id)) {
+    const FabricTimes t = c->ProxyTimes();
+    nb::dict d;
+    d["dispatch"] = PhaseTimes(t.dispatch);
+    d["combine"] = PhaseTimes(t.combine);
+    out.append(d);
+  }
+  return out;
+}
+
 int DeviceCount() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -158,6 +179,9 @@ void BindCuda(nb::module_& m) {
   m.def("cuda_context_failures", &Failures, nb::arg("id"),
         "Per local rank, the first error its kernels reported ('' if none). Reads mapped "
         "memory: call it after block_until_ready.");
+  m.def("cuda_context_proxy_times", &ProxyTimes, nb::arg("id"),
+        "Per local rank, where its fabric steps spent their time on the proxy thread, summed "
+        "(cc/a2a/fabric_proxy.h FabricPhaseTimes): {'dispatch': {...}, 'combine': {...}}.");
   m.def("cuda_context_synchronize", &Synchronize, nb::arg("id"),
         "Waits for every kernel queued on this process's GPUs of the context.");
   m.def("cuda_context_destroy", &RemoveNvlinkContexts, nb::arg("id"),

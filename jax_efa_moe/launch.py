@@ -161,12 +161,24 @@ def mark_left(rank: int) -> None:
     simulated crash) calls it first, so that rank 0 does not wait for it."""
     from jax._src import distributed
 
-    distributed.global_state.client.key_value_set(f"jem_launch/left/{rank}", "")
+    distributed.global_state.client.key_value_set(f"jem_launch/left/{rank}", str(os.getpid()))
+
+
+def _exited(pid: int) -> bool:
+    """Whether process `pid` (of this host) has ended: gone, or a zombie its parent has yet to
+    reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _leave(rank: int, world: int) -> None:
     """Rank 0 hosts jax.distributed's service: were it to exit first, the ranks still running
-    would be aborted. So it leaves last, waiting (with a deadline) for the others to finish."""
+    would be aborted. So it leaves last, waiting (with a deadline) for the others to say they
+    leave and then for their processes to end (a loaded host may take a while between the
+    two)."""
     from jax._src import distributed
 
     mark_left(rank)
@@ -174,13 +186,16 @@ def _leave(rank: int, world: int) -> None:
         return
     client = distributed.global_state.client
     deadline = time.monotonic() + _LEAVE_TIMEOUT_S
+    pids = []
     for r in range(1, world):
         remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
         try:
-            client.blocking_key_value_get(f"jem_launch/left/{r}", max(remaining_ms, 1))
+            pids.append(int(client.blocking_key_value_get(f"jem_launch/left/{r}",
+                                                          max(remaining_ms, 1))))
         except Exception:  # a rank that died never says it left; the launcher reports it
             return
-    time.sleep(0.2)  # the others have set their last key; let them reach exit
+    while not all(_exited(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Gradients through AllToAll on the CPU backend, in 2 processes, one CPU device each.
 
-The oracle is JAX's own autodiff of the stock path (ReferenceAllToAll) on the same inputs, and
-finite differences (jax.test_util.check_grads) for float32. Every rank draws every rank's
-inputs from one seed, fresh for each run and printed (replay with JEM_TEST_SEED). Inputs enter
-replicated and each rank takes its block, so gradients come back whole on every process.
+The oracles are JAX's own autodiff of the stock path (ReferenceAllToAll) on the same inputs,
+finite differences (jax.test_util.check_grads) for float32, and the gradients of the test's
+experts written out in NumPy. Every rank draws every rank's inputs from one seed, fresh for
+each run and printed (replay with JEM_TEST_SEED). Inputs enter replicated and each rank takes
+its block, so gradients come back whole on every process; the NumPy check instead takes each
+rank's gradients where they are, with no collective at all, so that it also runs on GPUs
+shared by several processes (tests/test_gpu.py), where NCCL refuses a second rank.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def test_moe_layer_gradients_equal_the_reference():
 
 def test_float32_gradients_match_finite_differences():
     _check("check_finite_differences", "finite differences ok")
+
+
+def test_gradients_match_numpy():
+    _check("check_gradients_against_numpy", "numpy gradients ok")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,3 +273,91 @@ def check_finite_differences(rank, world, args):
     inference.close()
     comm.close()
     print(f"rank {rank}: finite differences ok", flush=True)
+
+
+def _per_rank_grads(mesh, per_rank_loss, num_diff: int):
+    """jit(f)(*arrays), arrays [R, ...] (rank r's block is its own copy, whatever it is): the
+    gradients of sum_r per_rank_loss(*blocks of r) with respect to the first ``num_diff``,
+    per rank and sharded over "ep". A vjp with a cotangent of one per rank: no psum, no
+    collective of XLA's."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    per_rank = jax.shard_map(lambda *blocks: per_rank_loss(*[b[0] for b in blocks])[None],
+                             mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+
+    def f(*arrays):
+        rest = arrays[num_diff:]
+        losses, vjp = jax.vjp(lambda *d: per_rank(*d, *rest), *arrays[:num_diff])
+        return vjp(jnp.ones_like(losses))
+
+    return jax.jit(f)
+
+
+def _numpy_gradients(x, w, ids, n, coef, bias, ct, L):
+    """The gradients of sum_s sum_t <ct[s,t], sum_i w[s,t,i] y(e_i, x[s,t])>, with the test's
+    experts y(e, x) = tanh(x coef[e]) + bias[e] (_expert_rows), in float64: dx, dw per rank,
+    and dcoef, dbias of each rank's copy (a copy only serves that rank's experts)."""
+    R, T, k = ids.shape
+    E = len(coef)
+    x, w, ct = (a.astype(np.float64) for a in (x, w, ct))
+    live = (np.arange(T)[None, :, None] < n[:, None, None]) & (ids >= 0) & (ids < E)
+    e = np.where(live, ids, 0)
+    z = x[:, :, None, :] * coef[e][..., None]  # [R, T, k, H]
+    y = np.tanh(z) + bias[e][..., None]
+    slope = (1 - np.tanh(z) ** 2) * live[..., None]
+    pair = w[..., None] * ct[:, :, None, :]
+    dx = (pair * slope * coef[e][..., None]).sum(2)
+    dw = np.where(live, (ct[:, :, None, :] * y).sum(-1), 0.0)
+    dcoef, dbias = np.zeros((R, E)), np.zeros((R, E))
+    np.add.at(dcoef, (e // L, e), (pair * slope * x[:, :, None, :]).sum(-1))
+    np.add.at(dbias, (e // L, e), pair.sum(-1) * live)
+    return dx, dw, dcoef, dbias
+
+
+def check_gradients_against_numpy(rank, world, args):
+    import jax.numpy as jnp
+    from jax_efa_moe import AllToAll, per_rank
+
+    mesh = per_rank.ep_mesh("ep")
+    R, T, H, k, E = world, 16, 128, 3, 4 * world
+    L = E // R
+    rng = np.random.default_rng([SEED, 24])
+    options = oracle.transport_options(args)
+    checked = 0
+    for ddt, cdt in (("float32", "float32"), ("bfloat16", "bfloat16")):
+        comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                        max_tokens_per_rank=T, dispatch_dtype=jnp.dtype(ddt),
+                        combine_dtype=jnp.dtype(cdt), expert_alignment=4, **options)
+        for halves in (False, True):
+            loss = _op_loss(comm, halves)
+            grads = _per_rank_grads(
+                mesh, lambda x, w, coef, bias, scale, ct, ids, n: loss(
+                    x, scale, w, coef, bias, ct, ids, n), 4)
+            for kind in ("uniform", "zipf", "unused_slots", "partial"):
+                ids, num_tokens = make_routing(kind, rng, R, T, E, k)
+                x, _ = make_tokens(rng, R, T, H, ddt)
+                x = x.astype(np.float32)
+                w = rng.uniform(0.1, 1.0, (R, T, k)).astype(np.float32)
+                coef = rng.uniform(0.5, 1.5, E).astype(np.float32)
+                bias = rng.uniform(-1.0, 1.0, E).astype(np.float32)
+                ct = rng.standard_normal((R, T, H)).astype(np.float32)
+                copies = lambda a: np.broadcast_to(a, (R,) + a.shape).copy()  # noqa: E731
+                got = [per_rank.get(g, mesh, "ep") for g in grads(
+                    x, w, copies(coef), copies(bias), np.zeros((R, T, 0), np.float32), ct,
+                    ids, num_tokens)]
+                comm.raise_if_failed()
+                want = _numpy_gradients(x, w, ids, num_tokens, coef.astype(np.float64),
+                                        bias.astype(np.float64), ct, L)
+                rtol = _rtol(cdt) * 2  # against exact float64: ours rounds, NumPy does not
+                for r in got[0]:
+                    where = f"rank {r}, {ddt}/{cdt}/{kind}{' halves' if halves else ''}"
+                    dw = got[1][r] - (np.cos(w[r]) if halves else 0.0)
+                    for name, a, b in zip(("x", "w", "coef", "bias"),
+                                          (got[0][r], dw, got[2][r], got[3][r]),
+                                          (want[0][r], want[1][r], want[2][r], want[3][r])):
+                        _close(a.reshape(b.shape), b, rtol, f"{where}: d{name}")
+                checked += 1
+        comm.close()
+    print(f"rank {rank}: numpy gradients ok ({checked} cases)", flush=True)

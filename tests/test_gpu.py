@@ -139,6 +139,15 @@ def test_gradients_two_processes(function, says):
                           env=_env({"XLA_FLAGS": fallback}), platform="cuda")
 
 
+# Gradients against the NumPy derivatives of the test's experts (test_autodiff.py), with no
+# collective of XLA's, so that processes sharing one GPU run it: over NVLink between them, and
+# through the fabric.
+@pytest.mark.parametrize("transport", ["nvlink", "fabric"])
+def test_gradients_against_numpy(transport):
+    outputs = _fabric("test_autodiff:check_gradients_against_numpy", 2, f"transport={transport}")
+    assert all("numpy gradients ok" in o for o in outputs), outputs
+
+
 # Every rank a node of its own, through the fabric: the CPU suite's routings, dtypes,
 # alignments, halves and 100 steps in one jit; at EP4 each GPU's peers split over two NICs.
 @pytest.mark.parametrize("world,provider,nics", [(2, "shm", 1), (4, "tcp;ofi_rxm", 2),

@@ -64,7 +64,8 @@ def run(target: str, num_processes: int, args: list[str] | tuple[str, ...] = (),
     procs, logs = [], []
     for rank in range(num_processes):
         e = dict(child_env, JEM_RANK=str(rank), JEM_WORLD=str(num_processes),
-                 JEM_COORDINATOR=coordinator, JEM_PLATFORM=platform)
+                 JEM_COORDINATOR=coordinator, JEM_PLATFORM=platform,
+                 JEM_LAUNCHER_PID=str(os.getpid()))
         if platform == "cpu":
             e["JAX_PLATFORMS"] = "cpu"
         elif num_processes > 1 and 0 < _gpu_count() < num_processes:
@@ -151,50 +152,41 @@ def _child() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0:
-        _leave(rank, world)
+        _leave(rank)
     # Skip jax.distributed's shutdown barrier: a rank whose peer died must not wait on it.
     os._exit(code)
 
 
-def mark_left(rank: int) -> None:
-    """Tells rank 0 that this rank is leaving. A child that ends itself with os._exit (a test's
-    simulated crash) calls it first, so that rank 0 does not wait for it."""
-    from jax._src import distributed
-
-    distributed.global_state.client.key_value_set(f"jem_launch/left/{rank}", str(os.getpid()))
-
-
-def _exited(pid: int) -> bool:
-    """Whether process `pid` (of this host) has ended: gone, or a zombie its parent has yet to
-    reap."""
+def _stat(pid: str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: state, parent pid, ...; [] if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return []
 
 
-def _leave(rank: int, world: int) -> None:
+def _running_siblings() -> list[str]:
+    """The other ranks of this launch that have not ended (zombies have)."""
+    launcher, me = os.environ["JEM_LAUNCHER_PID"], str(os.getpid())
+    siblings = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and pid != me:
+            fields = _stat(pid)
+            if len(fields) > 1 and fields[1] == launcher and fields[0] != "Z":
+                siblings.append(pid)
+    return siblings
+
+
+def _leave(rank: int) -> None:
     """Rank 0 hosts jax.distributed's service: were it to exit first, the ranks still running
-    would be aborted. So it leaves last, waiting (with a deadline) for the others to say they
-    leave and then for their processes to end (a loaded host may take a while between the
-    two)."""
-    from jax._src import distributed
-
-    mark_left(rank)
+    would be aborted. So it leaves last, once the other ranks' processes have ended (or after
+    a deadline: a hung rank is the launcher's to report). It asks the operating system, not
+    the service, so that nothing a leaving rank does to the service can cut the wait short."""
     if rank != 0:
         return
-    client = distributed.global_state.client
     deadline = time.monotonic() + _LEAVE_TIMEOUT_S
-    pids = []
-    for r in range(1, world):
-        remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-        try:
-            pids.append(int(client.blocking_key_value_get(f"jem_launch/left/{r}",
-                                                          max(remaining_ms, 1))))
-        except Exception:  # a rank that died never says it left; the launcher reports it
-            return
-    while not all(_exited(pid) for pid in pids) and time.monotonic() < deadline:
+    while _running_siblings() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

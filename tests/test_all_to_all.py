@@ -351,6 +351,9 @@ def check_dead_peer(rank, world, args):
     program = program.lower(*inputs).compile()
     bootstrap.all_gather_bytes("dead_peer_compiled", b"", rank, world)
     _local(program(*inputs))  # one good step: every rank is connected
+    # Every rank has its results before rank 1 dies: a rank's step may end before its own last
+    # writes have left, and a crash then loses them.
+    bootstrap.all_gather_bytes("dead_peer_good_step", b"", rank, world)
     if rank == 1:
         sys.stdout.flush()
         os._exit(0)  # dies without a word

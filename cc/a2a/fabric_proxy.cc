@@ -18,10 +18,8 @@ void Add(std::atomic<uint64_t>& sum, int64_t ns) {
             std::memory_order_relaxed);
 }
 
-int64_t NsSince(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now() - t)
-      .count();
+int64_t Ns(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
 }
 
 }  // namespace
@@ -83,12 +81,14 @@ bool FabricProxy::Advance(Phase& phase, const uint64_t* sent, const uint64_t* re
     const Clock::time_point start = Clock::now();
     worked |= (this->*post)(++phase.posted);
     phase.posted_at = Clock::now();
-    Add(phase.post_ns, (phase.posted_at - start).count());
+    Add(phase.post_ns, Ns(phase.posted_at - start));
   }
   if (engine_.TryConsumeImm(MakeImm(data, static_cast<uint32_t>(phase.landed + 1)),
                             data_writes * F)) {
     // Timed before the release, so that whoever sees the flags sees the sums too.
-    if (++phase.landed == phase.posted) Add(phase.data_wait_ns, NsSince(phase.posted_at));
+    if (++phase.landed == phase.posted) {
+      Add(phase.data_wait_ns, Ns(Clock::now() - phase.posted_at));
+    }
     Release([&](int peer) { return (nl_.*ready_offset)(peer); }, phase.landed);
     worked = true;
   }
@@ -98,7 +98,9 @@ bool FabricProxy::Advance(Phase& phase, const uint64_t* sent, const uint64_t* re
     worked = true;
   }
   if (engine_.TryConsumeImm(MakeImm(credit, static_cast<uint32_t>(phase.freed + 1)), F)) {
-    if (++phase.freed == phase.credited) Add(phase.credit_wait_ns, NsSince(phase.credited_at));
+    if (++phase.freed == phase.credited) {
+      Add(phase.credit_wait_ns, Ns(Clock::now() - phase.credited_at));
+    }
     Add(phase.steps, 1);
     Release([&](int peer) { return (nl_.*credit_offset)(peer); }, phase.freed);
     worked = true;

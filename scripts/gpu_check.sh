@@ -83,9 +83,10 @@ kernels_two_processes() {  # nvlink_context_test as 2 processes over CUDA IPC; $
   local dir
   dir=$(mktemp -d)
   local pids=()
+  # Each rank under its own deadline, so that a hung rank's log still gets printed.
   for r in 0 1; do
-    $1 build/gpu/nvlink_context_test --rank $r --world 2 --rendezvous "$dir" ${2:-} \
-      >"$dir/rank$r.log" 2>&1 &
+    timeout --kill-after=5 "${RANK_TIMEOUT_S:-80}" $1 build/gpu/nvlink_context_test \
+      --rank $r --world 2 --rendezvous "$dir" ${2:-} >"$dir/rank$r.log" 2>&1 &
     pids+=($!)
   done
   local rc=0
@@ -107,10 +108,10 @@ profile() {  # ncu on one rank's kernels at T=128 (one rank: ncu serializes laun
     ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
 }
 
-sanitize() {  # compute-sanitizer TOOL on the small cases, one process per GPU
-  local tool=$1
-  kernels_two_processes "compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20" \
-    --small
+sanitize() {  # compute-sanitizer TOOL on the small cases: one process, then one per rank
+  local tool="compute-sanitizer --tool $1 --error-exitcode 9 --print-limit 20"
+  $tool build/gpu/nvlink_context_test --small || return 1
+  kernels_two_processes "$tool" --small
 }
 
 export -f fabric_root build kernels_two_processes sanitize profile
@@ -143,8 +144,8 @@ for s in $STAGES; do
     signal)
       stage "signal latency" bench.log 120 "$PY" benchmarks/bench_signal.py --out="$OUT" ;;
     sanitizer)
-      stage memcheck sanitizer.log 120 sanitize memcheck
-      stage racecheck sanitizer.log 120 sanitize racecheck ;;
+      RANK_TIMEOUT_S=150 stage memcheck sanitizer.log 240 sanitize memcheck
+      RANK_TIMEOUT_S=150 stage racecheck sanitizer.log 240 sanitize racecheck ;;
     kbench)
       stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
         --bench "$OUT/bench_kernels.json"

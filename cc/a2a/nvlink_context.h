@@ -54,7 +54,9 @@ class NvlinkContext {
   std::string FabricProvider() const { return engine_ ? engine_->Provider() : std::string(); }
 
   // The PCI address of this rank's GPU ("0000:1b:00.0").
-  std::string PciAddress() const;
+  std::string PciAddress() const { return PciAddressOf(device_); }
+  // The PCI address of GPU `device` of this process, lower case.
+  static std::string PciAddressOf(int device);
 
   // Maps every NVLink peer's arena: ranks in this process come from `local` (indexed by rank,
   // null for ranks of other processes; their GPUs get peer access), the others are opened

@@ -143,9 +143,9 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   args_.fabric_mask = fabric.mask;
 }
 
-std::string NvlinkContext::PciAddress() const {
+std::string NvlinkContext::PciAddressOf(int device) {
   char bus[32] = {};
-  CheckCuda(cudaDeviceGetPCIBusId(bus, sizeof bus, device_), "cudaDeviceGetPCIBusId");
+  CheckCuda(cudaDeviceGetPCIBusId(bus, sizeof bus, device), "cudaDeviceGetPCIBusId");
   for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
   return bus;
 }

@@ -4,7 +4,9 @@
 //   nvlink_context_test                        every rank in this process, GPU r = rank r
 //   nvlink_context_test --rank r --world n --rendezvous DIR
 //                                              one rank per process (CUDA IPC), handles
-//                                              exchanged as files in DIR
+//                                              exchanged as files in DIR; rank r on GPU
+//                                              r mod (GPUs visible), so processes may share
+//                                              one GPU
 //   nvlink_context_test --small                only the small cases (for compute-sanitizer)
 //   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, and the variants
 //                                              that break T=128 down (one process)
@@ -438,6 +440,9 @@ struct World {
   std::vector<int> local;  // ranks in this process
   std::string rendezvous;  // directory for IPC handles, empty in one process
   int generation = 0;      // contexts created so far (file names differ per context)
+  int devices = 1;         // GPUs visible
+
+  int device(int rank) const { return rank % devices; }
 };
 
 // Every process waits for every other at `tag` (files in the rendezvous directory).
@@ -468,7 +473,8 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
                                                     bool zero_unused_rows = true) {
   std::vector<std::unique_ptr<NvlinkContext>> ctx;
   for (int r : w.local) {
-    ctx.push_back(std::make_unique<NvlinkContext>(l, r, r, timeout_s, zero_unused_rows));
+    ctx.push_back(
+        std::make_unique<NvlinkContext>(l, r, w.device(r), timeout_s, zero_unused_rows));
   }
   std::vector<NvlinkContext*> local(w.world, nullptr);
   std::vector<Bytes> handles(w.world);
@@ -501,11 +507,9 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
       }
     }
   }
-  // Ranks of other processes run on other GPUs here.
+  // Every process of this test sees the same GPUs, so the GPU of any rank is known here.
   std::vector<std::string> gpus;
-  for (int r = 0; r < static_cast<int>(local.size()); ++r) {
-    gpus.push_back(local[r] != nullptr ? local[r]->PciAddress() : "rank " + std::to_string(r));
-  }
+  for (int r = 0; r < w.world; ++r) gpus.push_back(NvlinkContext::PciAddressOf(w.device(r)));
   for (auto& c : ctx) c->Connect(local, handles, gpus);
   Barrier(w, "connected" + std::to_string(w.generation));
   return ctx;
@@ -525,7 +529,7 @@ void RunCase(World& w, const Case& c) {
   const Layout l = c.MakeLayout();
   auto ctx = Connect(w, l, 20.0);
   std::vector<std::unique_ptr<RankBuffers>> buf;
-  for (int r : w.local) buf.push_back(std::make_unique<RankBuffers>(l, r));
+  for (int r : w.local) buf.push_back(std::make_unique<RankBuffers>(l, w.device(r)));
   const bool expect_error = c.expect_capacity_error || c.bad_expert_rank >= 0;
   for (int step = 0; step < c.steps; ++step) {
     std::vector<RankInput> in;
@@ -717,7 +721,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
   std::vector<RankInput> in;
   for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r, /*with_y=*/false));
   for (int r : w.local) {
-    buf.push_back(std::make_unique<RankBuffers>(l, r));
+    buf.push_back(std::make_unique<RankBuffers>(l, w.device(r)));
     buf.back()->Upload(in[r]);
   }
   uint32_t* go = nullptr;
@@ -907,6 +911,7 @@ int main(int argc, char** argv) {
   }
   int devices = 0;
   CHECK_CUDA(cudaGetDeviceCount(&devices));
+  w.devices = std::max(devices, 1);
   if (rank >= 0) {
     if (w.world < 1 || w.rendezvous.empty()) {
       std::fprintf(stderr, "--rank needs --world and --rendezvous\n");

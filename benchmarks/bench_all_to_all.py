@@ -27,6 +27,16 @@ its summed router weights, inside one ``jax.jit``:
 - overlap: dispatch_send, a bf16 matmul sized to take about a dispatch, dispatch_recv,
   against the serial sum of the two.
 
+``--max_sms=none,16,32`` times ours once per SM budget (``AllToAll(max_sms=...)``; none: every
+SM), each a run of its own (latencies, halves, overlap; ``max_sms`` in the results), against
+the same matmul. What to expect: the halves enqueue their kernels on XLA's stream, which runs
+its ops one after another, so the matmul starts only once dispatch_send's kernel has finished
+and dispatch_recv's starts only after the matmul. A budget cannot give the matmul SMs the
+kernels hold there; it only makes the kernels slower. What does overlap the matmul here uses
+no SMs: the copy engine moving the staged send over NVLink, the proxy thread and the NIC on
+the fabric path. A budget pays where kernels run at the same time (XLA placing the GEMM on
+another stream, other processes on the GPU), which this benchmark does not set up.
+
 On GPUs the default is one process driving every GPU, where XLA runs ``ragged_all_to_all``
 natively. With ``--processes=N`` (one process per GPU), XLA refuses it as a multi-host op
 unless ``--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`` is set (this script
@@ -88,6 +98,8 @@ flags.DEFINE_string("fabric_provider", None, "ours: libfabric provider (default:
 flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
 flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
 flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
+flags.DEFINE_list("max_sms", ["none"], "ours: SM budgets (AllToAll(max_sms=...)), each timed as "
+                  "a run of its own; none: every SM (not --training).")
 flags.DEFINE_bool("stock_check", False, "Stock paths validate routing through a host callback.")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Results folder.")
 flags.DEFINE_string("name", None, "File name stem; default a2a_<platform>.")
@@ -180,7 +192,21 @@ def _timed(fn, args, repeats):
     return time_calls(fn, args, repeats)
 
 
-def _make(impl, mesh, T):
+def _budgets() -> list[int | None]:
+    """--max_sms as AllToAll arguments."""
+    if not FLAGS.max_sms or not all(b == "none" or b.isdigit() and int(b) > 0
+                                    for b in FLAGS.max_sms):
+        raise app.UsageError(f"--max_sms takes 'none' or positive counts of SMs, got "
+                             f"{FLAGS.max_sms}")
+    return [None if b == "none" else int(b) for b in FLAGS.max_sms]
+
+
+def _label(run) -> str:
+    """An implementation in the reports: ours under an SM budget names it."""
+    return run["impl"] + (f" ({run['max_sms']} SMs)" if run.get("max_sms") else "")
+
+
+def _make(impl, mesh, T, max_sms=None):
     import jax.numpy as jnp
     kw = dict(num_experts=FLAGS.experts, experts_per_token=FLAGS.topk, hidden=FLAGS.hidden,
               max_tokens_per_rank=T, dispatch_dtype=jnp.dtype(DTYPES[FLAGS.dispatch_dtype]),
@@ -189,7 +215,7 @@ def _make(impl, mesh, T):
         from jax_efa_moe import AllToAll
         return AllToAll(mesh, AXIS, differentiable=FLAGS.training, transport=FLAGS.transport,
                         ranks_per_node=FLAGS.ranks_per_node,
-                        fabric_provider=FLAGS.fabric_provider, **kw)
+                        fabric_provider=FLAGS.fabric_provider, max_sms=max_sms, **kw)
     from jax_efa_moe.reference import PaddedAllToAll, ReferenceAllToAll
     return (ReferenceAllToAll if impl == "ragged" else PaddedAllToAll)(
         mesh, AXIS, check=FLAGS.stock_check, **kw)
@@ -499,6 +525,7 @@ def worker(rank, world, args):
             print("BENCH_JSON " + json.dumps({"meta": _meta(R, world, repeats=repeats),
                                               "runs": runs}))
         return
+    budgets = _budgets()
     tokens = [int(t) for t in (FLAGS.tokens or (["16", "64", "128"] if cpu else ["128", "4096"]))]
     iters = FLAGS.iters or (20 if cpu else 50)
     repeats = FLAGS.repeats or (10 if cpu else 50)
@@ -525,10 +552,12 @@ def worker(rank, world, args):
                   per_rank.put(mesh, AXIS, lambda r: ids_all[r]),
                   per_rank.put(mesh, AXIS, lambda r: block(r, 2)))
         overlap_n = None
-        for impl in FLAGS.impls:
-            entry = {"tokens": T, "impl": impl}
+        variants = [(impl, max_sms) for impl in FLAGS.impls
+                    for max_sms in (budgets if impl == "ours" else [None])]
+        for impl, max_sms in variants:
+            entry = {"tokens": T, "impl": impl, "max_sms": max_sms}
             try:
-                comm = _make(impl, mesh, T)
+                comm = _make(impl, mesh, T, max_sms)
             except ImportError as e:
                 entry.update(available=False, note=f"not available: {e}")
                 runs.append(entry)
@@ -559,8 +588,8 @@ def worker(rank, world, args):
             runs.append(entry)
             if rank == 0:
                 lu = entry["loop_us"]
-                print(f"T={T} {impl}: dispatch {lu['dispatch']['median']:.1f} us, combine "
-                      f"{lu['combine']['median']:.1f} us", file=sys.stderr, flush=True)
+                print(f"T={T} {_label(entry)}: dispatch {lu['dispatch']['median']:.1f} us, "
+                      f"combine {lu['combine']['median']:.1f} us", file=sys.stderr, flush=True)
     if rank == 0:
         print("BENCH_JSON " + json.dumps({"meta": _meta(R, world, iters=iters, repeats=repeats),
                                           "runs": runs}))
@@ -616,7 +645,7 @@ def write_report(results, stem, plot):
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         if not r.get("available"):
-            lines.append(f"| {r['tokens']} | {r['impl']} | {r.get('note', '')} |||||||||")
+            lines.append(f"| {r['tokens']} | {_label(r)} | {r.get('note', '')} |||||||||")
             continue
         lu, pc, b = r["loop_us"], r["per_call_us"], r["bytes"]
         bw = lambda phase: b[phase] / lu[phase]["median"] / 1e3 if lu[phase]["median"] > 0 else None
@@ -627,7 +656,7 @@ def write_report(results, stem, plot):
             pct = f" ({100 * bw(phase) / ceiling['GBps']:.2g}%)" if ceiling["GBps"] else ""
             return f"{bw(phase):.3g}{pct}"
         lines.append(
-            f"| {r['tokens']} | {r['impl']} | {_fmt(lu['dispatch'])} | {_fmt(lu['combine'])} | "
+            f"| {r['tokens']} | {_label(r)} | {_fmt(lu['dispatch'])} | {_fmt(lu['combine'])} | "
             f"{_fmt(lu['round_trip'])} | {_fmt(pc['dispatch_send'])} | {_fmt(pc['dispatch_recv'])} | "
             f"{_fmt(pc['combine_send'])} | {_fmt(pc['combine_recv'])} | {b['dispatch'] / 1e6:.2f} | "
             f"{rate('dispatch')} | {rate('combine')} |")
@@ -639,7 +668,7 @@ def write_report(results, stem, plot):
     for r in results["runs"]:
         o = r.get("overlap")
         if o:
-            lines.append(f"| {r['tokens']} | {r['impl']} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
+            lines.append(f"| {r['tokens']} | {_label(r)} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
                          f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {o['overlapped_us']:.1f} | "
                          f"{100 * o['hidden_fraction']:.0f}% |")
     fabric = [r for r in results["runs"] if r.get("fabric_us_per_step")]
@@ -694,9 +723,9 @@ def _plot(results, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, phase in zip(axes, ("dispatch", "combine")):
-        for impl in dict.fromkeys(r["impl"] for r in results["runs"]):
+        for impl in dict.fromkeys(_label(r) for r in results["runs"]):
             pts = sorted((r["tokens"], r["loop_us"][phase]["median"]) for r in results["runs"]
-                         if r["impl"] == impl and r.get("available"))
+                         if _label(r) == impl and r.get("available"))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="tokens per rank", title=phase)
@@ -732,6 +761,7 @@ def main(argv):
         return 0
     from jax_efa_moe import launch
 
+    _budgets()
     gpus = _gpu_count()
     plat = FLAGS.platform if FLAGS.platform != "auto" else ("cuda" if gpus else "cpu")
     if plat == "cuda" and gpus < 2:

@@ -143,10 +143,19 @@ class AllToAll(_config.ConfigAttributes):
     the provider registers it (FI_HMEM) and stages through pinned host memory otherwise; True
     always stages; False requires FI_HMEM. On the CPU every peer goes through the fabric.
 
-    Every rank must pass the same arguments (``timeout_s`` and ``zero_unused_rows`` may
-    differ); set-up compares them and raises on every rank, naming what differs. When set-up
-    fails on one rank, every rank raises. ``close()`` releases the buffers and the engine;
-    an AllToAll dropped without it is released when garbage collected.
+    SM budget (GPUs): ``max_sms`` bounds the SMs that each communication kernel occupies (every
+    send and recv half, forward and backward), as DeepEP's ``Buffer.set_num_sms`` does, from 1
+    to the GPU's SMs; None uses every SM. Kernels then run on fewer blocks and take longer, and
+    the other SMs stay free for work that runs at the same time: kernels on other streams (XLA
+    runs the ops of one stream one after another, so a GEMM placed between ``dispatch_send`` and
+    ``dispatch_recv`` on the same stream gains nothing from it) or other processes on the GPU.
+    On the CPU it is checked and ignored: steps run on the calling thread, so the same code
+    runs on both.
+
+    Every rank must pass the same arguments (``timeout_s``, ``zero_unused_rows`` and
+    ``max_sms`` may differ); set-up compares them and raises on every rank, naming what
+    differs. When set-up fails on one rank, every rank raises. ``close()`` releases the
+    buffers and the engine; an AllToAll dropped without it is released when garbage collected.
 
     For gradients it opens a second context beside its own, where the backward pass runs:
     the same routing layout, combine dtype both ways, H + H/128 + k columns (rounded up to 16).
@@ -161,7 +170,7 @@ class AllToAll(_config.ConfigAttributes):
                  fabric_provider: str | None = None, num_nics: int = 1,
                  nic_names: tuple[str, ...] = (), fabric_staging: bool | None = None,
                  zero_unused_rows: bool = True, differentiable: bool = True,
-                 timeout_s: float = 60.0):
+                 max_sms: int | None = None, timeout_s: float = 60.0):
         self._contexts = None
         setup = bootstrap.Setup("AllToAll", timeout_s)
         # Bad arguments on one rank are published before raising, so that the other ranks
@@ -188,6 +197,12 @@ class AllToAll(_config.ConfigAttributes):
             if fabric_staging is not None:
                 fabric_staging = _config.check_bool("fabric_staging", fabric_staging)
             self.zero_unused_rows = _config.check_bool("zero_unused_rows", zero_unused_rows)
+            gpu_sms = None
+            if platform == "gpu" and max_sms is not None:
+                from jax_efa_moe.cuda_contexts import fewest_sms
+
+                gpu_sms = fewest_sms(mesh)
+            self.max_sms = _config.check_max_sms(max_sms, gpu_sms)
             differentiable = _config.check_bool("differentiable", differentiable)
             self.timeout_s = setup.timeout_s = _config.check_timeout(timeout_s)
             layout = self.config.layout()
@@ -218,7 +233,8 @@ class AllToAll(_config.ConfigAttributes):
                 mesh, axis_name, layout, timeout_s=self.timeout_s,
                 zero_unused_rows=self.zero_unused_rows, transport=transport,
                 ranks_per_node=ranks_per_node, fabric_provider=fabric_provider,
-                num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging)
+                num_nics=num_nics, nic_names=nic_names, fabric_staging=fabric_staging,
+                max_sms=self.max_sms)
         self._finalizer = weakref.finalize(self, _release, self._contexts)
         self._finalizer.atexit = False  # at exit the process's teardown releases everything
         self.rank = self._contexts.rank

@@ -325,4 +325,4 @@ def _twin(comm, hidden: int, dtype):
         max_tokens_per_rank=comm.max_tokens_per_rank, dispatch_dtype=dtype,
         combine_dtype=dtype, max_recv_tokens=comm.max_recv_tokens,
         expert_alignment=comm.expert_alignment, zero_unused_rows=comm.zero_unused_rows,
-        timeout_s=comm.timeout_s, **comm.transport_options)
+        max_sms=comm.max_sms, timeout_s=comm.timeout_s, **comm.transport_options)

@@ -63,6 +63,19 @@ def check_timeout(value) -> float:
     return value
 
 
+def check_max_sms(value, gpu_sms: tuple[int, str] | None) -> int | None:
+    """None (every SM), or how many SMs each kernel may occupy: from 1 to the SMs of the GPU
+    ``gpu_sms`` = (SMs, which GPU) names, this process's GPU with the fewest; None on the CPU,
+    where there is nothing to bound."""
+    if value is None:
+        return None
+    value = check_int("max_sms", value)
+    if gpu_sms is not None and value > gpu_sms[0]:
+        raise ValueError(f"max_sms = {value} is more than the {gpu_sms[0]} SMs of {gpu_sms[1]}; "
+                         "use at most that, or None for every SM")
+    return value
+
+
 def check_dtype(name: str, value, allowed) -> np.dtype:
     try:
         dtype = jnp.dtype(value)

@@ -14,6 +14,9 @@ it, the ranks whose processes share a host name. ``transport="fabric"`` puts eve
 node of its own (how the fabric path is tested on one host); ``"nvlink"`` refuses ranks on
 different nodes.
 
+``max_sms`` bounds the grid of every kernel (the send and recv halves alike) to that many
+blocks, so that they occupy at most that many SMs.
+
 Kernels report bad input, a full buffer or a silent peer asynchronously, into a status the
 host reads without a sync: the next call of the AllToAll fails with it, and
 ``raise_if_failed()`` raises it after ``block_until_ready``.
@@ -72,6 +75,18 @@ def node_of_ranks(R: int, transport: str, ranks_per_node: int | None,
     return nodes
 
 
+def fewest_sms(mesh: jax.sharding.Mesh) -> tuple[int, str] | None:
+    """(SMs, which GPU) of this process's GPU of the mesh with the fewest SMs; None where this
+    build has no CUDA kernels (CudaContexts then says so)."""
+    from jax_efa_moe import _jem
+
+    if not getattr(_jem, "has_cuda", False):
+        return None
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return min(((_jem.cuda_device_sms(int(d.local_hardware_id)), f"GPU {d.id} ({d.device_kind})")
+                for d in mine), default=None)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -89,7 +104,7 @@ class CudaContexts:
                  zero_unused_rows: bool = True, transport: str = "auto",
                  ranks_per_node: int | None = None, fabric_provider: str | None = None,
                  num_nics: int = 1, nic_names: tuple[str, ...] = (),
-                 fabric_staging: bool | None = None):
+                 fabric_staging: bool | None = None, max_sms: int | None = None):
         from jax_efa_moe import _jem
 
         if not getattr(_jem, "has_cuda", False):
@@ -123,7 +138,7 @@ class CudaContexts:
                 layout, self.ranks, self.devices, timeout_s, zero_unused_rows,
                 fabric_masks=masks, provider=self.provider if any(masks) else "",
                 num_domains=num_nics, nic_names=list(nic_names),
-                stage_in_host=bool(fabric_staging))
+                stage_in_host=bool(fabric_staging), max_sms=max_sms or 0)
             handles = _jem.cuda_context_ipc_handles(self.context_id)
             gpus = _jem.cuda_context_pci_addresses(self.context_id)
             endpoints = _jem.cuda_context_fabric_endpoints(self.context_id)

@@ -253,11 +253,11 @@ def expect_error(fn, *texts):
 
 def transport_options(args) -> dict:
     """AllToAll options from "name=value" arguments of a child: ranks_per_node, transport,
-    num_nics, fabric_staging (the GPU path's node split, NICs and fabric buffer)."""
+    num_nics, fabric_staging (the GPU path's node split, NICs and fabric buffer), max_sms."""
     options = {}
     for arg in args:
         name, value = arg.split("=", 1)
-        if name in ("ranks_per_node", "num_nics"):
+        if name in ("ranks_per_node", "num_nics", "max_sms"):
             options[name] = int(value)
         elif name == "fabric_staging":
             options[name] = {"none": None, "host": True, "device": False}[value]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_efa_moe import AllToAll
-from jax_efa_moe.config import INT32_MAX, AllToAllConfig
+from jax_efa_moe.config import INT32_MAX, AllToAllConfig, check_max_sms
 from jax_efa_moe.moe import MoEConfig
 from jax_efa_moe.reference import ReferenceAllToAll
 
@@ -48,6 +48,10 @@ ALL_TO_ALL_ONLY = [
     (dict(transport="nvlink"), ValueError, "transport='nvlink' needs GPUs"),
     (dict(transport="carrier pigeon"), ValueError, "transport must be one of"),
     (dict(fabric_provider=3), TypeError, "fabric_provider must be a libfabric provider name"),
+    (dict(max_sms=0), ValueError, "max_sms must be a positive integer, got 0"),
+    (dict(max_sms=-4), ValueError, "max_sms must be a positive integer, got -4"),
+    (dict(max_sms=8.0), TypeError, "max_sms must be an integer, got 8.0"),
+    (dict(max_sms=True), TypeError, "max_sms must be an integer, got True"),
 ]
 
 
@@ -66,6 +70,20 @@ def test_shared_arguments_are_checked_alike(cls, overrides, error, words):
 def test_all_to_all_options_are_checked(overrides, error, words):
     with pytest.raises(error, match=re.escape(words)):
         AllToAll(_mesh(), "ep", **{**BASE, **overrides})
+
+
+def test_sm_budget_is_checked_against_the_gpu_and_ignored_on_the_cpu():
+    # On GPUs the bound is the SMs of this process's GPU with the fewest.
+    with pytest.raises(ValueError, match=re.escape(
+            "max_sms = 133 is more than the 132 SMs of GPU 0 (NVIDIA H200)")):
+        check_max_sms(133, (132, "GPU 0 (NVIDIA H200)"))
+    assert check_max_sms(132, (132, "GPU 0 (NVIDIA H200)")) == 132
+    assert check_max_sms(None, (132, "GPU 0 (NVIDIA H200)")) is None
+    # On the CPU any positive count is accepted and bounds nothing, so one script runs on both;
+    # the gradients' twin gets the same budget.
+    with AllToAll(_mesh(), "ep", max_sms=10_000, **BASE) as comm:
+        assert comm.max_sms == 10_000
+        assert comm._gradients.twin.max_sms == 10_000
 
 
 def test_reference_options_are_checked():

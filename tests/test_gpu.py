@@ -170,6 +170,23 @@ def test_nvlink_processes_sharing_a_gpu():
     assert all("checked" in o for o in outputs), outputs
 
 
+# Under a small SM budget every kernel's grid shrinks to max_sms blocks, each taking its work
+# in several pieces: the CPU suite's routings, halves and 100 steps again, over NVLink (one GPU
+# shared by both processes, or one GPU each) and through the fabric.
+@pytest.mark.parametrize("transport,provider,max_sms", [("nvlink", "auto", 1),
+                                                        ("nvlink", "auto", 3),
+                                                        ("fabric", "shm", 3)])
+def test_sm_budget_every_routing(transport, provider, max_sms):
+    outputs = _fabric("test_all_to_all:check_cases", 2, provider, f"transport={transport}",
+                      f"max_sms={max_sms}")
+    assert all("checked" in o for o in outputs), outputs
+
+
+def test_sm_budget_past_the_gpu_is_refused():
+    outputs = _fabric("test_gpu:check_sm_budget_range", 2, "transport=nvlink")
+    assert all("sm budget range ok" in o for o in outputs), outputs
+
+
 # Two nodes of two ranks: NVLink (CUDA IPC) inside a node, the fabric across.
 def test_hybrid_two_nodes_of_two():
     outputs = _fabric("test_all_to_all:check_cases", 4, "shm", "ranks_per_node=2")
@@ -348,6 +365,20 @@ def check_bad_input(rank, world, args):
         assert c.sum() == (ids // (E // R) == r).sum(), (r, c)
     comm.close()
     print(f"ranks {_local_ranks(mesh)}: bad input ok", flush=True)
+
+
+def check_sm_budget_range(rank, world, args):
+    """A budget past this GPU's SMs fails in Python, on every rank, before anything opens."""
+    import jax
+    from jax_efa_moe import AllToAll, _jem
+
+    sms = _jem.cuda_device_sms(int(jax.local_devices()[0].local_hardware_id))
+    oracle.expect_error(
+        lambda: AllToAll(_mesh(), "ep", num_experts=4, experts_per_token=2, hidden=128,
+                         max_tokens_per_rank=8, max_sms=sms + 1, timeout_s=20.0,
+                         **oracle.transport_options(args)),
+        f"max_sms = {sms + 1} is more than the {sms} SMs of GPU")
+    print(f"rank {rank}: sm budget range ok ({sms} SMs)", flush=True)
 
 
 def check_dead_peer(rank, world, args):

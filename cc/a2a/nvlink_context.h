@@ -35,10 +35,11 @@ struct FabricOptions {
 class NvlinkContext {
  public:
   // Allocates the arena and the status on `device`, and with fabric peers opens the engine
-  // and the fabric buffer. Throws Error for a layout the kernels do not support or a missing
-  // provider, CudaError for a CUDA failure.
+  // and the fabric buffer. `max_sms` bounds the SMs each kernel occupies (0: every SM). Throws
+  // Error for a layout the kernels do not support, a max_sms past the device's SMs or a
+  // missing provider, CudaError for a CUDA failure.
   NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
-                bool zero_unused_rows, const FabricOptions& fabric = {});
+                bool zero_unused_rows, int max_sms = 0, const FabricOptions& fabric = {});
   ~NvlinkContext();
   NvlinkContext(const NvlinkContext&) = delete;
   NvlinkContext& operator=(const NvlinkContext&) = delete;

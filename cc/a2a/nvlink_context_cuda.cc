@@ -62,7 +62,7 @@ std::string CheckNvlinkLayout(const Layout& l) {
 }
 
 NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double timeout_s,
-                             bool zero_unused_rows, const FabricOptions& fabric)
+                             bool zero_unused_rows, int max_sms, const FabricOptions& fabric)
     : device_(device), timeout_s_(timeout_s) {
   const std::string problem = CheckNvlinkLayout(layout);
   if (!problem.empty()) throw Error(problem + ".");
@@ -79,6 +79,12 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   DeviceScope scope(device);
   CheckCuda(cudaDeviceGetAttribute(&args_.num_sms, cudaDevAttrMultiProcessorCount, device),
             "cudaDeviceGetAttribute");
+  if (max_sms < 0 || max_sms > args_.num_sms) {
+    throw Error("max_sms = " + std::to_string(max_sms) + " is outside [1, " +
+                std::to_string(args_.num_sms) + "], the SMs of GPU " + std::to_string(device) +
+                " (0: every SM).");
+  }
+  args_.max_sms = max_sms;
   const NvlinkLayout nl{layout};
   CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
   CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");

@@ -8,6 +8,9 @@
 //                                              r mod (GPUs visible), so processes may share
 //                                              one GPU
 //   nvlink_context_test --small                only the small cases (for compute-sanitizer)
+//
+// The cases run with every SM and again under small SM budgets (max_sms 1, 3, 7: grids of that
+// many blocks, each taking its work in several pieces), staged and direct sends alike.
 //   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, and the variants
 //                                              that break T=128 down (one process)
 //   nvlink_context_test --profile NAME         a few steps of one benchmark configuration,
@@ -89,6 +92,7 @@ struct Case {
   int steps = 3;
   bool expect_capacity_error = false;
   int bad_expert_rank = -1;  // this rank puts an out-of-range id in token 0
+  int max_sms = 0;  // SM budget of the kernels (0: every SM)
 
   Layout MakeLayout() const {
     Layout l;
@@ -470,11 +474,12 @@ void Disconnect(const World& w, std::vector<std::unique_ptr<NvlinkContext>>& ctx
 }
 
 std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, double timeout_s,
-                                                    bool zero_unused_rows = true) {
+                                                    bool zero_unused_rows = true,
+                                                    int max_sms = 0) {
   std::vector<std::unique_ptr<NvlinkContext>> ctx;
   for (int r : w.local) {
     ctx.push_back(
-        std::make_unique<NvlinkContext>(l, r, w.device(r), timeout_s, zero_unused_rows));
+        std::make_unique<NvlinkContext>(l, r, w.device(r), timeout_s, zero_unused_rows, max_sms));
   }
   std::vector<NvlinkContext*> local(w.world, nullptr);
   std::vector<Bytes> handles(w.world);
@@ -527,7 +532,7 @@ int64_t CountDiff(const std::vector<T>& a, const std::vector<T>& b) {
 
 void RunCase(World& w, const Case& c) {
   const Layout l = c.MakeLayout();
-  auto ctx = Connect(w, l, 20.0);
+  auto ctx = Connect(w, l, 20.0, true, c.max_sms);
   std::vector<std::unique_ptr<RankBuffers>> buf;
   for (int r : w.local) buf.push_back(std::make_unique<RankBuffers>(l, w.device(r)));
   const bool expect_error = c.expect_capacity_error || c.bad_expert_rank >= 0;
@@ -593,6 +598,25 @@ void RunCase(World& w, const Case& c) {
   std::fflush(stdout);
 }
 
+// An SM budget past the GPU's SMs is refused when the context is made, before it allocates.
+void CheckMaxSmsRange(const World& w) {
+  Case c;
+  c.R = w.world;
+  const int r = w.local[0];
+  int sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, w.device(r)));
+  for (int bad : {-1, sms + 1}) {
+    std::string what;
+    try {
+      NvlinkContext ctx(c.MakeLayout(), r, w.device(r), 20.0, true, bad);
+    } catch (const Error& e) {
+      what = e.what();
+    }
+    EXPECT(what.find("max_sms = " + std::to_string(bad)) != std::string::npos,
+           "max_sms = %d on a GPU of %d SMs: got '%s'", bad, sms, what.c_str());
+  }
+}
+
 std::vector<Case> Cases(int world, bool small) {
   std::vector<Case> cases;
   auto add = [&](Case c) {
@@ -645,7 +669,28 @@ std::vector<Case> Cases(int world, bool small) {
   c.name = "bad_expert_id";
   c.bad_expert_rank = 0;
   add(c);
+  // Under SM budgets: the random routings again (fewer under compute-sanitizer), and at T=600
+  // pieces of several tokens (the last one short, num_tokens inside a block's range).
+  std::vector<std::string> routed = {"uniform_bf16", "fp8_scales_align8_partial"};
+  if (!small) routed.insert(routed.end(), {"fp32_zipf_fp32combine", "unused_slots_k6"});
+  for (int budget : small ? std::vector<int>{1, 3} : std::vector<int>{1, 3, 7}) {
+    for (const std::string& name : routed) {
+      c = *std::find_if(cases.begin(), cases.end(), [&](const Case& x) { return x.name == name; });
+      c.name = name + "_sms" + std::to_string(budget);
+      c.max_sms = budget;
+      add(c);
+    }
+  }
   if (!small) {
+    c = Case();
+    c.name = "zipf_T600_sms7";
+    c.E = 64;
+    c.k = 8;
+    c.T = 600;
+    c.num_tokens = 517;
+    c.routing = Routing::kZipf;
+    c.max_sms = 7;
+    add(c);
     c = Case();
     c.name = "deepseek_T128_fp8";
     c.dispatch_bytes = 1;
@@ -951,6 +996,7 @@ int main(int argc, char** argv) {
     js += "]}";
     std::ofstream(bench_out) << js << "\n";
   } else {
+    CheckMaxSmsRange(w);
     for (const Case& c : Cases(w.world, small)) RunCase(w, c);
   }
   std::printf("%s: %d failures\n", g_failures ? "FAILED" : "PASSED", g_failures);

@@ -3,6 +3,8 @@
 // rank's partial slot (over NVLink for peers; into the combine outbox for fabric home ranks,
 // which the proxy writes); then raise this rank's ready flag at every NVLink home rank and
 // tell the proxy. Before writing, wait for each home rank's credit for the previous combine.
+// Blocks own contiguous record ranges, which they sum in pieces of at most the full grid's
+// share (one piece unless an SM budget shrank the grid).
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
@@ -12,13 +14,14 @@ namespace {
 
 using namespace device;
 
-__host__ __device__ inline int64_t RecordsPerBlock(const Layout& lay, int grid) {
-  return CeilDiv(lay.max_recv_records(), grid);
+// Records a block sums at a time.
+__host__ __device__ inline int64_t PieceRecords(const Layout& lay, int full_grid) {
+  return CeilDiv(lay.max_recv_records(), full_grid);
 }
 
-__host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int grid) {
+__host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int full_grid) {
   const int64_t R = lay.num_ranks, k = lay.experts_per_token;
-  return 4 * (4 + (R + 1)) + RecordsPerBlock(lay, grid) * k * 8;
+  return 4 * (4 + (R + 1)) + PieceRecords(lay, full_grid) * k * 8;
 }
 
 template <typename T>
@@ -35,11 +38,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && tid == 0) st->combine_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t rpb = RecordsPerBlock(lay, gridDim.x);
-  float* s_weight = reinterpret_cast<float*>(smem);                // [rpb][k]
-  int32_t* s_row = reinterpret_cast<int32_t*>(s_weight + rpb * k);  // [rpb][k]
-  int32_t* s_bad = s_row + rpb * k;                                  // [4]
-  int32_t* s_rbase = s_bad + 4;                                      // [R + 1]
+  const int piece = static_cast<int>(PieceRecords(lay, FullGrid(a)));
+  float* s_weight = reinterpret_cast<float*>(smem);                    // [piece][k]
+  int32_t* s_row = reinterpret_cast<int32_t*>(s_weight + piece * k);  // [piece][k]
+  int32_t* s_bad = s_row + piece * k;                                  // [4]
+  int32_t* s_rbase = s_bad + 4;                                        // [R + 1]
 
   for (int src = tid; src < R; src += kThreads) s_rbase[src + 1] = io.recv_tokens[src];
   __syncthreads();
@@ -59,22 +62,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
 
-  // This block's records (own data, read while the credits may still be on their way).
+  // This block's records [g0, g1), a piece at a time. The rows and weights of a piece's slots
+  // are own data: the first piece's are read while the credits may still be on their way.
   const int64_t total = s_rbase[R];
   const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
   const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-  const int nrec = s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) - g0 : 0;
-  for (int x = tid; x < nrec * k; x += kThreads) {
-    const int64_t at = static_cast<int64_t>(g0) * k + x;
-    const int32_t row = io.record_rows[at];
-    if (row < -1 || row >= M) {
-      SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows), at,
-               row);
+  const int g1 = s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
+  const auto read_slots = [&](int p0, int nrec) {
+    for (int x = tid; x < nrec * k; x += kThreads) {
+      const int64_t at = static_cast<int64_t>(p0) * k + x;
+      const int32_t row = io.record_rows[at];
+      if (row < -1 || row >= M) {
+        SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows),
+                 at, row);
+      }
+      const bool use = row >= 0 && row < M;
+      s_row[x] = use ? row : -1;
+      s_weight[x] = use ? io.record_weights[at] : 0.0f;
     }
-    const bool use = row >= 0 && row < M;
-    s_row[x] = use ? row : -1;
-    s_weight[x] = use ? io.record_weights[at] : 0.0f;
-  }
+  };
+  read_slots(g0, Min(g1, g0 + piece) - g0);
 
   const bool ok = WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
   const bool good = ok && s_bad[0] < 0;
@@ -86,14 +93,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int src = tid; src < R; src += kThreads) io.sent[src] = good ? io.recv_tokens[src] : 0;
   }
 
-  if (good) {
-    // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
-    const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
-    const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
-    const auto* y = static_cast<const uint8_t*>(io.expert_y);
+  // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
+  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
+  const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
+  const auto* y = static_cast<const uint8_t*>(io.expert_y);
+  for (int p0 = g0; good && p0 < g1; p0 += piece) {
+    const int nrec = Min(p0 + piece, g1) - p0;
+    if (p0 != g0) {
+      __syncthreads();  // the last piece's sums are done with its slots
+      read_slots(p0, nrec);
+      __syncthreads();
+    }
     for (int w = tid; w < nrec * vecs; w += kThreads) {
       const int r = w / vecs, c = w % vecs;
-      const int g = g0 + r;
+      const int g = p0 + r;
       float acc[Vec16<T>::kLanes] = {};
       for (int i0 = 0; i0 < k; i0 += 4) {
         int4 v[4];
@@ -136,11 +149,11 @@ void LoadCombineSend() {
 }
 
 void LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream) {
-  const int grid = 2 * args.num_sms;
   LaunchKernel("launching combine_send",
                args.layout.combine_elem_bytes == 4 ? CombineSendKernel<float>
                                                    : CombineSendKernel<__nv_bfloat16>,
-               grid, SendSharedBytes(args.layout, grid), stream, args, io);
+               GridOf(args, FullGrid(args)), SendSharedBytes(args.layout, FullGrid(args)),
+               stream, args, io);
 }
 
 }  // namespace jem

@@ -7,7 +7,8 @@
 // Every block derives the expert offsets from the route table itself (one parallel pass of
 // loads into shared memory); the row of each slot is expert start + the rows of earlier
 // senders + the slot rank the sender computed, so blocks own contiguous record ranges and
-// never wait for each other.
+// never wait for each other. A block expands its range in pieces of at most the full grid's
+// share (one piece unless an SM budget shrank the grid).
 #include "cc/kernels/device_utils.cuh"
 #include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
@@ -18,21 +19,21 @@ namespace {
 using namespace device;
 
 struct RecvPlan {
-  int64_t records_per_block;
+  int64_t piece_records;  // records a block expands at a time: a share of the full grid
   int64_t shared_bytes;
 };
 
-__host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int grid) {
+__host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int full_grid) {
   RecvPlan p;
-  p.records_per_block = CeilDiv(lay.max_recv_records(), grid);
+  p.piece_records = CeilDiv(lay.max_recv_records(), full_grid);
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
-  p.shared_bytes = 8 * p.records_per_block +          // record pointers
+  p.shared_bytes = 8 * p.piece_records +              // record pointers
                    4 * (8 +                          // verdicts
                         2 * R + (R + 1) +            // rows and records needed, record bases
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
-                        p.records_per_block * k);    // rows of this block's slots
+                        p.piece_records * k);        // rows of this piece's slots
   return p;
 }
 
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
-  const RecvPlan plan = PlanRecv(lay, gridDim.x);
+  const RecvPlan plan = PlanRecv(lay, FullGrid(a));
   const int tid = threadIdx.x;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
   const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -63,10 +64,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && tid == 0) st->dispatch_step[0] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  // [records_per_block] where each of this block's records is: the offset math stays out of
-  // the copy loops, which keeps them short.
+  // [piece_records] where each record of this piece is: the offset math stays out of the copy
+  // loops, which keeps them short.
   auto** s_recs = reinterpret_cast<const uint8_t**>(smem);
-  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.records_per_block);  // [8]
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.piece_records);  // [8]
   int32_t* s_need_rows = s_verdict + 8;                    // [R]
   int32_t* s_need_recs = s_need_rows + R;                  // [R]
   int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
   int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
-  int32_t* s_rows = s_sbase + R * L;                       // [records_per_block][k]
+  int32_t* s_rows = s_sbase + R * L;                       // [piece_records][k]
 
   if (tid == 0) {
     s_verdict[0] = INT32_MAX;
@@ -187,65 +188,70 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
 
-    // This block's records: the row of every slot.
+    // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
     const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
     const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-    const int nrec = static_cast<int>(Min(total, g0 + per_block)) - g0;
-    for (int x = tid; x < nrec * k; x += kThreads) {
-      const int g = g0 + x / k, i = x % k;
-      const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
-      const int j = g - s_rbase[s];
-      const uint8_t* rec = InboxOf(a, s).record(s, j);
-      if (i == 0) s_recs[x / k] = rec;
-      const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
-      const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
-      const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
-      int32_t row = -1;
-      if (e != -1) {
-        const bool sane = e >= 0 && e < L && rank >= 0 && rank < s_own[s * L + e];
-        if (sane) {
-          row = s_estart[e] + s_sbase[s * L + e] + rank;
-        } else {
-          SetError(a, DeviceError::kCorrupt, s, j, i);
-        }
-      }
-      s_rows[x] = row;
-      io.record_rows[static_cast<int64_t>(g) * k + i] = row;
-      io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
-    }
-    __syncthreads();
-
-    // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+    const int g1 = static_cast<int>(Min(total, g0 + per_block));
+    const int piece = static_cast<int>(plan.piece_records);
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+    const int S = static_cast<int>(lay.num_scales());
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
-    constexpr int kUnroll = 4;
-    for (int base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
-      int4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int w = base + u * kThreads;
-        if (w < nrec * x_vecs) v[u] = Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16);
+    for (int p0 = g0; p0 < g1; p0 += piece) {
+      const int nrec = Min(p0 + piece, g1) - p0;
+      for (int x = tid; x < nrec * k; x += kThreads) {
+        const int g = p0 + x / k, i = x % k;
+        const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
+        const int j = g - s_rbase[s];
+        const uint8_t* rec = InboxOf(a, s).record(s, j);
+        if (i == 0) s_recs[x / k] = rec;
+        const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
+        const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
+        const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
+        int32_t row = -1;
+        if (e != -1) {
+          const bool sane = e >= 0 && e < L && rank >= 0 && rank < s_own[s * L + e];
+          if (sane) {
+            row = s_estart[e] + s_sbase[s * L + e] + rank;
+          } else {
+            SetError(a, DeviceError::kCorrupt, s, j, i);
+          }
+        }
+        s_rows[x] = row;
+        io.record_rows[static_cast<int64_t>(g) * k + i] = row;
+        io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
       }
+      __syncthreads();
+
+      // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+      constexpr int kUnroll = 4;
+      for (int base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
+        int4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int w = base + u * kThreads;
-        if (w < nrec * x_vecs) {
-          const int r = w / x_vecs, c = w % x_vecs;
-          for (int i = 0; i < k; ++i) {
-            const int32_t row = s_rows[r * k + i];
-            if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v[u]);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int w = base + u * kThreads;
+          if (w < nrec * x_vecs) v[u] = Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int w = base + u * kThreads;
+          if (w < nrec * x_vecs) {
+            const int r = w / x_vecs, c = w % x_vecs;
+            for (int i = 0; i < k; ++i) {
+              const int32_t row = s_rows[r * k + i];
+              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v[u]);
+            }
           }
         }
       }
-    }
-    const int S = static_cast<int>(lay.num_scales());
-    for (int w = tid; w < nrec * S; w += kThreads) {
-      const int r = w / S, c = w % S;
-      const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
-      for (int i = 0; i < k; ++i) {
-        const int32_t row = s_rows[r * k + i];
-        if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
+      for (int w = tid; w < nrec * S; w += kThreads) {
+        const int r = w / S, c = w % S;
+        const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
+        for (int i = 0; i < k; ++i) {
+          const int32_t row = s_rows[r * k + i];
+          if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
+        }
       }
+      if (p0 + piece < g1) __syncthreads();  // the next piece rewrites what the copies read
     }
 
     // Handle entries past the last record.
@@ -287,9 +293,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 void LoadDispatchRecv() { LoadKernels("loading dispatch_recv", DispatchRecvKernel); }
 
 void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream) {
-  const int grid = 2 * args.num_sms;
-  LaunchKernel("launching dispatch_recv", DispatchRecvKernel, grid,
-               PlanRecv(args.layout, grid).shared_bytes, stream, args, io);
+  LaunchKernel("launching dispatch_recv", DispatchRecvKernel, GridOf(args, FullGrid(args)),
+               PlanRecv(args.layout, FullGrid(args)).shared_bytes, stream, args, io);
 }
 
 }  // namespace jem

@@ -12,7 +12,9 @@
 //
 // Blocks own contiguous token ranges. Each block counts every token (per destination rank,
 // and per expert for tokens before its range), so it knows the record index of each of its
-// tokens and the chunk offsets of send_index without waiting for any other block. At small T
+// tokens and the chunk offsets of send_index without waiting for any other block. A block
+// packs its range in pieces of the full grid's share (one piece unless an SM budget shrank the
+// grid), carrying its running counts from piece to piece. At small T
 // the kernel is bound by latency, not bytes: every phase is one parallel pass over coalesced
 // loads, int32 index math, and the credit wait overlaps the counting.
 #include "cc/kernels/device_utils.cuh"
@@ -25,19 +27,19 @@ namespace {
 using namespace device;
 
 struct SendPlan {
-  int64_t tokens_per_block;
+  int64_t piece_tokens;  // tokens a block packs at a time: its share of the full grid
   int64_t shared_bytes;
 };
 
-__host__ __device__ inline SendPlan PlanSend(const Layout& lay, int grid) {
+__host__ __device__ inline SendPlan PlanSend(const Layout& lay, int full_grid) {
   SendPlan p;
-  p.tokens_per_block = CeilDiv(lay.max_tokens, grid);
+  p.piece_tokens = CeilDiv(lay.max_tokens, full_grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
-  const int64_t tpb = p.tokens_per_block;
-  p.shared_bytes = tpb * R * 16 +                    // record and slot-rank pointers
+  const int64_t piece = p.piece_tokens;
+  p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
                    lay.max_tokens * 8 +              // dest masks of every token (2 words)
-                   4 * (8 + 3 * R + 2 * E +           // verdicts, counts
-                        tpb * (2 * R + k));           // record index, first slot, slot rank
+                   4 * (8 + 3 * R + 2 * E +          // verdicts, counts
+                        piece * (2 * R + k));        // record index, first slot, slot rank
   return p;
 }
 
@@ -73,21 +75,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int L = static_cast<int>(lay.local_experts());
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
-  const SendPlan plan = PlanSend(lay, gridDim.x);
+  const SendPlan plan = PlanSend(lay, FullGrid(a));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   const uint64_t step = st->dispatch_step[0] + 1;
   if (blockIdx.x == 0 && tid == 0) st->dispatch_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  const int tpb = static_cast<int>(plan.tokens_per_block);
+  const int piece = static_cast<int>(plan.piece_tokens);
   // Where each (token, destination) record and its slot ranks go, computed once: the offset
   // math stays out of the copy loops, which keeps them short (instruction fetch, not memory,
-  // bounded this kernel at small T).
-  auto** s_rec = reinterpret_cast<uint8_t**>(smem);           // [tpb][R]
-  auto** s_ranks = reinterpret_cast<int32_t**>(s_rec + tpb * R);  // [tpb][R]
+  // bounded this kernel at small T). Per destination, where its record 0 goes: a piece's
+  // pointers are then one multiply each.
+  auto** s_rec = reinterpret_cast<uint8_t**>(smem);           // [piece][R]
+  auto** s_ranks = reinterpret_cast<int32_t**>(s_rec + piece * R);  // [piece][R]
+  auto** s_rec0 = reinterpret_cast<uint8_t**>(s_ranks + piece * R);  // [R]
+  auto** s_ranks0 = reinterpret_cast<int32_t**>(s_rec0 + R);          // [R]
   // [T] destinations per token, as two 32-bit words (native shared atomics)
-  auto* s_mask_words = reinterpret_cast<uint32_t*>(s_ranks + tpb * R);
+  auto* s_mask_words = reinterpret_cast<uint32_t*>(s_ranks0 + R);
   const auto* s_mask = reinterpret_cast<const uint64_t*>(s_mask_words);
   int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask_words + 2 * T);  // [8] first bad t*k+slot
   int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
@@ -95,20 +100,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
   int32_t* s_epre = s_base + R;        // [E] slots per expert before this block's range
   int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (block 0)
-  int32_t* s_index = s_etot + E;       // [tpb][R] record index per destination, -1 = none
-  int32_t* s_first = s_index + tpb * R;  // [tpb][R] first slot naming each destination
-  int32_t* s_rank = s_first + tpb * R;   // [tpb][k] slot rank within its expert
+  int32_t* s_index = s_etot + E;       // [piece][R] record index per destination, -1 = none
+  int32_t* s_first = s_index + piece * R;  // [piece][R] first slot naming each destination
+  int32_t* s_rank = s_first + piece * R;   // [piece][k] slot rank within its expert
 
   const int32_t raw_num_tokens = *io.num_tokens;
   const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
   const int nt = bad_num_tokens ? 0 : raw_num_tokens;
-  const int start = blockIdx.x * tpb;
-  const int end = Min(start + tpb, T);
+  const int per_block = static_cast<int>(CeilDiv(T, gridDim.x));
+  const int start = static_cast<int>(Min(T, blockIdx.x * per_block));
+  const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
   for (int i = tid; i < 2 * T; i += kThreads) s_mask_words[i] = 0;
   for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
-  for (int i = tid; i < tpb * R; i += kThreads) s_first[i] = k;
   __syncthreads();
 
   // The destinations may reuse what they received last step only once they said so: the
@@ -143,7 +148,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       atomicOr(&s_mask_words[2 * t + (d >> 5)], 1u << (d & 31));
       if (t < start) atomicAdd(&s_epre[e], 1);
       if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
-      if (t >= start && t < own_end) atomicMin(&s_first[(t - start) * R + d], x % k);
     }
   }
   const bool ok = __syncthreads_and(credited) != 0;
@@ -168,57 +172,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       offset += bad ? 0 : s_tot[d];
     }
   }
-
-  // Record index per destination, and slot ranks in (token, slot) order: warp 0, in order.
-  if (warp == 0 && !bad) {
-    for (int tile = start; tile < own_end; tile += 32) {
-      const int t = tile + lane;
-      const uint64_t mask = t < own_end ? s_mask[t] : 0;
-      for (int d = 0; d < R; ++d) {
-        const unsigned votes = __ballot_sync(kFullMask, (mask >> d) & 1);
-        if (t < own_end) {
-          s_index[(t - start) * R + d] =
-              (mask >> d) & 1 ? s_pre[d] + __popc(votes & LaneMaskLt()) : -1;
-        }
-        __syncwarp();
-        if (lane == 0) s_pre[d] += __popc(votes);
-        __syncwarp();
-      }
-    }
-    const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
-    for (int tile = start; tile < own_end; tile += per_pass) {
-      const int t = tile + lane / k;
-      const int i = lane % k;
-      const bool valid = lane < per_pass * k && t < own_end;
-      const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
-      const unsigned same = __match_any_sync(kFullMask, e);
-      if (valid) s_rank[(t - start) * k + i] = e >= 0 ? s_epre[e] + __popc(same & LaneMaskLt()) : -1;
-      __syncwarp();
-      if (e >= 0 && lane == __ffs(same) - 1) s_epre[e] += __popc(same);
-      __syncwarp();
-    }
+  for (int d = tid; d < R; d += kThreads) {
+    const Destination dst = DestinationOf(a, staged, d);
+    s_rec0[d] = dst.record(0);
+    s_ranks0[d] = dst.slot_rank(0);
   }
-  __syncthreads();
-
-  // send_index for every row of this block's range: the first slot naming a destination
-  // carries the token's record index there.
-  for (int x = tid; x < (end - start) * k; x += kThreads) {
-    const int lt = x / k, i = x % k;
-    int32_t index = -1;
-    if (!bad && start + lt < nt) {
-      const int32_t e = io.topk_ids[start * k + x];
-      const int d = e / L;
-      if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
-    }
-    io.send_index[start * k + x] = index;
-  }
-  for (int x = tid; !bad && x < (own_end - start) * R; x += kThreads) {
-    const int32_t j = s_index[x];
-    const Destination dst = DestinationOf(a, staged, x % R);
-    s_rec[x] = j >= 0 ? dst.record(j) : nullptr;
-    s_ranks[x] = j >= 0 ? dst.slot_rank(j) : nullptr;
-  }
-  __syncthreads();
 
   if (blockIdx.x == 0) {
     if (tid == 0 && bad) {
@@ -249,58 +207,120 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (ok && !bad) {
-    const int ntok = own_end > start ? own_end - start : 0;
-    const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
-    const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(start) * lay.x_bytes();
-    // x: 16-byte vectors, each loaded once and stored to every destination of its token.
-    constexpr int kUnroll = 4;
-    for (int base = tid; base < ntok * x_vecs; base += kThreads * kUnroll) {
-      int4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int w = base + u * kThreads;
-        if (w < ntok * x_vecs) v[u] = LoadInput16(x + static_cast<int64_t>(w) * 16);
+  // This block's rows, a piece at a time: rows [lo, hi), of which [lo, lo + ntok) are packed.
+  for (int lo = start; lo < end; lo += piece) {
+    const int hi = Min(lo + piece, end);
+    const int ntok = Min(hi, own_end) > lo ? Min(hi, own_end) - lo : 0;
+
+    // Record index per destination, the first slot naming each destination, and slot ranks in
+    // (token, slot) order: warp 0, in order, carrying s_pre and s_epre to the next piece.
+    if (warp == 0 && !bad) {
+      for (int i = lane; i < ntok * R; i += 32) s_first[i] = k;
+      __syncwarp();
+      for (int tile = lo; tile < lo + ntok; tile += 32) {
+        const int t = tile + lane;
+        const uint64_t mask = t < lo + ntok ? s_mask[t] : 0;
+        for (int d = 0; d < R; ++d) {
+          const unsigned votes = __ballot_sync(kFullMask, (mask >> d) & 1);
+          if (t < lo + ntok) {
+            s_index[(t - lo) * R + d] =
+                (mask >> d) & 1 ? s_pre[d] + __popc(votes & LaneMaskLt()) : -1;
+          }
+          __syncwarp();
+          if (lane == 0) s_pre[d] += __popc(votes);
+          __syncwarp();
+        }
       }
+      const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
+      for (int tile = lo; tile < lo + ntok; tile += per_pass) {
+        const int t = tile + lane / k;
+        const int i = lane % k;
+        const bool valid = lane < per_pass * k && t < lo + ntok;
+        const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
+        const unsigned same = __match_any_sync(kFullMask, e);
+        // Lanes run in slot order, so the lowest lane of a (token, destination) is its first.
+        const unsigned same_dest = __match_any_sync(kFullMask, e >= 0 ? t * R + e / L : -1);
+        if (valid) s_rank[(t - lo) * k + i] = e >= 0 ? s_epre[e] + __popc(same & LaneMaskLt()) : -1;
+        if (e >= 0 && lane == __ffs(same_dest) - 1) s_first[(t - lo) * R + e / L] = i;
+        __syncwarp();
+        if (e >= 0 && lane == __ffs(same) - 1) s_epre[e] += __popc(same);
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+
+    // send_index for every row of this piece: the first slot naming a destination carries the
+    // token's record index there.
+    for (int x = tid; x < (hi - lo) * k; x += kThreads) {
+      const int lt = x / k, i = x % k;
+      int32_t index = -1;
+      if (!bad && lt < ntok) {
+        const int32_t e = io.topk_ids[lo * k + x];
+        const int d = e / L;
+        if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
+      }
+      io.send_index[lo * k + x] = index;
+    }
+    for (int x = tid; !bad && x < ntok * R; x += kThreads) {
+      const int32_t j = s_index[x];
+      s_rec[x] = j >= 0 ? s_rec0[x % R] + j * lay.record_bytes() : nullptr;
+      s_ranks[x] = j >= 0 ? s_ranks0[x % R] + j * k : nullptr;
+    }
+    __syncthreads();
+
+    if (ok && !bad) {
+      const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+      const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(lo) * lay.x_bytes();
+      // x: 16-byte vectors, each loaded once and stored to every destination of its token.
+      constexpr int kUnroll = 4;
+      for (int base = tid; base < ntok * x_vecs; base += kThreads * kUnroll) {
+        int4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int w = base + u * kThreads;
-        if (w < ntok * x_vecs) {
-          const int lt = w / x_vecs, c = w % x_vecs;
-          for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
-            Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v[u]);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int w = base + u * kThreads;
+          if (w < ntok * x_vecs) v[u] = LoadInput16(x + static_cast<int64_t>(w) * 16);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int w = base + u * kThreads;
+          if (w < ntok * x_vecs) {
+            const int lt = w / x_vecs, c = w % x_vecs;
+            for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+              Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v[u]);
+            }
+          }
+        }
+      }
+      // scales
+      const int S = static_cast<int>(lay.num_scales());
+      for (int w = tid; w < ntok * S; w += kThreads) {
+        const int lt = w / S, c = w % S;
+        const float s = io.x_scale[static_cast<int64_t>(lo) * S + w];
+        for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+          reinterpret_cast<float*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] = s;
+        }
+      }
+      // metadata and slot ranks: one thread per (token, destination, slot)
+      for (int w = tid; w < ntok * R * k; w += kThreads) {
+        const int lt = w / (R * k), d = w / k % R, i = w % k;
+        uint8_t* rec = s_rec[lt * R + d];
+        if (rec == nullptr) continue;
+        const int t = lo + lt;
+        const int32_t e = io.topk_ids[t * k + i];
+        const bool here = e >= 0 && e / L == d;
+        reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
+        reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
+            here ? io.topk_weights[t * k + i] : 0.0f;
+        s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
+        if (i == 0) {
+          *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
+          for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
+            *reinterpret_cast<int32_t*>(rec + b) = 0;
           }
         }
       }
     }
-    // scales
-    const int S = static_cast<int>(lay.num_scales());
-    for (int w = tid; w < ntok * S; w += kThreads) {
-      const int lt = w / S, c = w % S;
-      const float s = io.x_scale[static_cast<int64_t>(start) * S + w];
-      for (uint64_t m = s_mask[start + lt]; m; m &= m - 1) {
-        reinterpret_cast<float*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] = s;
-      }
-    }
-    // metadata and slot ranks: one thread per (token, destination, slot)
-    for (int w = tid; w < ntok * R * k; w += kThreads) {
-      const int lt = w / (R * k), d = w / k % R, i = w % k;
-      uint8_t* rec = s_rec[lt * R + d];
-      if (rec == nullptr) continue;
-      const int t = start + lt;
-      const int32_t e = io.topk_ids[t * k + i];
-      const bool here = e >= 0 && e / L == d;
-      reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
-      reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
-          here ? io.topk_weights[t * k + i] : 0.0f;
-      s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
-      if (i == 0) {
-        *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
-        for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
-          *reinterpret_cast<int32_t*>(rec + b) = 0;
-        }
-      }
-    }
+    if (lo + piece < end) __syncthreads();  // the next piece rewrites what the copies read
   }
 
   if (LastBlock(a, kTicketDispatchSend, step)) {
@@ -328,9 +348,9 @@ void LoadDispatchSend() { LoadKernels("loading dispatch_send", DispatchSendKerne
 
 void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
                         cudaStream_t stream) {
-  const int grid = static_cast<int>(Min(args.layout.max_tokens, 2 * args.num_sms));
+  const int grid = GridOf(args, Min(args.layout.max_tokens, FullGrid(args)));
   LaunchKernel("launching dispatch_send", DispatchSendKernel, grid,
-               PlanSend(args.layout, grid).shared_bytes, stream, args, io, staged);
+               PlanSend(args.layout, FullGrid(args)).shared_bytes, stream, args, io, staged);
 }
 
 }  // namespace jem

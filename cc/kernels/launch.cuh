@@ -1,5 +1,6 @@
-// How every NVLink kernel is loaded and launched: one block size, the opt-in to more dynamic
-// shared memory than the default, and launch errors thrown as CudaError.
+// How every NVLink kernel is loaded and launched: one block size, the grid under an SM budget,
+// the opt-in to more dynamic shared memory than the default, and launch errors thrown as
+// CudaError.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,6 +13,19 @@ namespace jem {
 
 // Threads per block of every NVLink kernel: their __launch_bounds__ and strides assume it.
 constexpr int kThreads = 512;
+
+// The grid each kernel's work is cut for: two blocks per SM of the device (their
+// __launch_bounds__). A kernel sizes its shared memory for one block's share of this grid (a
+// piece), so its shared memory does not depend on the grid it is launched with.
+__host__ __device__ inline int FullGrid(const NvlinkArgs& a) { return 2 * a.num_sms; }
+
+// The grid of a kernel that wants `blocks` (at most FullGrid). Under an SM budget, at most
+// max_sms blocks: a grid of n blocks cannot occupy more than n SMs, whereas two blocks per SM
+// of the budget could land on twice as many. Each block then takes several pieces.
+inline int GridOf(const NvlinkArgs& a, int64_t blocks) {
+  const bool budget = a.max_sms > 0 && a.max_sms < a.num_sms;
+  return static_cast<int>(budget ? Min(blocks, a.max_sms) : blocks);
+}
 
 // Loads `kernels` now rather than at their first launch (see LoadNvlinkKernels).
 template <typename... Kernels>

@@ -35,7 +35,8 @@ inline void CheckCuda(cudaError_t err, const char* what) {
 struct NvlinkArgs {
   Layout layout;
   int32_t rank = 0;
-  int32_t num_sms = 0;
+  int32_t num_sms = 0;  // SMs of the device
+  int32_t max_sms = 0;  // SMs each kernel may occupy (the SM budget; 0: every SM)
   uint64_t timeout_ns = 0;
   bool zero_unused_rows = true;  // zero the rows of expert_x past the last group
   DeviceStatus* status = nullptr;  // mapped pinned host memory

@@ -28,7 +28,7 @@ int64_t CreateContexts(const Layout& layout, const std::vector<int>& ranks,
                        const std::vector<int>& devices, double timeout_s, bool zero_unused_rows,
                        const std::vector<uint64_t>& fabric_masks, const std::string& provider,
                        int num_domains, const std::vector<std::string>& nic_names,
-                       bool stage_in_host) {
+                       bool stage_in_host, int max_sms) {
   if (ranks.empty() || ranks.size() != devices.size()) {
     throw Error("ranks and devices must be non-empty lists of the same length.");
   }
@@ -49,7 +49,7 @@ int64_t CreateContexts(const Layout& layout, const std::vector<int>& ranks,
     fabric.engine.nic_names = nic_names;
     fabric.stage_in_host = stage_in_host;
     contexts.push_back(std::make_unique<NvlinkContext>(layout, ranks[i], devices[i], timeout_s,
-                                                       zero_unused_rows, fabric));
+                                                       zero_unused_rows, max_sms, fabric));
   }
   return RegisterNvlinkContexts(std::move(contexts));
 }
@@ -141,6 +141,13 @@ nb::list ProxyTimes(int64_t id) {
   return out;
 }
 
+int DeviceSms(int device) {
+  int n = 0;
+  CheckCuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+            "cudaDeviceGetAttribute");
+  return n;
+}
+
 int DeviceCount() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -155,15 +162,18 @@ int DeviceCount() {
 void BindCuda(nb::module_& m) {
   m.def("cuda_device_count", &DeviceCount,
         "GPUs this process can use (0 without a driver or a GPU).");
+  m.def("cuda_device_sms", &DeviceSms, nb::arg("device"),
+        "The streaming multiprocessors (SMs) of CUDA device `device` of this process.");
   m.def("cuda_context_create", &CreateContexts, nb::arg("layout"), nb::arg("ranks"),
         nb::arg("devices"), nb::arg("timeout_s"), nb::arg("zero_unused_rows") = true,
         nb::arg("fabric_masks") = std::vector<uint64_t>(), nb::arg("provider") = "",
         nb::arg("num_domains") = 1, nb::arg("nic_names") = std::vector<std::string>(),
-        nb::arg("stage_in_host") = false,
+        nb::arg("stage_in_host") = false, nb::arg("max_sms") = 0,
         "Allocates one GPU context per (rank, GPU) of this process; returns their id. "
         "fabric_masks[i]: bit r set = local rank i reaches rank r through the fabric "
         "(provider, num_domains NICs, nic_names to choose them; stage_in_host keeps the "
-        "fabric buffer in pinned host memory even where the provider registers GPU memory).");
+        "fabric buffer in pinned host memory even where the provider registers GPU memory). "
+        "max_sms bounds the SMs each kernel occupies (0: every SM).");
   m.def("cuda_context_ipc_handles", &IpcHandles, nb::arg("id"),
         "The CUDA IPC handles of this process's ranks' arenas, in rank order.");
   m.def("cuda_context_fabric_endpoints", &FabricEndpoints, nb::arg("id"),

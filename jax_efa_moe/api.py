@@ -125,14 +125,15 @@ class AllToAll(_config.ConfigAttributes):
     """Expert-parallel dispatch and combine over the ranks of ``mesh`` along ``axis_name``.
 
     The sizes and dtypes become ``self.config`` (an :class:`AllToAllConfig`, also read as
-    attributes: ``comm.hidden``, ``comm.local_experts``). Rank r holds experts
-    [r * L, (r + 1) * L), L = num_experts / ranks. ``max_recv_tokens`` bounds the rows of
-    ``expert_x``; the default fits any routing. ``zero_unused_rows``: whether the rows of
-    ``expert_x`` past the last group are zeroed (False spares that write on GPUs, about a
-    quarter of a prefill dispatch at EP2; such rows then hold stale data, which ``group_sizes`` tells
-    apart and ``ragged_dot`` never reads, but which a mask applied by multiplying would turn
-    into NaN, hence the default True; the CPU backend always zeroes them). ``timeout_s`` bounds every wait on a peer, set-up included: a dead peer becomes an
-    error, never a hang. After an error the instance refuses further calls; create a new one.
+    attributes: ``comm.hidden``, ``comm.local_experts``). Rank r holds experts [r * L, (r + 1)
+    * L), L = num_experts / ranks. ``max_recv_tokens`` bounds the rows of ``expert_x``; the
+    default fits any routing. ``zero_unused_rows``: whether the rows of ``expert_x`` past the
+    last group are zeroed (False spares that write on GPUs, about a quarter of a prefill
+    dispatch at EP2; such rows then hold stale data, which ``group_sizes`` tells apart and
+    ``ragged_dot`` never reads, but which a mask applied by multiplying would turn into NaN,
+    hence the default True; the CPU backend always zeroes them). ``timeout_s`` bounds every
+    wait on a peer, set-up included: a dead peer becomes an error, never a hang. After an error
+    the instance refuses further calls; create a new one.
 
     Transport (GPUs): peers on the same node (``ranks_per_node`` consecutive ranks, or by host
     name when None) are reached over NVLink, the others through the fabric

@@ -13,7 +13,8 @@
 #                                        fabric_bench, not by default, times ours through the
 #                                        proxy between 2 GPUs, one process each; decode, not by
 #                                        default, times one rank with and without command
-#                                        buffers; training times one MoE layer's backward)
+#                                        buffers; training times one MoE layer's backward;
+#                                        post times the engine posting to 1..63 peers)
 #
 # Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -176,6 +177,9 @@ for s in $STAGES; do
             --name=a2a_cuda_ep1_${dt}_cmdbuf_$cb --out="$OUT" ${BENCH_ARGS:-}
         done
       done ;;
+    post)  # CPU processes only: posting one dispatch step's writes for 1 to 63 peers
+      stage "posting cost" bench.log 150 "$PY" benchmarks/bench_post.py --out_dir="$OUT" \
+        --name=post_gpu_machine ;;
     training)
       stage "training benchmark" bench.log 240 "$PY" benchmarks/bench_all_to_all.py \
         --platform=cuda --training --impls=ragged,ours --name=training_cuda --out="$OUT" ;;
@@ -183,7 +187,7 @@ for s in $STAGES; do
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
     *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal" \
-         "bench fabric_bench decode training)" >&2; exit 2 ;;
+         "bench fabric_bench decode training post)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -29,8 +29,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = me.state();
   const int tid = threadIdx.x;
 
+  const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
   const uint64_t step = st->combine_step[1];
-  if (blockIdx.x == 0 && tid == 0) st->combine_step[0] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int64_t tpb = TokensPerBlock(lay, gridDim.x);
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const int start = blockIdx.x * static_cast<int>(tpb);
   const int end = static_cast<int>(Min(start + tpb, T_max));
-  const int nt = s_bad[0] < 0 ? raw_num_tokens : 0;
+  const int nt = in_turn && s_bad[0] < 0 ? raw_num_tokens : 0;
 
   // Where each slot's partial is (own data, read while the partials are on their way).
   bool sane = true;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   sane = __syncthreads_and(sane) != 0;
 
-  const bool ok = WaitPeers(a, DeviceWait::kCombineReady, step);
+  const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineReady, step);
   const bool good = ok && s_bad[0] < 0 && sane;
   if (blockIdx.x == 0 && tid == 0 && ok && s_bad[0] >= 0) {
     SetError(a, DeviceError::kBadHandle, s_bad[0], s_bad[1], s_bad[2]);
@@ -119,7 +119,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     Store16(out + (start + lt) * out_row_bytes + c * 16, Vec16<T>::Pack(acc));
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketCombineRecv, step)) {
+    if (tid == 0) st->combine_step[0] = step;
     SignalPeers(a, DeviceWait::kCombineCredit, step);
     Publish(a, &a.mailbox->combine_read, step);
   }

@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const SendPlan plan = PlanSend(lay, gridDim.x);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  if (blockIdx.x == 0 && tid == 0) st->dispatch_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int tpb = static_cast<int>(plan.tokens_per_block);
@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // The destinations may reuse what they received last step only once they said so: the
   // block's last threads wait for the credits while the others start counting.
   const int waiter = tid - (kThreads - R);
-  bool credited = true;
-  if (waiter >= 0) {
+  bool credited = in_turn;
+  if (in_turn && waiter >= 0) {
     credited = WaitFlag(a, FlagOf(a, DeviceWait::kDispatchCredit, waiter), step - 1,
                         DeviceWait::kDispatchCredit, waiter);
   }
@@ -303,7 +303,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketDispatchSend, step)) {
+    if (tid == 0) st->dispatch_step[1] = step;
     if (!staged) {
       SignalPeers(a, DeviceWait::kDispatchReady, step);
     } else {
@@ -312,8 +314,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
         SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
       }
-      // A rank that timed out leaves its peers' flags where they are.
-      if (tid == 0 && !TimedOut(st)) st->staged_ready = step;
+      // A Silent rank leaves its peers' flags where they are.
+      if (tid == 0 && !Silent(st)) st->staged_ready = step;
     }
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;

@@ -73,22 +73,22 @@ CombineRecvIo CombineIo(const operands::HomeHandle& home, const operands::Out& o
 // direct for the whole op.
 void Run(target::DispatchSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send) {
-  ctx.BeginSend(false);
+  ctx.BeginSend(false, stream);
   ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/true, stream);
 }
 
 void Run(target::DispatchRecv, NvlinkContext& ctx, cudaStream_t stream,
          const operands::SendTokens&, const operands::RecvResults& recv,
          const operands::ExpertHandle& handle) {
-  ctx.BeginRecv(false);
+  ctx.BeginRecv(false, stream);
   LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
 
 void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send,
          const operands::RecvResults& recv, const operands::ExpertHandle& handle) {
-  ctx.BeginSend(false);
-  ctx.BeginRecv(false);
+  ctx.BeginSend(false, stream);
+  ctx.BeginRecv(false, stream);
   ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/false, stream);
   LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
@@ -96,21 +96,21 @@ void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
 void Run(target::CombineSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::ExpertY& expert_y, const operands::ExpertHandle& handle,
          const operands::Sent& sent) {
-  ctx.BeginSend(true);
+  ctx.BeginSend(true, stream);
   LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, sent.p), stream);
 }
 
 void Run(target::CombineRecv, NvlinkContext& ctx, cudaStream_t stream, const operands::Sent&,
          const operands::HomeHandle& home, const operands::Out& out) {
-  ctx.BeginRecv(true);
+  ctx.BeginRecv(true, stream);
   LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }
 
 void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
          const operands::ExpertY& expert_y, const operands::ExpertHandle& handle,
          const operands::HomeHandle& home, const operands::Out& out) {
-  ctx.BeginSend(true);
-  ctx.BeginRecv(true);
+  ctx.BeginSend(true, stream);
+  ctx.BeginRecv(true, stream);
   LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), stream);
   LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }

@@ -255,9 +255,10 @@ class AllToAll(_config.ConfigAttributes):
 
     def raise_if_failed(self) -> None:
         """Raises the first error a step reported, if any. On GPUs the kernels report errors
-        (bad expert ids, num_tokens, capacity, a silent peer) without stopping the host: call
-        this after ``jax.block_until_ready``; the next call of this AllToAll also raises it.
-        On the CPU steps raise at once, so this never raises there."""
+        (bad expert ids, num_tokens, capacity, a silent peer, halves out of order) without
+        stopping the host: call this after ``jax.block_until_ready``; the next call of this
+        AllToAll also raises it, unless XLA replays that call from a command buffer. On the
+        CPU steps raise at once, so this never raises there."""
         check = getattr(self._contexts, "raise_if_failed", None)
         if check is not None:
             check()

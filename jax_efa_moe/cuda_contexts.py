@@ -14,8 +14,9 @@ it, the ranks whose processes share a host name. ``transport="fabric"`` puts eve
 node of its own (how the fabric path is tested on one host); ``"nvlink"`` refuses ranks on
 different nodes.
 
-Kernels report bad input, a full buffer or a silent peer asynchronously, into a status the
-host reads without a sync: the next call of the AllToAll fails with it, and
+Kernels report bad input, a full buffer, a silent peer or halves out of order asynchronously,
+into a status the host reads without a sync: the next call of the AllToAll fails with it
+(unless XLA replays it from a command buffer, which calls no host code), and
 ``raise_if_failed()`` raises it after ``block_until_ready``.
 """
 

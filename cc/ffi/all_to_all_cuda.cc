@@ -4,10 +4,13 @@
 // XLA's stream (and, for the staged dispatch_send, copies on the context's copy stream joined
 // by events): no allocation, no sync, no host wait.
 //
-// Command buffers: the handlers are not marked kCmdBufferCompatible, so XLA never captures
-// them into CUDA graphs and every step passes through the checks above. The kernels themselves
-// would replay correctly (step numbers live in device memory), which is what would let a
-// future version opt in.
+// Command buffers: the handlers are kCmdBufferCompatible. XLA captures a handler's work into a
+// CUDA graph (stream capture) when its buffers' addresses change, and replays the graph
+// without calling the handler: the checks above then run only when XLA captures. Replays stay
+// right because everything a step needs lives in device or mapped memory: step numbers,
+// credits, the order of the halves and the error status (nvlink_kernels.h). An error a
+// replayed step meets is raised by AllToAll.raise_if_failed(), or by the next call that XLA
+// does not replay.
 #include "cc/ffi/all_to_all_cuda.h"
 
 #include <cuda_runtime.h>
@@ -137,8 +140,9 @@ inline auto CudaBinding() {
 }  // namespace
 }  // namespace jem
 
-#define JEM_DEFINE_CUDA_HANDLER(Name, python_name) \
+#define JEM_DEFINE_CUDA_HANDLER(Name, python_name)                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(Jem##Name##Cuda, jem::CudaHandler<jem::target::Name>, \
-                                jem::CudaBinding());
+                                jem::CudaBinding(),                                    \
+                                {xla::ffi::Traits::kCmdBufferCompatible});
 JEM_FFI_TARGETS(JEM_DEFINE_CUDA_HANDLER)
 #undef JEM_DEFINE_CUDA_HANDLER

@@ -18,7 +18,7 @@ enum class DeviceError : uint32_t {
   kBadHandle = 6,       // a = which operand (HandleOperand), b = index, c = value
   kCorrupt = 7,         // a = sender, b = record, c = slot
   kSendTwice = 8,       // a = phase (StepPhase), b = the step sent and never received
-  kRecvWithoutSend = 9, // a = phase (StepPhase), b = the step received already
+  kRecvWithoutSend = 9, // a = phase (StepPhase), b = the last step sent, received already
 };
 
 enum class StepPhase : int64_t {
@@ -108,8 +108,8 @@ inline std::string DescribeDeviceStatus(const DeviceStatus& s, const StatusLimit
       return rank + phase() + "_send ran twice without " + phase() + "_recv between (step " +
              n(s.b) + " was sent and never received); the second send was skipped.";
     case DeviceError::kRecvWithoutSend:
-      return rank + phase() + "_recv ran without a " + phase() + "_send before it (step " +
-             n(s.b) + " was received already); it was skipped rather than read that step again.";
+      return rank + phase() + "_recv ran without a " + phase() + "_send before it (nothing was " +
+             "sent since step " + n(s.b) + "); it was skipped rather than read that step again.";
   }
   return rank + "unknown device error " + std::to_string(s.code) + ".";
 }

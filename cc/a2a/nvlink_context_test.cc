@@ -399,6 +399,9 @@ struct RankBuffers {
     out.Poison();
     expert_x_scale.Poison();
     record_weights.Poison();
+    // cudaMemset returns before it is done, on the legacy stream, which `stream` (non-blocking)
+    // does not wait for.
+    CHECK_CUDA(cudaDeviceSynchronize());
   }
 
   // The launchers throw CudaError, which ends the test with its message.

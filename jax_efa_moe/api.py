@@ -234,7 +234,10 @@ class AllToAll(_config.ConfigAttributes):
     # --- lifetime ---
 
     def close(self) -> None:
-        """Releases the buffers and the engine. Idempotent; finish running steps first."""
+        """Releases the buffers and the engine. Idempotent; finish running steps first, and run
+        no jitted function that used this AllToAll afterwards: on GPUs XLA may replay its
+        command buffers, which hold the freed buffers' addresses, without calling the custom
+        calls that would refuse."""
         if getattr(self, "_gradients", None) is not None:
             self._gradients.close()
             self._gradients = None

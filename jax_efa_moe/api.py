@@ -252,7 +252,10 @@ class AllToAll(_config.ConfigAttributes):
     # --- lifetime ---
 
     def close(self) -> None:
-        """Releases the buffers and the engine. Idempotent; finish running steps first."""
+        """Releases the buffers and the engine. Idempotent; finish running steps first, and run
+        no jitted function that used this AllToAll afterwards: on GPUs XLA may replay its
+        command buffers, which hold the freed buffers' addresses, without calling the custom
+        calls that would refuse."""
         if getattr(self, "_gradients", None) is not None:
             self._gradients.close()
             self._gradients = None
@@ -273,9 +276,10 @@ class AllToAll(_config.ConfigAttributes):
 
     def raise_if_failed(self) -> None:
         """Raises the first error a step reported, if any. On GPUs the kernels report errors
-        (bad expert ids, num_tokens, capacity, a silent peer) without stopping the host: call
-        this after ``jax.block_until_ready``; the next call of this AllToAll also raises it.
-        On the CPU steps raise at once, so this never raises there."""
+        (bad expert ids, num_tokens, capacity, a silent peer, halves out of order) without
+        stopping the host: call this after ``jax.block_until_ready``; the next call of this
+        AllToAll also raises it, unless XLA replays that call from a command buffer. On the
+        CPU steps raise at once, so this never raises there."""
         check = getattr(self._contexts, "raise_if_failed", None)
         if check is not None:
             check()

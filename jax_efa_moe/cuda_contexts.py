@@ -17,8 +17,9 @@ different nodes.
 ``max_sms`` bounds the grid of every kernel (the send and recv halves alike) to that many
 blocks, so that they occupy at most that many SMs.
 
-Kernels report bad input, a full buffer or a silent peer asynchronously, into a status the
-host reads without a sync: the next call of the AllToAll fails with it, and
+Kernels report bad input, a full buffer, a silent peer or halves out of order asynchronously,
+into a status the host reads without a sync: the next call of the AllToAll fails with it
+(unless XLA replays it from a command buffer, which calls no host code), and
 ``raise_if_failed()`` raises it after ``block_until_ready``.
 """
 

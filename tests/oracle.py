@@ -168,8 +168,10 @@ def experts(comm, d):
     x = d.expert_x.astype(jnp.float32)
     if d.expert_x_scale is not None:
         x = x * jnp.repeat(d.expert_x_scale, 128, axis=1)
+    # compare_all: one fusion, where the default method is a loop, which would split a step's
+    # command buffer on GPUs.
     local = jnp.searchsorted(jnp.cumsum(d.group_sizes), jnp.arange(comm.max_recv_tokens),
-                             side="right")
+                             side="right", method="compare_all")
     first = jax.lax.axis_index(comm.axis_name) * comm.local_experts
     e = (first + local).astype(jnp.float32)[:, None]
     E = comm.num_experts

@@ -8,8 +8,11 @@ GPUs than ranks (correct, not fast). Fabric tests run with delivery reordering o
 The routings, the inputs and the NumPy checks are the CPU suite's (oracle.py), so the GPU path
 is held to the same results. Errors differ in timing only: kernels report them into a
 status the host reads afterwards, so a bad step raises at ``raise_if_failed()`` (or at the
-next call), not at the call itself. Every test runs in child processes, so that the pytest
-process never holds a GPU. Skipped without GPUs (CI has none); the NVLink tests need two.
+next call), not at the call itself. With XLA's default flags the custom calls may run inside
+command buffers (CUDA graphs that XLA replays without calling them); the command_buffer tests
+make sure they do, and check every replayed step. Every test runs in child processes, so that
+the pytest process never holds a GPU. Skipped without GPUs (CI has none); the NVLink tests
+marked two_gpus need two.
 
 JEM_FABRIC_STAGING=host|device|none picks the fabric buffer of the fabric tests (none: GPU
 memory where the provider registers it, else pinned host memory).
@@ -17,9 +20,13 @@ memory where the provider registers it, else pinned host memory).
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -204,6 +211,33 @@ def test_fabric_dead_peer():
     assert "dead peer reported" in outputs[0], outputs
 
 
+# XLA's command buffers: the custom calls captured into CUDA graphs and replayed without their
+# handlers (100 steps in one jit, whole ops and halves with the staged send, every step checked
+# against the oracle), and XLA's thunk dump must show each jem custom call inside a command
+# buffer. Two processes: on one GPU they share it, on two the staged send uses the copy engine.
+@pytest.mark.parametrize("transport", ["nvlink", "fabric"])
+def test_command_buffers_processes(transport):
+    provider = ["fabric_provider=shm"] if transport == "fabric" else []
+    outputs = _fabric("test_gpu:check_command_buffers", 2, f"transport={transport}", *provider)
+    print(outputs[0][-6000:])
+    assert all("command buffers ok" in o for o in outputs), outputs
+
+
+@two_gpus
+def test_command_buffers_one_process_two_gpus():
+    out = _one_process("check_command_buffers")
+    print(out[-6000:])
+    assert "command buffers ok" in out, out[-3000:]
+
+
+# The whole loop as one graph (WHILE is not among XLA's default command types): the kernels and
+# the staged send's copies then run inside a graph's while body.
+def test_command_buffers_whole_loop_in_one_graph():
+    outputs = _fabric("test_gpu:check_command_buffers", 2, "transport=nvlink", "graphs=while")
+    print(outputs[0][-6000:])
+    assert all("command buffers ok" in o for o in outputs), outputs
+
+
 # --------------------------------------------------------------------------------------------
 # The children.
 # --------------------------------------------------------------------------------------------
@@ -357,6 +391,30 @@ def check_bad_input(rank, world, args):
     assert f"needs {R * T} rows" in message, message
     comm.close()
 
+    # Halves out of order: the host refuses them while it sees every call, the kernels once
+    # XLA has captured a call into a command buffer (raise_if_failed then reports them).
+    def send_twice(comm, x, ids, w):
+        comm.dispatch_send(x, ids, w)
+        return comm.dispatch_recv(comm.dispatch_send(x, ids, w)).expert_counts
+
+    def recv_twice(comm, x, ids, w):
+        pending = comm.dispatch_send(x, ids, w)
+        comm.dispatch_recv(pending)
+        return comm.dispatch_recv(pending).expert_counts
+
+    for halves, says in ((send_twice, "twice without dispatch_recv"),
+                         (recv_twice, "without a dispatch_send before it")):
+        comm = new()
+        program = jax.jit(jax.shard_map(lambda *a: halves(comm, *a), mesh=mesh,
+                                        in_specs=P("ep"), out_specs=P("ep")))
+
+        def step():
+            jax.block_until_ready(program(*[_put(mesh, a) for a in (x, ids, weights)]))
+            comm.raise_if_failed()
+
+        print(f"{halves.__name__}: {oracle.expect_error(step, says)[:200]}", flush=True)
+        comm.close()
+
     # A new AllToAll works; routing that fits a small buffer passes.
     comm = new(max_recv_tokens=R * T * k)
     out, counts = run(comm, ids, [T, T])
@@ -417,3 +475,140 @@ def check_dead_peer(rank, world, args):
     assert elapsed < timeout_s + 10, f"the error took {elapsed:.1f} s"
     print(f"rank {rank}: dead peer reported after {elapsed:.1f} s: {message[:300]}", flush=True)
     os._exit(0)  # skip teardown: the dead peer's arena is gone
+
+
+COMMAND_BUFFER_STEPS = 100
+# Compile options (only the program under test changes): XLA's default command types plus
+# WHILE, and none.
+WHILE_IN_GRAPHS = {"xla_gpu_enable_command_buffer":
+                   "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE"}
+UNCAPTURED = {"xla_gpu_enable_command_buffer": ""}
+
+
+def check_command_buffers(rank, world, args):
+    """A jitted loop of COMMAND_BUFFER_STEPS steps (dispatch, the test's experts with a matmul
+    beside them, combine; whole ops, then the halves), each step's routing, weights and
+    num_tokens derived from the step number, every step checked against the oracle; an
+    uncaptured step before and after each loop (its staged copies precede a replayed send)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_efa_moe import AllToAll
+
+    graphs = "while" if "graphs=while" in args else "default"
+    options = oracle.transport_options([a for a in args if not a.startswith("graphs=")])
+    mesh = _mesh()
+    R, T, H, k = 2, 24, 256, 3
+    E = 4 * R
+    comm = AllToAll(mesh, "ep", num_experts=E, experts_per_token=k, hidden=H,
+                    max_tokens_per_rank=T, timeout_s=60.0, differentiable=False, **options)
+    rng = np.random.default_rng([SEED, 4321])
+    ids, num_tokens, weights, x, _ = oracle.make_inputs("uniform", rng, R, T, E, k, H,
+                                                        "bfloat16")
+    inputs = [_put(mesh, a) for a in (x, ids, weights, num_tokens[:, None])]
+    cdt = np.dtype(comm.combine_dtype)
+
+    def step(halves, x, ids, w, n, i):
+        """Step i of a rank: experts rotated by i, weights scaled by 1 + i, n - i % 5 tokens."""
+        ids = jnp.where(ids >= 0, (ids + i) % E, ids)
+        w = w * (1 + i).astype(jnp.float32)
+        n = n - i % 5
+        xf = x.astype(jnp.float32)
+        if halves:
+            pending = comm.dispatch_send(x, ids, w, num_tokens=n)
+            shared = jnp.tanh(xf @ xf.T)  # work between the halves, as a layer has
+            d = comm.dispatch_recv(pending)
+            out = comm.combine_recv(comm.combine_send(oracle.experts(comm, d), d.handle))
+        else:
+            d = comm.dispatch(x, ids, w, num_tokens=n)
+            shared = jnp.tanh(xf @ xf.T)
+            out = comm.combine(oracle.experts(comm, d), d.handle)
+        return d.expert_x, d.expert_counts, d.group_sizes, out, shared.sum()[None]
+
+    def expect(i, got):
+        """Step i's results (per rank of this process) against the oracle."""
+        ids_i = np.where(ids >= 0, (ids + i) % E, ids).astype(np.int32)
+        w_i = weights * np.float32(1 + i)
+        n_i = (num_tokens - i % 5).astype(np.int32)
+        for r in _local_ranks(mesh):
+            expert_x, counts, groups, out, shared = (a[r] for a in got)
+            try:
+                oracle.check_dispatch(r, R, E, 1, ids_i, n_i, x, None,
+                                      (expert_x, None, counts, groups))
+                oracle.check_combine(r, E, cdt, ids_i, w_i, n_i, x, None, out)
+                assert np.isfinite(shared).all(), shared
+            except AssertionError as e:
+                raise AssertionError(f"rank {r}, step {i}, {graphs}: {e}") from e
+
+    def program(f):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    for halves in (False, True):
+        kind = "halves" if halves else "whole ops"
+        one = program(lambda x, ids, w, n, i: step(halves, x, ids, w, n[0], i[0]))
+        one = one.lower(*inputs, _put(mesh, np.zeros((R, 1), np.int32))).compile(UNCAPTURED)
+
+        def uncaptured(i):
+            got = one(*inputs, _put(mesh, np.full((R, 1), i, np.int32)))
+            expect(i, [_get(a) for a in got])
+
+        def loop(x, ids, w, n):
+            steps = jnp.arange(COMMAND_BUFFER_STEPS, dtype=jnp.int32)
+            return jax.lax.scan(lambda c, i: (c, step(halves, x, ids, w, n[0], i)), None,
+                                steps)[1]
+
+        dump = tempfile.mkdtemp(prefix=f"jem_xla_dump_r{rank}_")
+        compiled = program(loop).lower(*inputs).compile(
+            {"xla_dump_to": dump, **(WHILE_IN_GRAPHS if graphs == "while" else {})})
+        print(f"{kind}: {_command_buffer_placement(compiled, dump)}", flush=True)
+        shutil.rmtree(dump)
+
+        uncaptured(7)
+        got = [_get(a) for a in compiled(*inputs)]
+        comm.raise_if_failed()
+        for i in range(COMMAND_BUFFER_STEPS):
+            expect(i, [{r: a[r][i] for r in a} for a in got])
+        uncaptured(COMMAND_BUFFER_STEPS + 3)
+        comm.raise_if_failed()
+    comm.close()
+    print(f"ranks {_local_ranks(mesh)}: command buffers ok ({graphs}, "
+          f"{comm.fabric_provider or 'NVLink'}, {COMMAND_BUFFER_STEPS} steps)", flush=True)
+
+
+def _command_buffer_placement(compiled, dump: str) -> str:
+    """Fails unless XLA put every jem custom call of ``compiled`` inside a command buffer;
+    returns the lines that show it. XLA forms command buffers from its thunk sequence, which it
+    dumps (--xla_dump_to) as *thunk_sequence_after_thunk_passes.txt once a pass changed it:
+    nested thunks are indented under theirs, e.g. kCustomCall under kCommandBuffer."""
+    targets = re.findall(r'custom_call_target="(jem_\w+)"', compiled.as_text())
+    assert targets, "no jem custom call in the compiled HLO"
+    converted = sorted(glob.glob(os.path.join(dump, "*thunk_sequence_after_thunk_passes*.txt")))
+    if not converted:
+        written = sorted(os.listdir(dump))
+        raise AssertionError(
+            f"XLA converted no thunk into a command buffer (no "
+            f"*thunk_sequence_after_thunk_passes*.txt in {dump}: {written[:20]}); the custom "
+            f"calls {targets} run uncaptured, or this XLA forms command buffers otherwise (older "
+            f"ones: HLO computations named command_buffer, in compiled.as_text())")
+    inside, outside, lines = [], [], []
+    for path in converted:
+        enclosing = []  # (indent, kind) of the thunks around the current line
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"( *)(?:\d+: )?(k[A-Z]\w*)", line)
+                if not m:
+                    continue
+                indent, kind = len(m.group(1)), m.group(2)
+                while enclosing and enclosing[-1][0] >= indent:
+                    enclosing.pop()
+                if kind in ("kCommandBuffer", "kCustomCall", "kWhile"):
+                    lines.append(line.rstrip())
+                if kind == "kCustomCall":
+                    captured = any(k == "kCommandBuffer" for _, k in enclosing)
+                    (inside if captured else outside).append(line.strip())
+                enclosing.append((indent, kind))
+    excerpt = "\n".join(lines)
+    assert not outside and len(inside) == len(targets), (
+        f"{len(outside)} custom-call thunks outside a command buffer and {len(inside)} inside, "
+        f"for {len(targets)} jem custom calls {targets}; XLA's thunks:\n{excerpt}")
+    return f"{len(inside)} jem custom calls inside command buffers:\n{excerpt}"

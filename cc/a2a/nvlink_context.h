@@ -6,6 +6,8 @@
 // Set-up (create, exchange handles, connect, close) may allocate and synchronize; the step
 // functions only enqueue work: kernels on the caller's stream, and for a staged send, copies
 // on this rank's copy stream. The proxy thread follows the kernels through mapped memory.
+// The step functions may run under stream capture (XLA's command buffers), whose graph is
+// replayed later without them: what a step needs lives in device or mapped memory.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,9 +57,7 @@ class NvlinkContext {
   std::string FabricProvider() const { return engine_ ? engine_->Provider() : std::string(); }
 
   // The PCI address of this rank's GPU ("0000:1b:00.0").
-  std::string PciAddress() const { return PciAddressOf(device_); }
-  // The PCI address of GPU `device` of this process, lower case.
-  static std::string PciAddressOf(int device);
+  std::string PciAddress() const;
 
   // Maps every NVLink peer's arena: ranks in this process come from `local` (indexed by rank,
   // null for ranks of other processes; their GPUs get peer access), the others are opened
@@ -75,8 +75,9 @@ class NvlinkContext {
 
   // Enqueues dispatch's send half on `stream`. Staged, the kernel packs what goes to peers into
   // the outboxes, and the copy stream moves them over NVLink once the kernel is done, then
-  // raises the ready flags: `stream` is free for other work while the bytes move. Direct, the
-  // kernel stores straight into the peers' arenas (the least latency when nothing overlaps).
+  // raises the ready flags: `stream` is free for other work while the bytes move (under stream
+  // capture, once the copies are done: the capture must end with them). Direct, the kernel
+  // stores straight into the peers' arenas (the least latency when nothing overlaps).
   // Throws CudaError.
   void EnqueueDispatchSend(const DispatchSendIo& io, bool staged, cudaStream_t stream);
 
@@ -93,12 +94,16 @@ class NvlinkContext {
   void CheckUsable() const;
 
   // Host-side order of the halves (calls arrive in stream order): throws InputError when a
-  // recv half has no send half before it, or a send half repeats.
-  void BeginSend(bool combine);
-  void BeginRecv(bool combine);
+  // recv half has no send half before it, or a send half repeats. Once a call of this context
+  // was captured into a CUDA graph (`stream` capturing), replays run steps the host never sees,
+  // and only the kernels check the order (into the DeviceStatus).
+  void BeginSend(bool combine, cudaStream_t stream);
+  void BeginRecv(bool combine, cudaStream_t stream);
 
  private:
   void OpenFabric(const FabricOptions& fabric);
+  // Whether the host still sees every step: no call of this context was captured yet.
+  bool HostSeesSteps(cudaStream_t stream);
 
   NvlinkArgs args_;
   int device_;
@@ -114,8 +119,10 @@ class NvlinkContext {
   std::unique_ptr<FabricProxy> proxy_;
   cudaStream_t copy_stream_ = nullptr;
   cudaEvent_t packed_ = nullptr;       // the staged send kernel is done
-  cudaEvent_t copies_done_ = nullptr;  // the copy stream has read the outboxes
+  cudaEvent_t copies_done_ = nullptr;  // the copy stream has read the outboxes (uncaptured)
+  cudaEvent_t joined_ = nullptr;       // the copies of a captured staged send
   bool connected_ = false;
+  bool captured_ = false;             // a call was captured into a CUDA graph
   bool pending_[2] = {false, false};  // dispatch, combine: send half without its recv half
   std::mutex mutex_;
 };

@@ -23,6 +23,14 @@ class DeviceScope {
   int previous_ = 0;
 };
 
+// Whether work enqueued on `stream` is being captured into a CUDA graph (XLA's command
+// buffers) rather than run: the graph is replayed later without this host code.
+bool Capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CheckCuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
 }  // namespace
 
 std::string CheckNvlinkLayout(const Layout& l) {
@@ -99,6 +107,7 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   CheckCuda(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   CheckCuda(cudaEventCreateWithFlags(&packed_, cudaEventDisableTiming), "cudaEventCreate");
   CheckCuda(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
+  CheckCuda(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming), "cudaEventCreate");
   if (fabric.mask != 0) OpenFabric(fabric);
   LoadNvlinkKernels();
   CheckCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -149,9 +158,9 @@ void NvlinkContext::OpenFabric(const FabricOptions& fabric) {
   args_.fabric_mask = fabric.mask;
 }
 
-std::string NvlinkContext::PciAddressOf(int device) {
+std::string NvlinkContext::PciAddress() const {
   char bus[32] = {};
-  CheckCuda(cudaDeviceGetPCIBusId(bus, sizeof bus, device), "cudaDeviceGetPCIBusId");
+  CheckCuda(cudaDeviceGetPCIBusId(bus, sizeof bus, device_), "cudaDeviceGetPCIBusId");
   for (char* c = bus; *c; ++c) *c = static_cast<char>(std::tolower(*c));
   return bus;
 }
@@ -177,6 +186,7 @@ NvlinkContext::~NvlinkContext() {
   for (void* p : opened_) cudaIpcCloseMemHandle(p);
   if (packed_ != nullptr) cudaEventDestroy(packed_);
   if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
+  if (joined_ != nullptr) cudaEventDestroy(joined_);
   if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
   if (arena_ != nullptr) cudaFree(arena_);
   if (status_ != nullptr) cudaFreeHost(status_);
@@ -257,20 +267,32 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
 
 void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
                                         cudaStream_t stream) {
+  const bool capturing = Capturing(stream);
   // The kernel rewrites the outboxes only once the last staged send's copies have read them.
-  CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
+  // Under capture, waiting for the copies of an uncaptured step would take an event wait node,
+  // which CUDA allows in no graph loop or conditional (where XLA may put this call). It is not
+  // needed there: the kernel writes the outboxes only after every peer's credit for the step
+  // before, which each peer gives once it has seen the ready flag that the copy engine writes
+  // to it behind that step's data, and the last flag is the last copy of the step.
+  if (!capturing) CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
   LaunchDispatchSend(args_, io, staged, stream);
-  if (!staged) return;
+  // The peers the copy engine serves: NVLink peers on other GPUs.
+  const int me = args_.rank;
+  uint64_t copied = 0;
+  for (int d = 0; d < args_.layout.num_ranks; ++d) {
+    const bool stored = d == me || (((args_.fabric_mask | args_.same_gpu_mask) >> d) & 1);
+    if (!stored) copied |= uint64_t{1} << d;
+  }
+  if (!staged || copied == 0) return;
   CheckCuda(cudaEventRecord(packed_, stream), "cudaEventRecord");
   CheckCuda(cudaStreamWaitEvent(copy_stream_, packed_, 0), "cudaStreamWaitEvent");
   // Whole outboxes (T records each): the host does not know how many records the kernel
   // packed, and the receiver reads only those. The flag goes last, by the copy engine too:
   // copies on one stream complete in order.
   const NvlinkLayout nl{args_.layout};
-  const int me = args_.rank;
   const int64_t k = args_.layout.experts_per_token;
   for (int d = 0; d < args_.layout.num_ranks; ++d) {
-    if (d == me || (((args_.fabric_mask | args_.same_gpu_mask) >> d) & 1)) continue;
+    if (!((copied >> d) & 1)) continue;
     const struct {
       int64_t to, from, bytes;
     } parts[] = {
@@ -287,7 +309,14 @@ void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
                 "cudaMemcpyAsync to a peer's arena");
     }
   }
-  CheckCuda(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
+  if (capturing) {
+    // A stream forked inside a capture must join it before the capture ends, so the captured
+    // send ends with its copies (legal in graph loops and conditionals: edges, memcpy nodes).
+    CheckCuda(cudaEventRecord(joined_, copy_stream_), "cudaEventRecord");
+    CheckCuda(cudaStreamWaitEvent(stream, joined_, 0), "cudaStreamWaitEvent");
+  } else {
+    CheckCuda(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
+  }
 }
 
 void NvlinkContext::Synchronize() const {
@@ -315,7 +344,13 @@ void NvlinkContext::CheckUsable() const {
   }
 }
 
-void NvlinkContext::BeginSend(bool combine) {
+bool NvlinkContext::HostSeesSteps(cudaStream_t stream) {
+  captured_ = captured_ || Capturing(stream);
+  return !captured_;
+}
+
+void NvlinkContext::BeginSend(bool combine, cudaStream_t stream) {
+  if (!HostSeesSteps(stream)) return;
   if (pending_[combine]) {
     const std::string phase = combine ? "combine" : "dispatch";
     throw InputError(phase + "_send was called twice without " + phase + "_recv between.");
@@ -323,7 +358,8 @@ void NvlinkContext::BeginSend(bool combine) {
   pending_[combine] = true;
 }
 
-void NvlinkContext::BeginRecv(bool combine) {
+void NvlinkContext::BeginRecv(bool combine, cudaStream_t stream) {
+  if (!HostSeesSteps(stream)) return;
   if (!pending_[combine]) {
     const std::string phase = combine ? "combine" : "dispatch";
     throw InputError(phase + "_recv was called without a " + phase + "_send before it.");

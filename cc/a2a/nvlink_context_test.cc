@@ -5,8 +5,7 @@
 //   nvlink_context_test --rank r --world n --rendezvous DIR
 //                                              one rank per process (CUDA IPC), handles
 //                                              exchanged as files in DIR; rank r on GPU
-//                                              r mod (GPUs visible), so processes may share
-//                                              one GPU
+//                                              r mod the GPUs visible (they may share one)
 //   nvlink_context_test --small                only the small cases (for compute-sanitizer)
 //
 // The cases run with every SM and again under small SM budgets (max_sms 1, 3, 7: grids of that
@@ -16,6 +15,8 @@
 //   nvlink_context_test --profile NAME         a few steps of one benchmark configuration,
 //                                              nothing held back: for ncu
 //   --world N (without --rank)                 N ranks in this process (default: 2 GPUs)
+// The cases include steps replayed from CUDA graphs (as XLA's command buffers replay them)
+// and the halves called out of order.
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -402,6 +403,9 @@ struct RankBuffers {
     out.Poison();
     expert_x_scale.Poison();
     record_weights.Poison();
+    // cudaMemset returns before it is done, on the legacy stream, which `stream` (non-blocking)
+    // does not wait for.
+    CHECK_CUDA(cudaDeviceSynchronize());
   }
 
   // The launchers throw CudaError, which ends the test with its message.
@@ -430,6 +434,13 @@ struct RankBuffers {
     LaunchCombineRecv(c.args(), CombineRecvIo{send_tokens.p, send_index.p, num_tokens.p, out.p},
                       stream);
   }
+  // One whole step: dispatch's halves, then combine's.
+  void Step(NvlinkContext& c, bool staged) {
+    DispatchSend(c, staged);
+    DispatchRecv(c);
+    CombineSend(c);
+    CombineRecv(c);
+  }
   void Sync() {
     CHECK_CUDA(cudaSetDevice(device));
     CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -444,9 +455,15 @@ struct World {
   std::vector<int> local;  // ranks in this process
   std::string rendezvous;  // directory for IPC handles, empty in one process
   int generation = 0;      // contexts created so far (file names differ per context)
-  int devices = 1;         // GPUs visible
+  int gpus = 1;            // visible; ranks in processes of their own may share one
 
-  int device(int rank) const { return rank % devices; }
+  int Device(int rank) const { return rank % gpus; }
+  // Every local rank's buffers on its GPU.
+  std::vector<std::unique_ptr<RankBuffers>> Buffers(const Layout& l) const {
+    std::vector<std::unique_ptr<RankBuffers>> buf;
+    for (int r : local) buf.push_back(std::make_unique<RankBuffers>(l, Device(r)));
+    return buf;
+  }
 };
 
 // Every process waits for every other at `tag` (files in the rendezvous directory).
@@ -478,8 +495,8 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
                                                     int max_sms = 0) {
   std::vector<std::unique_ptr<NvlinkContext>> ctx;
   for (int r : w.local) {
-    ctx.push_back(
-        std::make_unique<NvlinkContext>(l, r, w.device(r), timeout_s, zero_unused_rows, max_sms));
+    ctx.push_back(std::make_unique<NvlinkContext>(l, r, w.Device(r), timeout_s,
+                                                  zero_unused_rows, max_sms));
   }
   std::vector<NvlinkContext*> local(w.world, nullptr);
   std::vector<Bytes> handles(w.world);
@@ -489,6 +506,8 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
     const int me = w.local[0];
     const std::string prefix = w.rendezvous + "/g" + std::to_string(w.generation) + "_";
     {
+      // The GPU first: the handle's file appears last, whole (rename).
+      std::ofstream(prefix + std::to_string(me) + ".gpu") << ctx[0]->PciAddress();
       const Bytes h = ctx[0]->IpcHandle();
       std::ofstream(prefix + std::to_string(me) + ".tmp", std::ios::binary)
           .write(reinterpret_cast<const char*>(h.data()), h.size());
@@ -512,9 +531,18 @@ std::vector<std::unique_ptr<NvlinkContext>> Connect(World& w, const Layout& l, d
       }
     }
   }
-  // Every process of this test sees the same GPUs, so the GPU of any rank is known here.
+  // Ranks that share a GPU (processes on one GPU) store to each other directly.
   std::vector<std::string> gpus;
-  for (int r = 0; r < w.world; ++r) gpus.push_back(NvlinkContext::PciAddressOf(w.device(r)));
+  for (int r = 0; r < static_cast<int>(local.size()); ++r) {
+    std::string gpu;
+    if (local[r] != nullptr) {
+      gpu = local[r]->PciAddress();
+    } else {
+      std::ifstream(w.rendezvous + "/g" + std::to_string(w.generation) + "_" +
+                    std::to_string(r) + ".gpu") >> gpu;
+    }
+    gpus.push_back(gpu);
+  }
   for (auto& c : ctx) c->Connect(local, handles, gpus);
   Barrier(w, "connected" + std::to_string(w.generation));
   return ctx;
@@ -530,11 +558,36 @@ int64_t CountDiff(const std::vector<T>& a, const std::vector<T>& b) {
   return n;
 }
 
+// Every result of one rank's step against the reference, bit for bit.
+void CheckStep(const char* n, int step, int r, RankBuffers& b, const NvlinkContext& ctx,
+               const Expected& e) {
+  CHECK_CUDA(cudaSetDevice(b.device));
+  const std::string f = ctx.Failure();
+  EXPECT(f.empty(), "%s step %d rank %d: unexpected error %s", n, step, r, f.c_str());
+  EXPECT(CountDiff(b.send_tokens.Download(), e.send_tokens) == 0, "%s r%d send_tokens", n, r);
+  EXPECT(CountDiff(b.send_index.Download(), e.send_index) == 0, "%s r%d send_index", n, r);
+  EXPECT(CountDiff(b.expert_counts.Download(), e.expert_counts) == 0, "%s r%d expert_counts", n, r);
+  EXPECT(CountDiff(b.group_sizes.Download(), e.group_sizes) == 0, "%s r%d group_sizes", n, r);
+  EXPECT(CountDiff(b.recv_tokens.Download(), e.recv_tokens) == 0, "%s r%d recv_tokens", n, r);
+  EXPECT(CountDiff(b.record_rows.Download(), e.record_rows) == 0, "%s r%d record_rows (%lld)", n,
+         r, (long long)CountDiff(b.record_rows.Download(), e.record_rows));
+  EXPECT(CountDiff(b.record_weights.Download(), e.record_weights) == 0, "%s r%d record_weights",
+         n, r);
+  EXPECT(CountDiff(b.expert_x.Download(), e.expert_x) == 0, "%s r%d expert_x (%lld bytes)", n,
+         r, (long long)CountDiff(b.expert_x.Download(), e.expert_x));
+  EXPECT(CountDiff(b.expert_x_scale.Download(), e.expert_x_scale) == 0, "%s r%d expert_x_scale",
+         n, r);
+  EXPECT(CountDiff(b.home_offsets.Download(), e.home_offsets) == 0, "%s r%d home_offsets", n, r);
+  EXPECT(CountDiff(b.sent.Download(), e.recv_tokens) == 0, "%s r%d sent", n, r);
+  const int64_t out_diff = CountDiff(b.out.Download(), e.out);
+  EXPECT(out_diff == 0, "%s step %d r%d combine out differs in %lld bytes", n, step, r,
+         (long long)out_diff);
+}
+
 void RunCase(World& w, const Case& c) {
   const Layout l = c.MakeLayout();
   auto ctx = Connect(w, l, 20.0, true, c.max_sms);
-  std::vector<std::unique_ptr<RankBuffers>> buf;
-  for (int r : w.local) buf.push_back(std::make_unique<RankBuffers>(l, w.device(r)));
+  std::vector<std::unique_ptr<RankBuffers>> buf = w.Buffers(l);
   const bool expect_error = c.expect_capacity_error || c.bad_expert_rank >= 0;
   for (int step = 0; step < c.steps; ++step) {
     std::vector<RankInput> in;
@@ -543,10 +596,7 @@ void RunCase(World& w, const Case& c) {
     for (size_t i = 0; i < buf.size(); ++i) {
       // Staged and direct sends alternate, and differ between neighbouring ranks: a receiver
       // cannot tell them apart.
-      buf[i]->DispatchSend(*ctx[i], (step + w.local[i]) % 2 == 1);
-      buf[i]->DispatchRecv(*ctx[i]);
-      buf[i]->CombineSend(*ctx[i]);
-      buf[i]->CombineRecv(*ctx[i]);
+      buf[i]->Step(*ctx[i], (step + w.local[i]) % 2 == 1);
     }
     for (auto& b : buf) b->Sync();
     if (expect_error) {
@@ -564,33 +614,59 @@ void RunCase(World& w, const Case& c) {
     }
     const std::vector<Expected> ex = Reference(l, in);
     for (size_t i = 0; i < buf.size(); ++i) {
-      const int r = w.local[i];
-      const Expected& e = ex[r];
+      CheckStep(c.name.c_str(), step, w.local[i], *buf[i], *ctx[i], ex[w.local[i]]);
+    }
+  }
+  buf.clear();
+  Disconnect(w, ctx);
+  std::printf("%-28s %s\n", c.name.c_str(), g_failures ? "(failures so far)" : "ok");
+  std::fflush(stdout);
+}
+
+// The kernels replayed from CUDA graphs, captured as XLA's command buffers capture them: per
+// rank a graph of a staged step and one of a direct step. Steps cycle through an uncaptured
+// staged step (whose copies a replayed staged send must not overwrite), the staged graph, the
+// direct graph and the staged graph again, with new inputs every step; every step is checked.
+void RunCaptured(World& w, const Case& c) {
+  const Layout l = c.MakeLayout();
+  auto ctx = Connect(w, l, 20.0);
+  std::vector<std::unique_ptr<RankBuffers>> buf = w.Buffers(l);
+  std::vector<cudaGraphExec_t> graphs[2];  // [staged][local rank]
+  for (int staged = 0; staged < 2; ++staged) {
+    for (size_t i = 0; i < buf.size(); ++i) {
       RankBuffers& b = *buf[i];
       CHECK_CUDA(cudaSetDevice(b.device));
-      const std::string f = ctx[i]->Failure();
-      EXPECT(f.empty(), "%s step %d rank %d: unexpected error %s", c.name.c_str(), step, r,
-             f.c_str());
-      const char* n = c.name.c_str();
-      EXPECT(CountDiff(b.send_tokens.Download(), e.send_tokens) == 0, "%s r%d send_tokens", n, r);
-      EXPECT(CountDiff(b.send_index.Download(), e.send_index) == 0, "%s r%d send_index", n, r);
-      EXPECT(CountDiff(b.expert_counts.Download(), e.expert_counts) == 0, "%s r%d expert_counts", n, r);
-      EXPECT(CountDiff(b.group_sizes.Download(), e.group_sizes) == 0, "%s r%d group_sizes", n, r);
-      EXPECT(CountDiff(b.recv_tokens.Download(), e.recv_tokens) == 0, "%s r%d recv_tokens", n, r);
-      EXPECT(CountDiff(b.record_rows.Download(), e.record_rows) == 0, "%s r%d record_rows (%lld)", n,
-             r, (long long)CountDiff(b.record_rows.Download(), e.record_rows));
-      EXPECT(CountDiff(b.record_weights.Download(), e.record_weights) == 0, "%s r%d record_weights",
-             n, r);
-      EXPECT(CountDiff(b.expert_x.Download(), e.expert_x) == 0, "%s r%d expert_x (%lld bytes)", n,
-             r, (long long)CountDiff(b.expert_x.Download(), e.expert_x));
-      EXPECT(CountDiff(b.expert_x_scale.Download(), e.expert_x_scale) == 0, "%s r%d expert_x_scale",
-             n, r);
-      EXPECT(CountDiff(b.home_offsets.Download(), e.home_offsets) == 0, "%s r%d home_offsets", n, r);
-      EXPECT(CountDiff(b.sent.Download(), e.recv_tokens) == 0, "%s r%d sent", n, r);
-      const int64_t out_diff = CountDiff(b.out.Download(), e.out);
-      EXPECT(out_diff == 0, "%s step %d r%d combine out differs in %lld bytes", n, step, r,
-             (long long)out_diff);
+      CHECK_CUDA(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
+      b.Step(*ctx[i], staged == 1);
+      cudaGraph_t graph;
+      CHECK_CUDA(cudaStreamEndCapture(b.stream, &graph));
+      cudaGraphExec_t exec;
+      CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      CHECK_CUDA(cudaGraphDestroy(graph));
+      graphs[staged].push_back(exec);
     }
+  }
+  for (int step = 0; step < c.steps; ++step) {
+    std::vector<RankInput> in;
+    for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, step, r));
+    for (size_t i = 0; i < buf.size(); ++i) buf[i]->Upload(in[w.local[i]]);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      RankBuffers& b = *buf[i];
+      CHECK_CUDA(cudaSetDevice(b.device));
+      if (step % 4 == 0) {
+        b.Step(*ctx[i], /*staged=*/true);
+      } else {
+        CHECK_CUDA(cudaGraphLaunch(graphs[step % 4 == 2 ? 0 : 1][i], b.stream));
+      }
+    }
+    for (auto& b : buf) b->Sync();
+    const std::vector<Expected> ex = Reference(l, in);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      CheckStep(c.name.c_str(), step, w.local[i], *buf[i], *ctx[i], ex[w.local[i]]);
+    }
+  }
+  for (auto& per_rank : graphs) {
+    for (cudaGraphExec_t exec : per_rank) CHECK_CUDA(cudaGraphExecDestroy(exec));
   }
   buf.clear();
   Disconnect(w, ctx);
@@ -604,17 +680,74 @@ void CheckMaxSmsRange(const World& w) {
   c.R = w.world;
   const int r = w.local[0];
   int sms = 0;
-  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, w.device(r)));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, w.Device(r)));
   for (int bad : {-1, sms + 1}) {
     std::string what;
     try {
-      NvlinkContext ctx(c.MakeLayout(), r, w.device(r), 20.0, true, bad);
+      NvlinkContext ctx(c.MakeLayout(), r, w.Device(r), 20.0, true, bad);
     } catch (const Error& e) {
       what = e.what();
     }
     EXPECT(what.find("max_sms = " + std::to_string(bad)) != std::string::npos,
            "max_sms = %d on a GPU of %d SMs: got '%s'", bad, sms, what.c_str());
   }
+}
+
+// Halves out of order on every rank at once, as one program runs them: each rank's kernels
+// refuse the half and report it (a wait for a peer would end in a timeout error instead).
+void RunHalvesOutOfOrder(World& w) {
+  Case c;
+  c.name = "halves_out_of_order";
+  c.R = w.world;
+  const Layout l = c.MakeLayout();
+  struct Misuse {
+    const char* name;
+    void (*run)(RankBuffers&, NvlinkContext&);
+    const char* says;
+  };
+  const Misuse misuses[] = {
+      {"recv first", [](RankBuffers& b, NvlinkContext& x) { b.DispatchRecv(x); },
+       "dispatch_recv ran without a dispatch_send before it"},
+      {"send twice",
+       [](RankBuffers& b, NvlinkContext& x) {
+         b.DispatchSend(x, /*staged=*/true);
+         b.DispatchSend(x, /*staged=*/false);
+       },
+       "dispatch_send ran twice without dispatch_recv between"},
+      {"combine recv first",
+       [](RankBuffers& b, NvlinkContext& x) {
+         b.DispatchSend(x, /*staged=*/false);
+         b.DispatchRecv(x);
+         b.CombineRecv(x);
+       },
+       "combine_recv ran without a combine_send before it"},
+      {"combine send twice",
+       [](RankBuffers& b, NvlinkContext& x) {
+         b.DispatchSend(x, /*staged=*/false);
+         b.DispatchRecv(x);
+         b.CombineSend(x);
+         b.CombineSend(x);
+       },
+       "combine_send ran twice without combine_recv between"},
+  };
+  for (const Misuse& m : misuses) {
+    auto ctx = Connect(w, l, 20.0);
+    std::vector<std::unique_ptr<RankBuffers>> buf = w.Buffers(l);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      buf[i]->Upload(MakeInput(c, l, 0, w.local[i]));
+      m.run(*buf[i], *ctx[i]);
+    }
+    for (auto& b : buf) b->Sync();
+    for (size_t i = 0; i < buf.size(); ++i) {
+      const std::string f = ctx[i]->Failure();
+      EXPECT(f.find(m.says) != std::string::npos, "%s, rank %d: expected '%s', got '%s'", m.name,
+             w.local[i], m.says, f.c_str());
+    }
+    buf.clear();
+    Disconnect(w, ctx);
+  }
+  std::printf("%-28s %s\n", c.name.c_str(), g_failures ? "(failures so far)" : "ok");
+  std::fflush(stdout);
 }
 
 std::vector<Case> Cases(int world, bool small) {
@@ -766,7 +899,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
   std::vector<RankInput> in;
   for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r, /*with_y=*/false));
   for (int r : w.local) {
-    buf.push_back(std::make_unique<RankBuffers>(l, w.device(r)));
+    buf.push_back(std::make_unique<RankBuffers>(l, w.Device(r)));
     buf.back()->Upload(in[r]);
   }
   uint32_t* go = nullptr;
@@ -956,7 +1089,7 @@ int main(int argc, char** argv) {
   }
   int devices = 0;
   CHECK_CUDA(cudaGetDeviceCount(&devices));
-  w.devices = std::max(devices, 1);
+  w.gpus = std::max(devices, 1);
   if (rank >= 0) {
     if (w.world < 1 || w.rendezvous.empty()) {
       std::fprintf(stderr, "--rank needs --world and --rendezvous\n");
@@ -965,6 +1098,11 @@ int main(int argc, char** argv) {
     w.local = {rank};
   } else {
     if (w.world < 1) w.world = std::min(devices, 2);
+    if (w.world > devices) {
+      // Kernels of one process do not time-slice: ranks sharing a GPU need processes.
+      std::fprintf(stderr, "%d ranks in one process need %d GPUs\n", w.world, w.world);
+      return 2;
+    }
     for (int r = 0; r < w.world; ++r) w.local.push_back(r);
   }
   std::printf("world %d, local ranks:", w.world);
@@ -998,6 +1136,14 @@ int main(int argc, char** argv) {
   } else {
     CheckMaxSmsRange(w);
     for (const Case& c : Cases(w.world, small)) RunCase(w, c);
+    Case captured;
+    captured.name = "captured_graphs_fp8";
+    captured.R = w.world;
+    captured.dispatch_bytes = 1;
+    captured.H = 512;
+    captured.steps = small ? 8 : 24;
+    RunCaptured(w, captured);
+    RunHalvesOutOfOrder(w);
   }
   std::printf("%s: %d failures\n", g_failures ? "FAILED" : "PASSED", g_failures);
   return g_failures ? 1 : 0;

@@ -17,6 +17,13 @@ enum class DeviceError : uint32_t {
   kTimeout = 5,         // a = what was awaited (DeviceWait), b = peer, c = step
   kBadHandle = 6,       // a = which operand (HandleOperand), b = index, c = value
   kCorrupt = 7,         // a = sender, b = record, c = slot
+  kSendTwice = 8,       // a = phase (StepPhase), b = the step sent and never received
+  kRecvWithoutSend = 9, // a = phase (StepPhase), b = the last step sent, received already
+};
+
+enum class StepPhase : int64_t {
+  kDispatch = 0,
+  kCombine = 1,
 };
 
 enum class DeviceWait : int64_t {
@@ -55,6 +62,9 @@ struct StatusLimits {
 inline std::string DescribeDeviceStatus(const DeviceStatus& s, const StatusLimits& lim) {
   const std::string rank = "rank " + std::to_string(s.rank) + ": ";
   const auto n = [](int64_t v) { return std::to_string(v); };
+  const auto phase = [&s] {
+    return std::string(s.a == static_cast<int64_t>(StepPhase::kCombine) ? "combine" : "dispatch");
+  };
   switch (static_cast<DeviceError>(s.code)) {
     case DeviceError::kNone:
       return {};
@@ -94,6 +104,12 @@ inline std::string DescribeDeviceStatus(const DeviceStatus& s, const StatusLimit
       return rank + "record " + n(s.b) + " from rank " + n(s.a) + " (slot " + n(s.c) +
              ") disagrees with the route counts that rank sent; the receive buffer holds "
              "inconsistent data.";
+    case DeviceError::kSendTwice:
+      return rank + phase() + "_send ran twice without " + phase() + "_recv between (step " +
+             n(s.b) + " was sent and never received); the second send was skipped.";
+    case DeviceError::kRecvWithoutSend:
+      return rank + phase() + "_recv ran without a " + phase() + "_send before it (nothing was " +
+             "sent since step " + n(s.b) + "); it was skipped rather than read that step again.";
   }
   return rank + "unknown device error " + std::to_string(s.code) + ".";
 }

@@ -4,10 +4,13 @@
 // XLA's stream (and, for the staged dispatch_send, copies on the context's copy stream joined
 // by events): no allocation, no sync, no host wait.
 //
-// Command buffers: the handlers are not marked kCmdBufferCompatible, so XLA never captures
-// them into CUDA graphs and every step passes through the checks above. The kernels themselves
-// would replay correctly (step numbers live in device memory), which is what would let a
-// future version opt in.
+// Command buffers: the handlers are kCmdBufferCompatible. XLA captures a handler's work into a
+// CUDA graph (stream capture) when its buffers' addresses change, and replays the graph
+// without calling the handler: the checks above then run only when XLA captures. Replays stay
+// right because everything a step needs lives in device or mapped memory: step numbers,
+// credits, the order of the halves and the error status (nvlink_kernels.h). An error a
+// replayed step meets is raised by AllToAll.raise_if_failed(), or by the next call that XLA
+// does not replay.
 #include "cc/ffi/all_to_all_cuda.h"
 
 #include <cuda_runtime.h>
@@ -73,22 +76,22 @@ CombineRecvIo CombineIo(const operands::HomeHandle& home, const operands::Out& o
 // direct for the whole op.
 void Run(target::DispatchSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send) {
-  ctx.BeginSend(false);
+  ctx.BeginSend(false, stream);
   ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/true, stream);
 }
 
 void Run(target::DispatchRecv, NvlinkContext& ctx, cudaStream_t stream,
          const operands::SendTokens&, const operands::RecvResults& recv,
          const operands::ExpertHandle& handle) {
-  ctx.BeginRecv(false);
+  ctx.BeginRecv(false, stream);
   LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
 
 void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send,
          const operands::RecvResults& recv, const operands::ExpertHandle& handle) {
-  ctx.BeginSend(false);
-  ctx.BeginRecv(false);
+  ctx.BeginSend(false, stream);
+  ctx.BeginRecv(false, stream);
   ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/false, stream);
   LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
 }
@@ -96,21 +99,21 @@ void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
 void Run(target::CombineSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::ExpertY& expert_y, const operands::ExpertHandle& handle,
          const operands::Sent& sent) {
-  ctx.BeginSend(true);
+  ctx.BeginSend(true, stream);
   LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, sent.p), stream);
 }
 
 void Run(target::CombineRecv, NvlinkContext& ctx, cudaStream_t stream, const operands::Sent&,
          const operands::HomeHandle& home, const operands::Out& out) {
-  ctx.BeginRecv(true);
+  ctx.BeginRecv(true, stream);
   LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }
 
 void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
          const operands::ExpertY& expert_y, const operands::ExpertHandle& handle,
          const operands::HomeHandle& home, const operands::Out& out) {
-  ctx.BeginSend(true);
-  ctx.BeginRecv(true);
+  ctx.BeginSend(true, stream);
+  ctx.BeginRecv(true, stream);
   LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), stream);
   LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
 }
@@ -137,8 +140,9 @@ inline auto CudaBinding() {
 }  // namespace
 }  // namespace jem
 
-#define JEM_DEFINE_CUDA_HANDLER(Name, python_name) \
+#define JEM_DEFINE_CUDA_HANDLER(Name, python_name)                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(Jem##Name##Cuda, jem::CudaHandler<jem::target::Name>, \
-                                jem::CudaBinding());
+                                jem::CudaBinding(),                                    \
+                                {xla::ffi::Traits::kCmdBufferCompatible});
 JEM_FFI_TARGETS(JEM_DEFINE_CUDA_HANDLER)
 #undef JEM_DEFINE_CUDA_HANDLER

@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = me.state();
   const int tid = threadIdx.x;
 
+  const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
   const uint64_t step = st->combine_step[1];
-  if (blockIdx.x == 0 && tid == 0) st->combine_step[0] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int piece = static_cast<int>(PieceTokens(lay, FullGrid(a)));
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int per_block = static_cast<int>(CeilDiv(T_max, gridDim.x));
   const int start = static_cast<int>(Min(T_max, blockIdx.x * per_block));
   const int end = static_cast<int>(Min(start + per_block, T_max));  // this block's rows
-  const int nt = s_bad[0] < 0 ? raw_num_tokens : 0;
+  const int nt = in_turn && s_bad[0] < 0 ? raw_num_tokens : 0;
 
   // Where the partial of each slot of rows [lo, hi) is (own data); false, to every thread, if a
   // send_index is out of range.
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // The first piece's, while the partials are on their way.
   bool sane = find_partials(start, static_cast<int>(Min(start + piece, end)));
 
-  const bool ok = WaitPeers(a, DeviceWait::kCombineReady, step);
+  const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineReady, step);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && s_bad[0] >= 0) {
     SetError(a, DeviceError::kBadHandle, s_bad[0], s_bad[1], s_bad[2]);
@@ -135,7 +135,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketCombineRecv, step)) {
+    if (tid == 0) st->combine_step[0] = step;
     SignalPeers(a, DeviceWait::kCombineCredit, step);
     Publish(a, &a.mailbox->combine_read, step);
   }

@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = me.state();
   const int tid = threadIdx.x;
 
+  const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
   const uint64_t step = st->combine_step[0] + 1;
-  if (blockIdx.x == 0 && tid == 0) st->combine_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int piece = static_cast<int>(PieceRecords(lay, FullGrid(a)));
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t total = s_rbase[R];
   const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
   const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-  const int g1 = s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
+  const int g1 = in_turn && s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
   const auto read_slots = [&](int p0, int nrec) {
     for (int x = tid; x < nrec * k; x += kThreads) {
       const int64_t at = static_cast<int64_t>(p0) * k + x;
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   read_slots(g0, Min(g1, g0 + piece) - g0);
 
-  const bool ok = WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
+  const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && !good) {
     SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecvTokens),
@@ -133,7 +133,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketCombineSend, step)) {
+    if (tid == 0) st->combine_step[1] = step;
     SignalPeers(a, DeviceWait::kCombineReady, step);
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->combine_counts[d] = IsFabric(a, d) && good ? s_rbase[d + 1] - s_rbase[d] : 0;

@@ -149,9 +149,39 @@ __device__ __forceinline__ int64_t WaitOffset(const NvlinkLayout& nl, DeviceWait
   }
 }
 
-__device__ __forceinline__ bool TimedOut(const NvlinkState* st) {
-  return *reinterpret_cast<const volatile uint32_t*>(&st->error) ==
-         static_cast<uint32_t>(DeviceError::kTimeout);
+// Whether this rank failed in a way its peers cannot learn from the protocol: anything but bad
+// input (its route row says so) and a capacity verdict (every rank reaches it) or the news of
+// either. Such a rank raises no more flags, so that its peers time out with an error instead of
+// reading what it did not write: a replayed command buffer keeps running its kernels, with no
+// host left to refuse the next step.
+__device__ __forceinline__ bool Silent(const NvlinkState* st) {
+  switch (static_cast<DeviceError>(*reinterpret_cast<const volatile uint32_t*>(&st->error))) {
+    case DeviceError::kNone:
+    case DeviceError::kBadExpertId:
+    case DeviceError::kBadNumTokens:
+    case DeviceError::kPeerFailed:
+    case DeviceError::kCapacity:
+      return false;
+    default:
+      return true;
+  }
+}
+
+// The halves of a phase alternate: a send follows the recv of the step before
+// (steps[1] == steps[0]), a recv follows a send (steps[1] == steps[0] + 1). The kernels check
+// it, not the host, which does not see the steps a command buffer replays. Every block reads
+// the same words: a kernel writes its step in its last block only. Out of turn, the first
+// block records why; the caller then skips its waits, its peers and its step (whose outputs
+// it still defines).
+__device__ __forceinline__ bool InTurn(const NvlinkArgs& a, const uint64_t* steps, bool send,
+                                       StepPhase phase) {
+  const uint64_t received = steps[0], sent = steps[1];
+  const bool in_turn = send ? sent == received : sent != received;
+  if (!in_turn && blockIdx.x == 0 && threadIdx.x == 0) {
+    SetError(a, send ? DeviceError::kSendTwice : DeviceError::kRecvWithoutSend,
+             static_cast<int64_t>(phase), static_cast<int64_t>(send ? sent : received), 0);
+  }
+  return in_turn;
 }
 
 // Spins until *flag >= target. On the deadline it records a timeout and returns false. Once a
@@ -196,11 +226,11 @@ __device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, 
   return __syncthreads_and(ok) != 0;
 }
 
-// Raises this rank's flag for `what` in NVLink peer p's arena, unless this rank timed out.
+// Raises this rank's flag for `what` in NVLink peer p's arena, unless this rank is Silent.
 // Fabric peers hear of it from the proxy (Publish).
 __device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what, int p,
                                            uint64_t step) {
-  if (!IsFabric(a, p) && !TimedOut(ArenaOf(a, a.rank).state())) {
+  if (!IsFabric(a, p) && !Silent(ArenaOf(a, a.rank).state())) {
     const Arena peer = ArenaOf(a, p);
     StoreReleaseSys(peer.flag(WaitOffset(peer.nl, what, a.rank)), step);
   }
@@ -212,13 +242,13 @@ __device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what
 }
 
 // The last block tells the proxy that `step` is ready for fabric peers (after the counts it
-// covers, written by the caller), unless this rank timed out: its fabric peers then time out
-// too, as its NVLink peers do. Everything the grid wrote before is visible to the host and the
+// covers, written by the caller), unless this rank is Silent: its fabric peers then time out,
+// as its NVLink peers do. Everything the grid wrote before is visible to the host and the
 // NIC first.
 __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uint64_t step) {
   if (a.fabric_mask == 0) return;
   __syncthreads();
-  if (threadIdx.x == 0 && !TimedOut(ArenaOf(a, a.rank).state())) {
+  if (threadIdx.x == 0 && !Silent(ArenaOf(a, a.rank).state())) {
     __threadfence_system();
     StoreReleaseSys(word, step);
   }

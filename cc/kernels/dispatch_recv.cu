@@ -60,8 +60,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
   const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
 
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[1];
-  if (blockIdx.x == 0 && tid == 0) st->dispatch_step[0] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   // [piece_records] where each record of this piece is: the offset math stays out of the copy
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   for (int i = tid; i < 2 * R; i += kThreads) s_need_rows[i] = 0;  // and s_need_recs
   for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
-  const bool arrived = WaitPeers(a, DeviceWait::kDispatchReady, step);
+  const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
 
   // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
@@ -282,7 +282,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketDispatchRecv, step)) {
+    if (tid == 0) st->dispatch_step[0] = step;
     SignalPeers(a, DeviceWait::kDispatchCredit, step);
     Publish(a, &a.mailbox->dispatch_read, step);
   }

@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const SendPlan plan = PlanSend(lay, FullGrid(a));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  if (blockIdx.x == 0 && tid == 0) st->dispatch_step[1] = step;
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int piece = static_cast<int>(plan.piece_tokens);
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // The destinations may reuse what they received last step only once they said so: the
   // block's last threads wait for the credits while the others start counting.
   const int waiter = tid - (kThreads - R);
-  bool credited = true;
-  if (waiter >= 0) {
+  bool credited = in_turn;
+  if (in_turn && waiter >= 0) {
     credited = WaitFlag(a, FlagOf(a, DeviceWait::kDispatchCredit, waiter), step - 1,
                         DeviceWait::kDispatchCredit, waiter);
   }
@@ -323,7 +323,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (lo + piece < end) __syncthreads();  // the next piece rewrites what the copies read
   }
 
+  if (!in_turn) return;
   if (LastBlock(a, kTicketDispatchSend, step)) {
+    if (tid == 0) st->dispatch_step[1] = step;
     if (!staged) {
       SignalPeers(a, DeviceWait::kDispatchReady, step);
     } else {
@@ -332,8 +334,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
         SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
       }
-      // A rank that timed out leaves its peers' flags where they are.
-      if (tid == 0 && !TimedOut(st)) st->staged_ready = step;
+      // A Silent rank leaves its peers' flags where they are.
+      if (tid == 0 && !Silent(st)) st->staged_ready = step;
     }
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;

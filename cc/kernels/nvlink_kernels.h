@@ -1,8 +1,11 @@
 // Launchers of the CUDA dispatch/combine kernels of the NVLink path (cc/base/nvlink_layout.h).
 // Each enqueues one kernel on `stream` and returns at once: no allocation, no sync; a failed
-// launch throws CudaError. A kernel that meets bad input, a full buffer or a silent peer
-// records it in the rank's sticky DeviceStatus, writes nothing out of bounds, and still
-// completes the protocol with its peers where it can, so that no rank hangs.
+// launch throws CudaError. The kernels keep every step number in device memory, so a CUDA graph
+// that captured them replays correctly. A kernel that meets bad input, a full buffer, a silent
+// peer or a half out of order (a recv with no send before it, a send twice) records it in the
+// rank's sticky DeviceStatus and writes nothing out of bounds. Bad input and a full buffer it
+// still announces to its peers, which fail in the same step; after any other error the rank
+// raises no more flags (device_utils.cuh, Silent), so that no rank hangs or reads stale data.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -132,10 +132,7 @@ for s in $STAGES; do
       stage build build.log 300 build ;;
     kernels)
       stage "kernels, one process" kernels.log 90 build/gpu/nvlink_context_test
-      # Two processes sharing one GPU get some records' weights and scales wrong here (not
-      # under compute-sanitizer, which serializes them; the JAX tests of processes sharing a
-      # GPU pass): left for a session with time to find out, so only with a GPU each.
-      [ "$GPUS" -ge 2 ] && stage "kernels, two processes (IPC)" kernels.log 90 kernels_two_processes "" ;;
+      stage "kernels, two processes (IPC)" kernels.log 120 kernels_two_processes "" ;;
     pytest)
       stage pytest pytest.log "${PYTEST_TIMEOUT_S:-300}" "$PY" -m pytest -q -x -rA tests/test_gpu.py ${PYTEST_ARGS:-} ;;
     fabric)
@@ -153,8 +150,9 @@ for s in $STAGES; do
     signal)
       stage "signal latency" bench.log 120 "$PY" benchmarks/bench_signal.py --out="$OUT" ;;
     sanitizer)
-      RANK_TIMEOUT_S=150 stage memcheck sanitizer.log 240 sanitize memcheck
-      RANK_TIMEOUT_S=150 stage racecheck sanitizer.log 240 sanitize racecheck ;;
+      limit=${SANITIZER_TIMEOUT_S:-240}
+      RANK_TIMEOUT_S=$((limit * 5 / 8)) stage memcheck sanitizer.log "$limit" sanitize memcheck
+      RANK_TIMEOUT_S=$((limit * 5 / 8)) stage racecheck sanitizer.log "$limit" sanitize racecheck ;;
     kbench)
       stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
         --bench "$OUT/bench_kernels.json"

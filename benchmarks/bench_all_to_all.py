@@ -764,11 +764,16 @@ def main(argv):
     _budgets()
     gpus = _gpu_count()
     plat = FLAGS.platform if FLAGS.platform != "auto" else ("cuda" if gpus else "cpu")
-    if plat == "cuda" and gpus < 2:
-        raise app.UsageError(f"--platform=cuda needs 2 GPUs, found {gpus}")
     n = FLAGS.processes or (1 if plat == "cuda" else 2)
+    if plat == "cuda" and (gpus < 1 or gpus < n):
+        # Processes sharing a GPU time-slice it: their timings would mean nothing.
+        raise app.UsageError(f"--platform=cuda times one process per GPU: {n} processes, "
+                             f"{gpus} GPUs")
     if FLAGS.training:
         ceiling = None
+    elif plat == "cuda" and gpus < 2:
+        # One rank: nothing crosses ranks, the step's fixed cost is what is timed.
+        ceiling = {"kind": "none (one GPU, no peer)", "GBps": 0.0}
     elif plat == "cuda":
         gbps = peer_copy_gbps()
         ceiling = {"kind": "1 GiB peer copy GPU0->GPU1", "GBps": gbps or 0.0}

@@ -170,7 +170,7 @@ for s in $STAGES; do
           flags=$([ $cb = off ] && echo --xla_gpu_enable_command_buffer=)
           stage "decode $dt, command buffers $cb" bench.log 150 env XLA_FLAGS="$flags" \
             "$PY" benchmarks/bench_all_to_all.py --platform=cuda --processes=1 --impls=ours \
-            --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=20 \
+            --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=10 \
             --note="Command buffers $cb: run with XLA_FLAGS='$flags'." \
             --name=a2a_cuda_ep1_${dt}_cmdbuf_$cb --out="$OUT" ${BENCH_ARGS:-}
         done
@@ -179,7 +179,7 @@ for s in $STAGES; do
       stage "posting cost" bench.log 150 "$PY" benchmarks/bench_post.py --out_dir="$OUT" \
         --name=post_gpu_machine ;;
     training)
-      stage "training benchmark" bench.log 240 "$PY" benchmarks/bench_all_to_all.py \
+      stage "training benchmark" bench.log 150 "$PY" benchmarks/bench_all_to_all.py \
         --platform=cuda --training --impls=ragged,ours --name=training_cuda --out="$OUT" ;;
     bench)
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \

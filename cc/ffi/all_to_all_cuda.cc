@@ -27,13 +27,9 @@
 namespace jem {
 namespace {
 
-// The context of this stream's GPU, usable (connected, no earlier failure) and current.
-std::shared_ptr<NvlinkContext> Usable(cudaStream_t stream, int64_t id) {
-  int device = -1;
-  if (cudaStreamGetDevice(stream, &device) != cudaSuccess) {
-    cudaGetLastError();
-    throw CudaError("cannot tell the GPU of XLA's stream.");
-  }
+// The context of XLA's GPU `device`, usable (connected, no earlier failure) and current.
+// XLA names the device: cudaStreamGetDevice fails on a stream XLA is capturing.
+std::shared_ptr<NvlinkContext> Usable(int device, int64_t id) {
   std::shared_ptr<NvlinkContext> ctx = FindNvlinkContext(id, device);
   if (ctx == nullptr) {
     throw ContextNotFound("no CUDA all-to-all context " + std::to_string(id) + " on GPU " +
@@ -119,19 +115,20 @@ void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
 }
 
 template <typename Target>
-ffi::Error CudaHandler(cudaStream_t stream, int64_t context, ffi::RemainingArgs args,
-                       ffi::RemainingRets rets) {
-  return RunTarget<Target>([stream, context] { return Usable(stream, context); }, args, rets,
+ffi::Error CudaHandler(cudaStream_t stream, int32_t device, int64_t context,
+                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return RunTarget<Target>([device, context] { return Usable(device, context); }, args, rets,
                            [stream](NvlinkContext& ctx, const auto&... groups) {
                              Run(Target{}, ctx, stream, groups...);
                            });
 }
 
-// Every target binds the same: XLA's stream, the context id, then its buffers, which
+// Every target binds the same: XLA's stream and device, the context id, then its buffers, which
 // CudaHandler reads.
 inline auto CudaBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
       .Attr<int64_t>("context")
       .RemainingArgs()
       .RemainingRets();

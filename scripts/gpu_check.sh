@@ -16,7 +16,8 @@
 #                                        buffers; training times one MoE layer's backward;
 #                                        post times the engine posting to 1..63 peers)
 #
-# Logs and results go to $OUT (default build/gpu_check). Needs nvcc, cmake, ninja and a
+# Logs and results go to $OUT (default build/gpu_check), packed at the end into
+# gpu_check.tar.gz beside summary.txt. Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
 # or LIBFABRIC_ROOT, or headers unpacked from Debian's libfabric-dev into .deps/libfabric
 # (`apt-get download libfabric-dev && dpkg -x libfabric-dev_*.deb x`, then copy x/usr/include
@@ -190,4 +191,7 @@ for s in $STAGES; do
 done
 echo "--- summary"
 cat "$SUMMARY"
+# The device tool returns at most 8 files from $OUT: logs and results travel as one archive.
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name gpu_check.tar.gz \
+  -printf '%P\n' | tar czf gpu_check.tar.gz -T - --remove-files)
 exit $FAILED

@@ -765,7 +765,7 @@ def main(argv):
     gpus = _gpu_count()
     plat = FLAGS.platform if FLAGS.platform != "auto" else ("cuda" if gpus else "cpu")
     n = FLAGS.processes or (1 if plat == "cuda" else 2)
-    if plat == "cuda" and (gpus < 1 or gpus < n):
+    if plat == "cuda" and gpus < n:
         # Processes sharing a GPU time-slice it: their timings would mean nothing.
         raise app.UsageError(f"--platform=cuda times one process per GPU: {n} processes, "
                              f"{gpus} GPUs")

@@ -1,6 +1,6 @@
 // NVLink all-to-all contexts by int64 id. One id names one context per participating GPU of
 // this process (one process may drive several GPUs: XLA then calls each handler from one
-// thread per device, and the handler picks the context of the GPU its stream belongs to).
+// thread per device, and the handler picks the context of the GPU XLA runs it on).
 #pragma once
 
 #include <cstdint>

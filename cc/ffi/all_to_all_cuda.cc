@@ -1,5 +1,5 @@
 // XLA FFI handlers of the all-to-all targets for platform "CUDA" (the NVLink path). Each
-// handler finds the context of the GPU its stream belongs to, turns an error that an earlier
+// handler finds the context of the GPU XLA runs it on, turns an error that an earlier
 // step's kernels reported into an ffi::Error, checks shapes, and enqueues the kernels on
 // XLA's stream (and, for the staged dispatch_send, copies on the context's copy stream joined
 // by events): no allocation, no sync, no host wait.

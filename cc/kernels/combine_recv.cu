@@ -135,11 +135,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (!in_turn) return;
-  if (LastBlock(a, kTicketCombineRecv, step)) {
-    if (tid == 0) st->combine_step[0] = step;
-    SignalPeers(a, DeviceWait::kCombineCredit, step);
-    Publish(a, &a.mailbox->combine_read, step);
+  if (in_turn) {
+    EndRecv(a, kTicketCombineRecv, st->combine_step, DeviceWait::kCombineCredit,
+            &a.mailbox->combine_read, step);
   }
 }
 

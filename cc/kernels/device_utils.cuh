@@ -10,6 +10,7 @@
 
 #include "cc/base/nvlink_layout.h"
 #include "cc/base/device_status.h"
+#include "cc/kernels/launch.cuh"
 #include "cc/kernels/nvlink_kernels.h"
 
 namespace jem {
@@ -61,41 +62,60 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
+// For x = first, first + kThreads, ... below n: use(x, load(x)), with the loads of kBatch
+// consecutive x issued before any is used, so that a thread waits for memory once per batch.
+template <int kBatch, typename Load, typename Use>
+__device__ __forceinline__ void Batched(int first, int n, Load load, Use use) {
+  for (int base = first; base < n; base += kThreads * kBatch) {
+    decltype(load(0)) v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int x = base + u * kThreads;
+      if (x < n) v[u] = load(x);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int x = base + u * kThreads;
+      if (x < n) use(x, v[u]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- arena
 
 struct Arena {
   NvlinkLayout nl;
   uint8_t* base;
 
-  __device__ __forceinline__ NvlinkState* state() const {
-    return reinterpret_cast<NvlinkState*>(base + nl.state_offset());
+  template <typename T = uint8_t>
+  __device__ __forceinline__ T* at(int64_t offset) const {
+    return reinterpret_cast<T*>(base + offset);
   }
-  __device__ __forceinline__ uint64_t* flag(int64_t offset) const {
-    return reinterpret_cast<uint64_t*>(base + offset);
+  __device__ NvlinkState* state() const { return at<NvlinkState>(nl.state_offset()); }
+  __device__ uint64_t* flag(int64_t offset) const { return at<uint64_t>(offset); }
+  __device__ int32_t* route_row(int64_t sender) const {
+    return at<int32_t>(nl.route_row_offset(sender));
   }
-  __device__ __forceinline__ int32_t* route_row(int64_t sender) const {
-    return reinterpret_cast<int32_t*>(base + nl.route_row_offset(sender));
+  __device__ int32_t* slot_rank(int64_t sender, int64_t index) const {
+    return at<int32_t>(nl.slot_rank_record_offset(sender, index));
   }
-  __device__ __forceinline__ int32_t* slot_rank(int64_t sender, int64_t index) const {
-    return reinterpret_cast<int32_t*>(base + nl.slot_rank_record_offset(sender, index));
+  __device__ uint8_t* record(int64_t sender, int64_t index) const {
+    return at(nl.record_offset(sender, index));
   }
-  __device__ __forceinline__ uint8_t* record(int64_t sender, int64_t index) const {
-    return base + nl.record_offset(sender, index);
+  __device__ uint8_t* partial(int64_t expert_rank, int64_t index) const {
+    return at(nl.partial_offset(expert_rank, index));
   }
-  __device__ __forceinline__ uint8_t* partial(int64_t expert_rank, int64_t index) const {
-    return base + nl.partial_offset(expert_rank, index);
+  __device__ int32_t* outbox_route(int64_t dest) const {
+    return at<int32_t>(nl.outbox_route_offset(dest));
   }
-  __device__ __forceinline__ int32_t* outbox_route(int64_t dest) const {
-    return reinterpret_cast<int32_t*>(base + nl.outbox_route_offset(dest));
+  __device__ int32_t* outbox_slot_rank(int64_t dest, int64_t index) const {
+    return at<int32_t>(nl.outbox_slot_rank_offset(dest, index));
   }
-  __device__ __forceinline__ int32_t* outbox_slot_rank(int64_t dest, int64_t index) const {
-    return reinterpret_cast<int32_t*>(base + nl.outbox_slot_rank_offset(dest, index));
+  __device__ uint8_t* outbox_record(int64_t dest, int64_t index) const {
+    return at(nl.outbox_record_offset(dest, index));
   }
-  __device__ __forceinline__ uint8_t* outbox_record(int64_t dest, int64_t index) const {
-    return base + nl.outbox_record_offset(dest, index);
-  }
-  __device__ __forceinline__ uint8_t* combine_outbox(int64_t home_rank, int64_t index) const {
-    return base + nl.combine_outbox_offset(home_rank, index);
+  __device__ uint8_t* combine_outbox(int64_t home_rank, int64_t index) const {
+    return at(nl.combine_outbox_offset(home_rank, index));
   }
 };
 
@@ -274,6 +294,16 @@ __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind
   }
   __syncthreads();
   return last != 0;
+}
+
+// How a recv kernel ends step `step`: its last block records the step in steps[0] and gives
+// the senders their credit (NVLink peers by flag, fabric peers through the proxy's `read`).
+__device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket, uint64_t* steps,
+                                        DeviceWait credit, uint64_t* read, uint64_t step) {
+  if (!LastBlock(a, ticket, step)) return;
+  if (threadIdx.x == 0) steps[0] = step;
+  SignalPeers(a, credit, step);
+  Publish(a, read, step);
 }
 
 // ---------------------------------------------------------------- warp and block scans

@@ -18,22 +18,18 @@ namespace {
 
 using namespace device;
 
-struct RecvPlan {
-  int64_t piece_records;  // records a block expands at a time: a share of the full grid
-  int64_t shared_bytes;
-};
-
-__host__ __device__ inline RecvPlan PlanRecv(const Layout& lay, int full_grid) {
-  RecvPlan p;
-  p.piece_records = CeilDiv(lay.max_recv_records(), full_grid);
+// A piece is the records a block expands at a time.
+__host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
+  Plan p;
+  p.piece = CeilDiv(lay.max_recv_records(), full_grid);
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
-  p.shared_bytes = 8 * p.piece_records +              // record pointers
+  p.shared_bytes = 8 * p.piece +                     // record pointers
                    4 * (8 +                          // verdicts
                         2 * R + (R + 1) +            // rows and records needed, record bases
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
-                        p.piece_records * k);        // rows of this piece's slots
+                        p.piece * k);                // rows of this piece's slots
   return p;
 }
 
@@ -55,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
-  const RecvPlan plan = PlanRecv(lay, FullGrid(a));
+  const Plan plan = PlanRecv(lay, FullGrid(a));
   const int tid = threadIdx.x;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
   const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -64,10 +60,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const uint64_t step = st->dispatch_step[1];
 
   extern __shared__ __align__(16) uint8_t smem[];
-  // [piece_records] where each record of this piece is: the offset math stays out of the copy
+  // [piece] where each record of this piece is: the offset math stays out of the copy
   // loops, which keeps them short.
   auto** s_recs = reinterpret_cast<const uint8_t**>(smem);
-  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.piece_records);  // [8]
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.piece);  // [8]
   int32_t* s_need_rows = s_verdict + 8;                    // [R]
   int32_t* s_need_recs = s_need_rows + R;                  // [R]
   int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
@@ -80,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
   int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
-  int32_t* s_rows = s_sbase + R * L;                       // [piece_records][k]
+  int32_t* s_rows = s_sbase + R * L;                       // [piece][k]
 
   if (tid == 0) {
     s_verdict[0] = INT32_MAX;
@@ -192,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
     const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
     const int g1 = static_cast<int>(Min(total, g0 + per_block));
-    const int piece = static_cast<int>(plan.piece_records);
+    const int piece = static_cast<int>(plan.piece);
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
     const int S = static_cast<int>(lay.num_scales());
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
@@ -223,26 +219,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
 
       // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
-      constexpr int kUnroll = 4;
-      for (int base = tid; base < nrec * x_vecs; base += kThreads * kUnroll) {
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int w = base + u * kThreads;
-          if (w < nrec * x_vecs) v[u] = Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int w = base + u * kThreads;
-          if (w < nrec * x_vecs) {
+      Batched<4>(
+          tid, nrec * x_vecs, [&](int w) { return Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16); },
+          [&](int w, int4 v) {
             const int r = w / x_vecs, c = w % x_vecs;
             for (int i = 0; i < k; ++i) {
               const int32_t row = s_rows[r * k + i];
-              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v[u]);
+              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
             }
-          }
-        }
-      }
+          });
       for (int w = tid; w < nrec * S; w += kThreads) {
         const int r = w / S, c = w % S;
         const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
@@ -282,11 +267,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (!in_turn) return;
-  if (LastBlock(a, kTicketDispatchRecv, step)) {
-    if (tid == 0) st->dispatch_step[0] = step;
-    SignalPeers(a, DeviceWait::kDispatchCredit, step);
-    Publish(a, &a.mailbox->dispatch_read, step);
+  if (in_turn) {
+    EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
+            &a.mailbox->dispatch_read, step);
   }
 }
 

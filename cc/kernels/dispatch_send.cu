@@ -26,16 +26,12 @@ namespace {
 
 using namespace device;
 
-struct SendPlan {
-  int64_t piece_tokens;  // tokens a block packs at a time: its share of the full grid
-  int64_t shared_bytes;
-};
-
-__host__ __device__ inline SendPlan PlanSend(const Layout& lay, int full_grid) {
-  SendPlan p;
-  p.piece_tokens = CeilDiv(lay.max_tokens, full_grid);
+// A piece is the tokens a block packs at a time.
+__host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
+  Plan p;
+  p.piece = CeilDiv(lay.max_tokens, full_grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
-  const int64_t piece = p.piece_tokens;
+  const int64_t piece = p.piece;
   p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
                    lay.max_tokens * 8 +              // dest masks of every token (2 words)
                    4 * (8 + 3 * R + 2 * E +          // verdicts, counts
@@ -75,14 +71,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int L = static_cast<int>(lay.local_experts());
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
-  const SendPlan plan = PlanSend(lay, FullGrid(a));
+  const Plan plan = PlanSend(lay, FullGrid(a));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  const int piece = static_cast<int>(plan.piece_tokens);
+  const int piece = static_cast<int>(plan.piece);
   // Where each (token, destination) record and its slot ranks go, computed once: the offset
   // math stays out of the copy loops, which keeps them short (instruction fetch, not memory,
   // bounded this kernel at small T). Per destination, where its record 0 goes: a piece's
@@ -125,31 +121,18 @@ __global__ void __launch_bounds__(kThreads, 2)
                         DeviceWait::kDispatchCredit, waiter);
   }
 
-  // Every (token, slot): destinations per token, slots per expert. Loads go out in batches,
-  // so a thread waits for memory once per batch, not once per slot.
-  constexpr int kBatch = 8;
-  for (int base = tid; base < nt * k; base += kThreads * kBatch) {
-    int32_t ev[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int x = base + u * kThreads;
-      ev[u] = x < nt * k ? io.topk_ids[x] : -1;
+  // Every (token, slot): destinations per token, slots per expert.
+  Batched<8>(tid, nt * k, [&](int x) { return io.topk_ids[x]; }, [&](int x, int32_t e) {
+    if (e < -1 || e >= E) {
+      atomicMin(s_bad, x);
+      return;
     }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int x = base + u * kThreads;
-      const int32_t e = ev[u];
-      if (e < -1 || e >= E) {
-        atomicMin(s_bad, x);
-        continue;
-      }
-      if (e < 0) continue;
-      const int t = x / k, d = e / L;
-      atomicOr(&s_mask_words[2 * t + (d >> 5)], 1u << (d & 31));
-      if (t < start) atomicAdd(&s_epre[e], 1);
-      if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
-    }
-  }
+    if (e < 0) return;
+    const int t = x / k, d = e / L;
+    atomicOr(&s_mask_words[2 * t + (d >> 5)], 1u << (d & 31));
+    if (t < start) atomicAdd(&s_epre[e], 1);
+    if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+  });
   const bool ok = __syncthreads_and(credited) != 0;
   const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
 
@@ -272,25 +255,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
       const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(lo) * lay.x_bytes();
       // x: 16-byte vectors, each loaded once and stored to every destination of its token.
-      constexpr int kUnroll = 4;
-      for (int base = tid; base < ntok * x_vecs; base += kThreads * kUnroll) {
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int w = base + u * kThreads;
-          if (w < ntok * x_vecs) v[u] = LoadInput16(x + static_cast<int64_t>(w) * 16);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int w = base + u * kThreads;
-          if (w < ntok * x_vecs) {
+      Batched<4>(
+          tid, ntok * x_vecs, [&](int w) { return LoadInput16(x + static_cast<int64_t>(w) * 16); },
+          [&](int w, int4 v) {
             const int lt = w / x_vecs, c = w % x_vecs;
             for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
-              Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v[u]);
+              Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
             }
-          }
-        }
-      }
+          });
       // scales
       const int S = static_cast<int>(lay.num_scales());
       for (int w = tid; w < ntok * S; w += kThreads) {

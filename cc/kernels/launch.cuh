@@ -27,6 +27,13 @@ inline int GridOf(const NvlinkArgs& a, int64_t blocks) {
   return static_cast<int>(budget ? Min(blocks, a.max_sms) : blocks);
 }
 
+// How a kernel cuts its work: the items (tokens, records) a block takes at a time, its share of
+// the full grid, and the dynamic shared memory that one piece needs.
+struct Plan {
+  int64_t piece;
+  int64_t shared_bytes;
+};
+
 // Loads `kernels` now rather than at their first launch (see LoadNvlinkKernels).
 template <typename... Kernels>
 void LoadKernels(const char* name, Kernels... kernels) {

@@ -16,6 +16,7 @@
 #                                        buffers; training times one MoE layer's backward;
 #                                        post times the engine posting to 1..63 peers)
 #
+# DEADLINE_S (seconds from the start) cuts the stages short, so that the archive is still made.
 # Logs and results go to $OUT (default build/gpu_check), packed at the end into
 # gpu_check.tar.gz beside summary.txt. Needs nvcc, cmake, ninja and a
 # python3 with jax for CUDA, nanobind, scikit-build-core and pytest. libfabric: pkg-config,
@@ -44,6 +45,15 @@ FAILED=0
 stage() {  # stage NAME LOG TIMEOUT_S command...
   local name=$1 log=$OUT/$2 limit=$3
   shift 3
+  # DEADLINE_S bounds the whole run, so that it ends (and packs its logs) before the caller's
+  # own limit.
+  local left=$((${DEADLINE_S:-86400} - SECONDS))
+  if [ $left -lt 10 ]; then
+    echo "=== $name: skipped, DEADLINE_S reached" | tee -a "$log" "$SUMMARY"
+    FAILED=1
+    return 1
+  fi
+  [ "$limit" -le $left ] || limit=$left
   local t0=$SECONDS
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
   timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" >>"$log" 2>&1
@@ -101,16 +111,19 @@ kernels_two_processes() {  # nvlink_context_test as 2 processes over CUDA IPC; $
   return $rc
 }
 
-profile() {  # ncu on one rank's kernels at T=128 (one rank: ncu serializes launches)
-  local rep=$OUT/kernels_r1
-  ncu --clock-control none --set full --import-source yes -f -o "$rep" \
-    -k regex:'DispatchSend|DispatchRecv|CombineSend|CombineRecv' --launch-skip 8 --launch-count 4 \
-    build/gpu/nvlink_context_test --world 1 --profile "T=128" || return 1
-  ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
-  ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
-  # Per-instruction stall samples, where this ncu can print them.
-  ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1 ||
-    ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
+profile() {  # ncu on one rank's kernels, per case in PROFILE_CASES (one rank: ncu serializes launches)
+  local case rep
+  for case in ${PROFILE_CASES:-T=128}; do
+    rep=$OUT/kernels_r1_${case//=/}
+    ncu --clock-control none --set full --import-source yes -f -o "$rep" \
+      -k regex:'DispatchSend|DispatchRecv|CombineSend|CombineRecv' --launch-skip 8 --launch-count 4 \
+      build/gpu/nvlink_context_test --world 1 --profile "$case" || return 1
+    ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
+    ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
+    # Per-instruction stall samples, where this ncu can print them.
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1 ||
+      ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
+  done
 }
 
 sanitize() {  # compute-sanitizer TOOL on the small cases: one process, then one per rank

@@ -379,7 +379,7 @@ class AllToAll(_config.ConfigAttributes):
     def _varying(self, arrays) -> list:
         out = []
         for a in arrays:
-            if self.axis_name in _varying_axes(a):
+            if self.axis_name in _config.varying_axes(a):
                 out.append(a)
                 continue
             try:
@@ -410,9 +410,3 @@ class AllToAll(_config.ConfigAttributes):
             raise TypeError(f"{method}: handle must be the DispatchHandle that dispatch "
                             f"returned, got {type(handle).__name__}")
         self.config.check_expert_y(method, expert_y)
-
-
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # named vma before jax 0.10
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))

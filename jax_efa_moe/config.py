@@ -113,6 +113,13 @@ def axis_size(mesh, axis_name) -> int:
     return mesh.shape[axis_name]
 
 
+def varying_axes(x) -> frozenset:
+    """The mesh axes over which x (traced inside shard_map) varies."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # named vma before jax 0.10
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class AllToAllConfig:
     """Sizes and dtypes of one all-to-all: identical on every rank.

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_efa_moe.api import Dispatched
-from jax_efa_moe.config import AllToAllConfig, ConfigAttributes, axis_size, check_bool
+from jax_efa_moe.config import (AllToAllConfig, ConfigAttributes, axis_size, check_bool,
+                                 varying_axes)
 
 
 class DispatchHandle(NamedTuple):
@@ -70,14 +71,14 @@ class PendingCombine(NamedTuple):
     handle: DispatchHandle
 
 
-def _bytewise(fn, a, axis_name, *args):
+def _bytewise(fn, a, *args):
     """fn(a, *args) for fn linear in a, a map of rows. float8 rows go through as their bytes
     (the same data, and XLA:CPU moves uint8 far faster); their gradient is fn's transpose in the
     cotangent's dtype, as float8 would keep 3 mantissa bits and flush every value below 2**-9
     (JAX accepts a wider float cotangent for a float8 input)."""
     if a.dtype != jnp.dtype(jnp.float8_e4m3fn):
         return fn(a, *args)
-    shape = a.shape
+    shape, vma = a.shape, tuple(varying_axes(a))
 
     @jax.custom_vjp
     def moved(a, *args):
@@ -85,7 +86,11 @@ def _bytewise(fn, a, axis_name, *args):
         return jax.lax.bitcast_convert_type(out, a.dtype)
 
     def bwd(args, ct):
-        zero = jax.lax.pcast(jnp.zeros(shape, ct.dtype), axis_name, to="varying")
+        # The cotangent varies over the same mesh axes as `a` (ragged_all_to_all's output
+        # buffer, for one, does not).
+        zero = jnp.zeros(shape, ct.dtype)
+        if vma:
+            zero = jax.lax.pcast(zero, vma, to="varying")
         return (*jax.vjp(lambda v: fn(v, *args), zero)[1](ct), *(None,) * len(args))
 
     moved.defvjp(lambda a, *args: (moved(a, *args), args), bwd)
@@ -212,8 +217,8 @@ class ReferenceAllToAll(ConfigAttributes):
                                 jnp.where(valid, topk_weights, 0.0).astype(jnp.float32),
                                 send_sizes, input_offsets, recv_sizes, recv_offsets,
                                 home_offsets, received_rows, sorted_dest)
-        received_x = _bytewise(lambda a, tok, *offsets: exchange(a[tok], *offsets), x,
-                               self.axis_name, tok, *offsets)
+        received_x = _bytewise(lambda a, tok, *offsets: exchange(a[tok], *offsets), x, tok,
+                               *offsets)
         received_scale = exchange(x_scale[tok], *offsets) if self.has_scales else None
         return PendingDispatch(received_x, received_scale, expert_counts, group_sizes, handle)
 
@@ -225,7 +230,7 @@ class ReferenceAllToAll(ConfigAttributes):
         source = jnp.full(M, n, jnp.int32).at[h.received_rows].set(
             jnp.arange(n, dtype=jnp.int32), mode="drop")
         place = lambda a, source: jnp.take(a, source, axis=0, mode="fill", fill_value=0)
-        expert_x = _bytewise(place, pending.received_x, self.axis_name, source)
+        expert_x = _bytewise(place, pending.received_x, source)
         return Dispatched(expert_x,
                           place(pending.received_scale, source) if self.has_scales else None,
                           pending.expert_counts, pending.group_sizes, h)

@@ -279,14 +279,14 @@ def check_bad_input(rank, world, args):
 
     # Results are typed as varying over the axis even when the operands are not (a fori_loop
     # carry or shard_map's checks rely on it).
-    from jax_efa_moe.api import _varying_axes
+    from jax_efa_moe.config import varying_axes
 
     def from_constants(_):
         d = comm.dispatch(jnp.ones((T, H), jnp.bfloat16), jnp.zeros((T, k), jnp.int32),
                           jnp.ones((T, k), jnp.float32))
-        assert "ep" in _varying_axes(d.expert_x), "dispatch results are not varying"
+        assert "ep" in varying_axes(d.expert_x), "dispatch results are not varying"
         out = comm.combine(d.expert_x, d.handle)
-        assert "ep" in _varying_axes(out), "combine results are not varying"
+        assert "ep" in varying_axes(out), "combine results are not varying"
         return out
 
     program = jax.jit(jax.shard_map(from_constants, mesh=mesh, in_specs=P("ep"),

@@ -138,3 +138,30 @@ def test_bad_input_raises_clear_errors():
         run(x, ids.at[1, 0].set(4 * R))
     with pytest.raises(Exception, match="more than max_recv_tokens=4"):
         run(x, ids.at[:, 1].set(1))
+
+
+def test_float8_rows_that_do_not_vary_have_a_gradient():
+    """The reference moves float8 rows as bytes under a custom VJP; the cotangent it returns
+    must vary over the same mesh axes as those rows. ragged_all_to_all's output buffer varies
+    over none, and jax.grad of the stock path failed there on the GPU."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_efa_moe import reference
+
+    rng = np.random.default_rng(oracle.SEED)
+    n, h = 16, 8
+    w = rng.choice([-2.0, -1.0, 0.5, 1.0, 2.0], size=(n, h)).astype(np.float32)
+    c = rng.choice([-2.0, -1.0, 1.0, 2.0], size=(n, h)).astype(np.float32)
+    order = rng.permutation(n).astype(np.int32)
+    mesh = jax.make_mesh((1,), ("ep",))
+
+    def loss(w):
+        rows = w.astype(jnp.float8_e4m3fn)  # varies over no axis: w is replicated
+        moved = reference._bytewise(lambda a, i: jnp.take(a, i, axis=0), rows, order)
+        return jnp.sum(moved.astype(jnp.float32) * c)
+
+    grad = jax.grad(jax.shard_map(loss, mesh=mesh, in_specs=P(), out_specs=P()))(w)
+    expected = np.zeros_like(c)
+    expected[order] = c
+    np.testing.assert_array_equal(np.asarray(grad), expected)

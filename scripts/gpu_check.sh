@@ -168,7 +168,8 @@ for s in $STAGES; do
       RANK_TIMEOUT_S=$((limit * 5 / 8)) stage memcheck sanitizer.log "$limit" sanitize memcheck
       RANK_TIMEOUT_S=$((limit * 5 / 8)) stage racecheck sanitizer.log "$limit" sanitize racecheck ;;
     kbench)
-      stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
+      # Two ranks on one GPU would time-slice it: their timings would mean nothing.
+      [ "$GPUS" -ge 2 ] && stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
         --bench "$OUT/bench_kernels.json"
       stage "kernel benchmark, one rank" bench.log 180 build/gpu/nvlink_context_test \
         --world 1 --bench "$OUT/bench_kernels_r1.json" ;;

@@ -607,8 +607,8 @@ def _command_buffer_placement(compiled, dump: str, captured: bool) -> str:
                 if kind in ("kCommandBuffer", "kCustomCall", "kWhile"):
                     lines.append(line.rstrip())
                 if kind == "kCustomCall":
-                    captured = any(k == "kCommandBuffer" for _, k in enclosing)
-                    (inside if captured else outside).append(line.strip())
+                    in_buffer = any(k == "kCommandBuffer" for _, k in enclosing)
+                    (inside if in_buffer else outside).append(line.strip())
                 enclosing.append((indent, kind))
     excerpt = "\n".join(lines)
     where, other = (inside, outside) if captured else (outside, inside)
@@ -617,4 +617,20 @@ def _command_buffer_placement(compiled, dump: str, captured: bool) -> str:
         f"for {len(targets)} jem custom calls {targets}, all expected "
         f"{'inside' if captured else 'outside'}; XLA's thunks:\n{excerpt}")
     return (f"{len(where)} jem custom calls {'inside' if captured else 'outside'} command "
-            f"buffers:\n{excerpt}")
+            f"buffers:\n{excerpt}\nin XLA's HLO:\n{_jem_calls(compiled.as_text())}")
+
+
+def _jem_calls(hlo: str) -> str:
+    """The jem custom calls and while loops of an HLO module, under their computations."""
+    lines, header = [], None
+    for line in hlo.splitlines():
+        if re.match(r"^\S.*\{$", line):  # a computation's header
+            header = line.split("(")[0]
+        elif "jem_" in line or " while(" in line:
+            if header:
+                lines.append(header)
+                header = None
+            name, _, rest = line.strip().partition(" = ")
+            target = re.search(r'custom_call_target="(jem_\w+)"', rest)
+            lines.append(f"    {name} = {target.group(1) if target else rest[:200]}")
+    return "\n".join(lines)

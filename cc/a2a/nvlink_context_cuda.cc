@@ -43,6 +43,10 @@ std::string CheckNvlinkLayout(const Layout& l) {
     return "num_experts = " + n(l.num_experts) + " must be a multiple of the number of ranks " +
            n(l.num_ranks);
   }
+  if (l.num_experts > kMaxNvlinkExperts) {
+    return "num_experts = " + n(l.num_experts) + " is more than the NVLink path's " +
+           n(kMaxNvlinkExperts);
+  }
   if (l.experts_per_token < 1 || l.experts_per_token > 32) {
     return "experts_per_token = " + n(l.experts_per_token) + " must be in [1, 32] on CUDA";
   }

@@ -47,6 +47,8 @@ namespace jem {
 constexpr int kMaxNvlinkRanks = 64;
 // Tokens per rank and step on the NVLink path.
 constexpr int kMaxNvlinkTokens = 16384;
+// The kernels count slots per expert in shared memory, and divide expert ids by one multiply.
+constexpr int kMaxNvlinkExperts = 4096;
 
 // A rank's own words in its arena, touched only by its own kernels.
 struct NvlinkState {

@@ -33,7 +33,7 @@ __host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
   const int64_t piece = p.piece;
   p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
-                   lay.max_tokens * 8 +              // dest masks of every token (2 words)
+                   lay.max_tokens * 8 +              // dest masks of every token
                    4 * (8 + 3 * R + 2 * E +          // verdicts, counts
                         piece * (2 * R + k));        // record index, first slot, slot rank
   return p;
@@ -87,10 +87,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto** s_ranks = reinterpret_cast<int32_t**>(s_rec + piece * R);  // [piece][R]
   auto** s_rec0 = reinterpret_cast<uint8_t**>(s_ranks + piece * R);  // [R]
   auto** s_ranks0 = reinterpret_cast<int32_t**>(s_rec0 + R);          // [R]
-  // [T] destinations per token, as two 32-bit words (native shared atomics)
-  auto* s_mask_words = reinterpret_cast<uint32_t*>(s_ranks0 + R);
-  const auto* s_mask = reinterpret_cast<const uint64_t*>(s_mask_words);
-  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask_words + 2 * T);  // [8] first bad t*k+slot
+  auto* s_mask = reinterpret_cast<uint64_t*>(s_ranks0 + R);  // [T] destinations per token
+  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask + T);   // [8] first bad t*k+slot
   int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
@@ -108,7 +106,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
-  for (int i = tid; i < 2 * T; i += kThreads) s_mask_words[i] = 0;
   for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
   __syncthreads();
 
@@ -121,18 +118,30 @@ __global__ void __launch_bounds__(kThreads, 2)
                         DeviceWait::kDispatchCredit, waiter);
   }
 
-  // Every (token, slot): destinations per token, slots per expert.
-  Batched<8>(tid, nt * k, [&](int x) { return io.topk_ids[x]; }, [&](int x, int32_t e) {
-    if (e < -1 || e >= E) {
-      atomicMin(s_bad, x);
-      return;
+  // Every token: its destinations, and its slots counted per expert (of the tokens before
+  // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
+  // masks need no atomics and nothing is divided by k; its slots' loads go out together.
+  const SmallDiv rank_of(L);
+  for (int t = tid; t < T; t += kThreads) {
+    uint64_t mask = 0;
+    for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
+      int32_t ev[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) ev[u] = i0 + u < k ? io.topk_ids[t * k + i0 + u] : -1;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int32_t e = ev[u];
+        if (e < -1 || e >= E) {
+          atomicMin(s_bad, t * k + i0 + u);
+        } else if (e >= 0) {
+          mask |= uint64_t{1} << rank_of(e);
+          if (t < start) atomicAdd(&s_epre[e], 1);
+          if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+        }
+      }
     }
-    if (e < 0) return;
-    const int t = x / k, d = e / L;
-    atomicOr(&s_mask_words[2 * t + (d >> 5)], 1u << (d & 31));
-    if (t < start) atomicAdd(&s_epre[e], 1);
-    if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
-  });
+    s_mask[t] = mask;
+  }
   const bool ok = __syncthreads_and(credited) != 0;
   const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
 

@@ -617,7 +617,8 @@ def _command_buffer_placement(compiled, dump: str, captured: bool) -> str:
         f"for {len(targets)} jem custom calls {targets}, all expected "
         f"{'inside' if captured else 'outside'}; XLA's thunks:\n{excerpt}")
     return (f"{len(where)} jem custom calls {'inside' if captured else 'outside'} command "
-            f"buffers:\n{excerpt}\nin XLA's HLO:\n{_jem_calls(compiled.as_text())}")
+            f"buffers ({', '.join(os.path.basename(p) for p in converted)}):\n{excerpt}\n"
+            f"in XLA's HLO:\n{_jem_calls(compiled.as_text())}")
 
 
 def _jem_calls(hlo: str) -> str:

@@ -76,8 +76,14 @@ def _out(cfg: AllToAllConfig) -> jax.ShapeDtypeStruct:
 
 def _call(name: str, results, op: OpConfig, *operands):
     register_targets()
-    return jax.ffi.ffi_call(name, results, has_side_effect=True)(
+    # XLA:GPU's dynamic-slice fusion moves a copy of a custom call that reads a dynamic slice
+    # or feeds a dynamic-update-slice (a scan stacking its outputs) into a fusion, and keeps
+    # the original, which has side effects: each step would run the call twice. Optimization
+    # barriers on both sides hide those slices from it.
+    operands = jax.lax.optimization_barrier(operands)
+    out = jax.ffi.ffi_call(name, results, has_side_effect=True)(
         *operands, context=np.int64(op.context))
+    return jax.lax.optimization_barrier(out)
 
 
 def dispatch_send(op: OpConfig, x, x_scale, topk_ids, topk_weights, num_tokens):

@@ -561,7 +561,8 @@ def check_command_buffers(rank, world, args):
         dump = tempfile.mkdtemp(prefix=f"jem_xla_dump_r{rank}_")
         compiled = program(loop).lower(*inputs).compile(
             {"xla_dump_to": dump, **(WHILE_IN_GRAPHS if graphs == "while" else {})})
-        print(f"{kind}: {_command_buffer_placement(compiled, dump, captured=not halves)}",
+        calls = 4 if halves else 2
+        print(f"{kind}: {_command_buffer_placement(compiled, dump, not halves, calls)}",
               flush=True)
         shutil.rmtree(dump)
 
@@ -577,14 +578,17 @@ def check_command_buffers(rank, world, args):
           f"{comm.fabric_provider or 'NVLink'}, {COMMAND_BUFFER_STEPS} steps)", flush=True)
 
 
-def _command_buffer_placement(compiled, dump: str, captured: bool) -> str:
-    """Fails unless XLA put every jem custom call of ``compiled`` inside a command buffer
-    (``captured``) or every one outside; returns the lines that show it. The program holds no
-    other custom call. XLA forms command buffers from its thunk sequence, which it
+def _command_buffer_placement(compiled, dump: str, captured: bool, calls: int) -> str:
+    """Fails unless ``compiled`` holds the program's ``calls`` jem custom calls (XLA cloned
+    none) and XLA put every one inside a command buffer (``captured``) or every one outside;
+    returns the lines that show it. The program holds no other custom call. XLA forms command buffers from its thunk sequence, which it
     dumps (--xla_dump_to) as *thunk_sequence_after_thunk_passes.txt once a pass changed it:
     nested thunks are indented under theirs, e.g. kCustomCall under kCommandBuffer."""
-    targets = re.findall(r'custom_call_target="(jem_\w+)"', compiled.as_text())
-    assert targets, "no jem custom call in the compiled HLO"
+    hlo = compiled.as_text()
+    targets = re.findall(r'custom_call_target="(jem_\w+)"', hlo)
+    assert len(targets) == calls, (
+        f"the compiled HLO holds {len(targets)} jem custom calls, the program {calls}:\n"
+        f"{_jem_calls(hlo)}")
     converted = sorted(glob.glob(os.path.join(dump, "*thunk_sequence_after_thunk_passes*.txt")))
     if not converted:
         written = sorted(os.listdir(dump))
@@ -618,7 +622,7 @@ def _command_buffer_placement(compiled, dump: str, captured: bool) -> str:
         f"{'inside' if captured else 'outside'}; XLA's thunks:\n{excerpt}")
     return (f"{len(where)} jem custom calls {'inside' if captured else 'outside'} command "
             f"buffers ({', '.join(os.path.basename(p) for p in converted)}):\n{excerpt}\n"
-            f"in XLA's HLO:\n{_jem_calls(compiled.as_text())}")
+            f"in XLA's HLO:\n{_jem_calls(hlo)}")
 
 
 def _jem_calls(hlo: str) -> str:

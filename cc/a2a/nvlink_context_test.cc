@@ -1120,8 +1120,10 @@ int main(int argc, char** argv) {
     c.hold = false;
     Bench(w, c);
   } else if (!bench_out.empty()) {
-    std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(PeerCopyGBps(1ull << 30));
-    std::printf("peer copy GPU0->GPU1, 1 GiB: %s GB/s\n", js.substr(js.find(':') + 2).c_str());
+    // The NVLink ceiling, where there is a second GPU to copy to.
+    const double peer_gbps = devices >= 2 ? PeerCopyGBps(1ull << 30) : 0.0;
+    std::string js = "{\"peer_copy_1GiB_GBps\": " + std::to_string(peer_gbps);
+    if (devices >= 2) std::printf("peer copy GPU0->GPU1, 1 GiB: %.1f GB/s\n", peer_gbps);
     const double empty_one = EmptyKernelUs(1), empty_grid = EmptyKernelUs(264);
     std::printf("empty kernel between events: 1x512 %.2f us, 264x512 %.2f us\n", empty_one,
                 empty_grid);

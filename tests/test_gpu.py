@@ -211,11 +211,10 @@ def test_fabric_dead_peer():
     assert "dead peer reported" in outputs[0], outputs
 
 
-# XLA's command buffers: the whole ops captured into CUDA graphs and replayed without their
-# handlers, the halves (not marked compatible, see cc/ffi/all_to_all_cuda.cc) run beside them
-# uncaptured (100 steps in one jit each, every step checked against the oracle); XLA's thunk
-# dump must show each whole op inside a command buffer and each half outside. Two processes:
-# on one GPU they share it, on two the staged send uses the copy engine.
+# XLA's command buffers: the whole ops, then the halves, captured into CUDA graphs and replayed
+# without their handlers (100 steps in one jit each, every step checked against the oracle);
+# XLA's optimized HLO must hold each call once and its thunk dump show each inside a command
+# buffer. Two processes: on one GPU they share it, on two the staged send uses the copy engine.
 @pytest.mark.parametrize("transport", ["nvlink", "fabric"])
 def test_command_buffers_processes(transport):
     provider = ["fabric_provider=shm"] if transport == "fabric" else []
@@ -562,7 +561,7 @@ def check_command_buffers(rank, world, args):
         compiled = program(loop).lower(*inputs).compile(
             {"xla_dump_to": dump, **(WHILE_IN_GRAPHS if graphs == "while" else {})})
         calls = 4 if halves else 2
-        print(f"{kind}: {_command_buffer_placement(compiled, dump, not halves, calls)}",
+        print(f"{kind}: {_command_buffer_placement(compiled, dump, calls)}",
               flush=True)
         shutil.rmtree(dump)
 
@@ -578,12 +577,13 @@ def check_command_buffers(rank, world, args):
           f"{comm.fabric_provider or 'NVLink'}, {COMMAND_BUFFER_STEPS} steps)", flush=True)
 
 
-def _command_buffer_placement(compiled, dump: str, captured: bool, calls: int) -> str:
+def _command_buffer_placement(compiled, dump: str, calls: int) -> str:
     """Fails unless ``compiled`` holds the program's ``calls`` jem custom calls (XLA cloned
-    none) and XLA put every one inside a command buffer (``captured``) or every one outside;
-    returns the lines that show it. The program holds no other custom call. XLA forms command buffers from its thunk sequence, which it
-    dumps (--xla_dump_to) as *thunk_sequence_after_thunk_passes.txt once a pass changed it:
-    nested thunks are indented under theirs, e.g. kCustomCall under kCommandBuffer."""
+    none) and XLA put every one inside a command buffer; returns the lines that show it. The
+    program holds no other custom call. XLA forms command buffers from its thunk sequence,
+    which it dumps (--xla_dump_to) as *thunk_sequence_after_thunk_passes.txt once a pass
+    changed it: nested thunks are indented under theirs, e.g. kCustomCall under
+    kCommandBuffer."""
     hlo = compiled.as_text()
     targets = re.findall(r'custom_call_target="(jem_\w+)"', hlo)
     assert len(targets) == calls, (
@@ -615,14 +615,11 @@ def _command_buffer_placement(compiled, dump: str, captured: bool, calls: int) -
                     (inside if in_buffer else outside).append(line.strip())
                 enclosing.append((indent, kind))
     excerpt = "\n".join(lines)
-    where, other = (inside, outside) if captured else (outside, inside)
-    assert not other and len(where) == len(targets), (
+    assert not outside and len(inside) == calls, (
         f"{len(outside)} custom-call thunks outside a command buffer and {len(inside)} inside, "
-        f"for {len(targets)} jem custom calls {targets}, all expected "
-        f"{'inside' if captured else 'outside'}; XLA's thunks:\n{excerpt}")
-    return (f"{len(where)} jem custom calls {'inside' if captured else 'outside'} command "
-            f"buffers ({', '.join(os.path.basename(p) for p in converted)}):\n{excerpt}\n"
-            f"in XLA's HLO:\n{_jem_calls(hlo)}")
+        f"for {calls} jem custom calls {targets}, all expected inside; XLA's thunks:\n{excerpt}")
+    return (f"{calls} jem custom calls inside command buffers "
+            f"({', '.join(os.path.basename(p) for p in converted)}):\n{excerpt}")
 
 
 def _jem_calls(hlo: str) -> str:

@@ -4,16 +4,13 @@
 // XLA's stream (and, for the staged dispatch_send, copies on the context's copy stream joined
 // by events): no allocation, no sync, no host wait.
 //
-// Command buffers: the whole ops (jem_dispatch, jem_combine) are kCmdBufferCompatible. XLA
-// captures a handler's work into a CUDA graph (stream capture) when its buffers' addresses
-// change, and replays the graph without calling the handler: the checks above then run only
-// when XLA captures. Replays stay right because everything a step needs lives in device or
-// mapped memory: step numbers, credits, the order of the halves and the error status
-// (nvlink_kernels.h). An error a replayed step meets is raised by AllToAll.raise_if_failed(),
-// or by the next call that XLA does not replay. The halves are not marked: captured by XLA in
-// a loop of 100 steps on the H200 machine, a dispatch_recv once ran without its dispatch_send
-// (the kernels refused it), while the same kernels replayed from CUDA graphs of their own are
-// exact (nvlink_context_test); until that is understood XLA runs the halves uncaptured.
+// Command buffers: every target is kCmdBufferCompatible. XLA captures a handler's work into
+// a CUDA graph (stream capture) when its buffers' addresses change, and replays the graph
+// without calling the handler: the checks above then run only when XLA captures. Replays stay
+// right because everything a step needs lives in device or mapped memory: step numbers,
+// credits, the order of the halves and the error status (nvlink_kernels.h). An error a
+// replayed step meets is raised by AllToAll.raise_if_failed(), or by the next call that XLA
+// does not replay.
 #include "cc/ffi/all_to_all_cuda.h"
 
 #include <cuda_runtime.h>
@@ -137,23 +134,11 @@ inline auto CudaBinding() {
       .RemainingRets();
 }
 
-// Which targets XLA may capture into command buffers (see the top of this file).
-template <typename Target>
-constexpr bool kReplayable = false;
-template <>
-constexpr bool kReplayable<target::Dispatch> = true;
-template <>
-constexpr bool kReplayable<target::Combine> = true;
-
-template <typename Target>
-constexpr ffi::Traits kCudaTraits =
-    kReplayable<Target> ? ffi::Traits::kCmdBufferCompatible : static_cast<ffi::Traits>(0);
-
 }  // namespace
 }  // namespace jem
 
 #define JEM_DEFINE_CUDA_HANDLER(Name, python_name)                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(Jem##Name##Cuda, jem::CudaHandler<jem::target::Name>, \
-                                jem::CudaBinding(), {jem::kCudaTraits<jem::target::Name>});
+                                jem::CudaBinding(), {xla::ffi::Traits::kCmdBufferCompatible});
 JEM_FFI_TARGETS(JEM_DEFINE_CUDA_HANDLER)
 #undef JEM_DEFINE_CUDA_HANDLER

@@ -1,5 +1,5 @@
-"""One cc_library per layer directory of cc/, as CMakeLists.txt builds them, and the C++
-tests that talk over the fabric."""
+"""One cc_library per layer directory of cc/, as CMakeLists.txt builds them, with the layer's
+C++ tests."""
 
 load("@rules_cc//cc:defs.bzl", "cc_library", "cc_test")
 
@@ -12,8 +12,16 @@ _NOT_HOST_LIBRARY = [
     "**/*_test.cc",
 ]
 
-def layer_library(name, directory, deps = [], **kwargs):
-    """The host sources and headers of `directory`, as one library."""
+# A fabric test runs twice over tcp;ofi_rxm on loopback: as is, and with JEM_REORDER_SEED set,
+# arrivals and completions out of order, as EFA may deliver them.
+_FABRIC_RUNS = [
+    ("", {"FI_TCP_IFACE": "lo"}),
+    ("_reordered", {"FI_TCP_IFACE": "lo", "JEM_REORDER_SEED": "12345"}),
+]
+
+def layer_library(name, directory, deps = [], tests = [], fabric_tests = [], **kwargs):
+    """The host sources and headers of `directory`, as one library, and the layer's C++ tests
+    on it: `directory`/<test>.cc for each of `tests` and `fabric_tests`."""
     exclude = [directory + "/" + pattern for pattern in _NOT_HOST_LIBRARY]
     cc_library(
         name = name,
@@ -22,15 +30,13 @@ def layer_library(name, directory, deps = [], **kwargs):
         deps = deps,
         **kwargs
     )
-
-def fabric_test(name, src, deps):
-    """`name` over tcp;ofi_rxm on loopback, and `name`_reordered with JEM_REORDER_SEED set:
-    arrivals and completions out of order, as EFA may deliver them."""
-    for suffix, env in [("", {}), ("_reordered", {"JEM_REORDER_SEED": "12345"})]:
-        cc_test(
-            name = name + suffix,
-            size = "small",
-            srcs = [src],
-            env = dict({"FI_TCP_IFACE": "lo"}, **env),
-            deps = deps,
-        )
+    runs = [(test, [("", {})]) for test in tests] + [(test, _FABRIC_RUNS) for test in fabric_tests]
+    for test, variants in runs:
+        for suffix, env in variants:
+            cc_test(
+                name = test + suffix,
+                size = "small",
+                srcs = [directory + "/" + test + ".cc"],
+                env = env,
+                deps = [":" + name],
+            )

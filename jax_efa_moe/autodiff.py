@@ -105,6 +105,10 @@ class Gradients:
                                "differentiable=True (the default) to take gradients.")
         return self.twin
 
+    def _mirror(self, op, forward: str, *operands):
+        """``op`` on the twin, as the backward pass of ``forward``."""
+        return self._backward()._call(op, f"{op.__name__} (backward of {forward})", *operands)
+
     # --- dispatch: (x, x_scale, topk_ids, topk_weights, num_tokens) -> the ops' results ---
 
     def _dispatch(self, x, x_scale, topk_ids, topk_weights, num_tokens):
@@ -122,11 +126,10 @@ class Gradients:
         send_tokens, send_index, num_tokens, recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[2], cts[3], cts[8]))):
             return (None,) * 5
-        out = self._backward()._call(
-            ops.combine, "combine (backward of dispatch)",
-            self._home_rows(record_rows, cts[2], cts[3], cts[8]),
-            *_expert_side(recv_tokens, record_rows, home_offsets),
-            send_tokens, send_index, num_tokens)
+        out = self._mirror(ops.combine, "dispatch",
+                           self._home_rows(record_rows, cts[2], cts[3], cts[8]),
+                           *_expert_side(recv_tokens, record_rows, home_offsets),
+                           send_tokens, send_index, num_tokens)
         return self._home_cotangents(out)
 
     # --- dispatch_send: same operands -> (send_tokens, send_index, grad_link) ---
@@ -145,9 +148,8 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(cts[2]):
             return (None,) * 5
-        out = self._backward()._call(
-            ops.combine_recv, "combine_recv (backward of dispatch_send)",
-            cts[2].astype(jnp.int32), send_tokens, send_index, num_tokens)
+        out = self._mirror(ops.combine_recv, "dispatch_send", cts[2].astype(jnp.int32),
+                           send_tokens, send_index, num_tokens)
         return self._home_cotangents(out)
 
     # --- dispatch_recv: (send_tokens, grad_link) -> dispatch's results past the first two ---
@@ -165,10 +167,9 @@ class Gradients:
         recv_tokens, record_rows, home_offsets = res
         if all(map(_zero, (cts[0], cts[1], cts[6]))):
             return None, None
-        sent = self._backward()._call(
-            ops.combine_send, "combine_send (backward of dispatch_recv)",
-            self._home_rows(record_rows, cts[0], cts[1], cts[6]),
-            *_expert_side(recv_tokens, record_rows, home_offsets))
+        sent = self._mirror(ops.combine_send, "dispatch_recv",
+                            self._home_rows(record_rows, cts[0], cts[1], cts[6]),
+                            *_expert_side(recv_tokens, record_rows, home_offsets))
         return None, sent.astype(_F32)
 
     # --- combine: (expert_y, record_weights, recv_tokens, record_rows, home_offsets,
@@ -189,9 +190,8 @@ class Gradients:
         expert_y, record_weights, record_rows, send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 8
-        recv = self._backward()._call(
-            ops.dispatch, "dispatch (backward of combine)",
-            *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
+        recv = self._mirror(ops.dispatch, "combine",
+                            *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
         return (*self._expert_cotangents(recv[2:], expert_y, record_weights, record_rows),
                 *(None,) * 6)
 
@@ -211,9 +211,7 @@ class Gradients:
         expert_y, record_weights, record_rows = res
         if _zero(cts[1]):
             return (None,) * 5
-        recv = self._backward()._call(
-            ops.dispatch_recv, "dispatch_recv (backward of combine_send)",
-            cts[1].astype(jnp.int32))
+        recv = self._mirror(ops.dispatch_recv, "combine_send", cts[1].astype(jnp.int32))
         return (*self._expert_cotangents(recv, expert_y, record_weights, record_rows),
                 None, None, None)
 
@@ -232,9 +230,8 @@ class Gradients:
         send_tokens, send_index, num_tokens = res
         if _zero(out_ct):
             return (None,) * 5
-        sent, _ = self._backward()._call(
-            ops.dispatch_send, "dispatch_send (backward of combine_recv)",
-            *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
+        sent, _ = self._mirror(ops.dispatch_send, "combine_recv",
+                               *self._back_operands(out_ct, send_tokens, send_index, num_tokens))
         return None, sent.astype(_F32), None, None, None
 
     # --- helpers ---

@@ -140,20 +140,17 @@ class CudaContexts:
                 fabric_masks=masks, provider=self.provider if any(masks) else "",
                 num_domains=num_nics, nic_names=list(nic_names),
                 stage_in_host=bool(fabric_staging), max_sms=max_sms or 0)
-            handles = _jem.cuda_context_ipc_handles(self.context_id)
-            gpus = _jem.cuda_context_pci_addresses(self.context_id)
-            endpoints = _jem.cuda_context_fabric_endpoints(self.context_id)
-            staged = [e[2] for e in endpoints if e[0]]
-            if fabric_staging is False and any(staged):
+            handles, gpus, addresses, descriptors, staged, _ = zip(
+                *_jem.cuda_context_endpoints(self.context_id))
+            if fabric_staging is False and any(s for a, s in zip(addresses, staged) if a):
                 raise RuntimeError(
                     f"fabric_staging=False, but provider '{self.provider}' cannot register GPU "
                     "memory here (no FI_HMEM with CUDA); use a libfabric built with CUDA "
                     "(the EFA installer's), or leave fabric_staging=None to stage through "
                     "pinned host memory.")
             payload = {"ranks": self.ranks, "handles": [_b64(h) for h in handles],
-                       "gpus": gpus,
-                       "addresses": [_b64(e[0]) for e in endpoints],
-                       "descriptors": [_b64(e[1]) for e in endpoints]}
+                       "gpus": list(gpus), "addresses": [_b64(a) for a in addresses],
+                       "descriptors": [_b64(d) for d in descriptors]}
         except Exception as e:  # reported to every process, then raised here
             error = e
             payload = {"error": f"{type(e).__name__}: {e}"}

@@ -286,3 +286,9 @@ def check_children(target: str, num_processes: int, says: str, *args: str, **kwa
     checks pass."""
     outputs = run_children(target, num_processes, *args, **kwargs)
     assert all(says in out for out in outputs), outputs
+
+
+def child_checker(module: str, timeout_s: float):
+    """check(function, says): check_children of ``module``'s ``function`` in 2 processes."""
+    return lambda function, says: check_children(f"{module}:{function}", 2, says,
+                                                 timeout_s=timeout_s)

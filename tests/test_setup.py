@@ -17,8 +17,7 @@ import numpy as np
 import oracle
 
 
-def _check(function: str, says: str) -> None:
-    oracle.check_children(f"test_setup:{function}", 2, says, timeout_s=180.0)
+_check = oracle.child_checker("test_setup", timeout_s=180.0)
 
 
 def test_different_arguments_on_two_ranks_fail_on_both():

@@ -23,9 +23,12 @@ std::string FormatSeconds(double seconds);
 // Where one phase (dispatch or combine) stands: steps completed (the immediates carry its low
 // 28 bits) and whether the send half has run without its recv half.
 struct PhaseState {
+  const char* name;  // "dispatch" or "combine"
   uint64_t steps = 0;
   bool pending = false;
 };
+
+enum class Half { kSend, kRecv };
 
 class AllToAllContext {
  public:
@@ -59,8 +62,8 @@ class AllToAllContext {
     return static_cast<uint32_t>(rank < rank_ ? rank : rank - 1);
   }
 
-  PhaseState dispatch;
-  PhaseState combine;
+  PhaseState dispatch{"dispatch"};
+  PhaseState combine{"combine"};
 
   // Steps run one at a time per context.
   std::mutex& step_mutex() { return step_mutex_; }
@@ -99,15 +102,24 @@ class AllToAllContext {
   std::string failure_;
 };
 
-// Runs one step (half) of the protocol: one at a time per context, refused after a failure,
-// and any error marks the context failed and is prefixed with the step's name.
+// Runs one half of `phase` as a step of the protocol: one at a time per context, refused after
+// a failure or out of order (a send half twice, a recv half without its send half), and any
+// error marks the context failed and is prefixed with the half's name. body(seq) gets the
+// step's sequence number; once it returns, the phase moves on (a recv half ends the step).
 template <typename Body>
-void RunStep(AllToAllContext& ctx, const char* step, Body&& body) {
+void RunHalf(AllToAllContext& ctx, PhaseState& phase, Half half, Body&& body) {
   std::lock_guard<std::mutex> lock(ctx.step_mutex());
   ctx.CheckUsable();
-  const std::string prefix = std::string(step) + ": ";
+  const std::string name = phase.name;
+  const bool send = half == Half::kSend;
+  const std::string prefix = name + (send ? "_send: " : "_recv: ");
   try {
-    body();
+    if (send && phase.pending) {
+      throw InputError("called twice without " + name + "_recv in between; each " + name +
+                       "_send must be followed by its " + name + "_recv.");
+    }
+    if (!send && !phase.pending) throw InputError("called without a " + name + "_send before it.");
+    body(static_cast<uint32_t>(phase.steps));
   } catch (const InputError& e) {
     ctx.Fail(prefix + e.what());
     throw InputError(prefix + e.what());
@@ -118,6 +130,8 @@ void RunStep(AllToAllContext& ctx, const char* step, Body&& body) {
     ctx.Fail(prefix + e.what());
     throw Error(prefix + e.what());
   }
+  phase.pending = send;
+  if (!send) ++phase.steps;
 }
 
 }  // namespace jem

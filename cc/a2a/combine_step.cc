@@ -38,15 +38,9 @@ void CheckExpertHandle(const Layout& l, const ExpertHandle& h) {
 
 void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle& handle,
                  int32_t* sent) {
-  RunStep(ctx, "combine_send", [&] {
+  RunHalf(ctx, ctx.combine, Half::kSend, [&](uint32_t seq) {
     const Layout& l = ctx.layout();
-    const int me = ctx.rank();
     const int R = l.num_ranks;
-    if (ctx.combine.pending) {
-      throw InputError("called twice without combine_recv in between; each combine_send "
-                       "must be followed by its combine_recv.");
-    }
-    const uint32_t seq = static_cast<uint32_t>(ctx.combine.steps);
     CheckExpertHandle(l, handle);
 
     // Home ranks must have finished summing what this rank sent them in the previous step.
@@ -72,28 +66,25 @@ void CombineSend(AllToAllContext& ctx, const void* expert_y, const ExpertHandle&
       const uint64_t dst = l.combine_recv_row_offset(handle.home_offsets[s]);
       const uint64_t length = uint64_t(handle.recv_tokens[s]) * l.combine_row_bytes();
       if (sent != nullptr) sent[s] = handle.recv_tokens[s];
-      if (s == me) {
+      if (s == ctx.rank()) {
         std::memmove(arena + dst, arena + src, length);
       } else {
         writes.push_back({ctx.PeerIndex(s), src, dst, length});
       }
     }
     if (!writes.empty()) ctx.Scatter(writes, ImmKind::kCombineData, seq);
-    ctx.combine.pending = true;
   });
 }
 
 void CombineRecv(AllToAllContext& ctx, const HomeHandle& handle, void* out) {
-  RunStep(ctx, "combine_recv", [&] {
+  RunHalf(ctx, ctx.combine, Half::kRecv, [&](uint32_t seq) {
     const Layout& l = ctx.layout();
     const int R = l.num_ranks;
-    if (!ctx.combine.pending) throw InputError("called without a combine_send before it.");
     if (handle.num_tokens < 0 || handle.num_tokens > l.max_tokens) {
       throw InputError("the handle's num_tokens = " + std::to_string(handle.num_tokens) +
                        " is outside [0, max_tokens_per_rank = " + std::to_string(l.max_tokens) +
                        "].");
     }
-    const uint32_t seq = static_cast<uint32_t>(ctx.combine.steps);
     ctx.WaitArrivals(ImmKind::kCombineData, seq, R - 1, "the combine partials of every rank");
 
     int64_t num_partials = 0;
@@ -107,8 +98,6 @@ void CombineRecv(AllToAllContext& ctx, const HomeHandle& handle, void* out) {
     if (!problem.empty()) throw InputError(problem);
 
     if (R > 1) ctx.Barrier(ImmKind::kCombineCredit, seq);
-    ctx.combine.pending = false;
-    ++ctx.combine.steps;
   });
 }
 

@@ -99,14 +99,9 @@ std::string AwaitedRouteRanks(AllToAllContext& ctx) {
 
 void DispatchSend(AllToAllContext& ctx, const DispatchInput& input, int32_t* send_tokens,
                   int32_t* send_index) {
-  RunStep(ctx, "dispatch_send", [&] {
+  RunHalf(ctx, ctx.dispatch, Half::kSend, [&](uint32_t seq) {
     const Layout& l = ctx.layout();
     const int me = ctx.rank();
-    if (ctx.dispatch.pending) {
-      throw InputError("called twice without dispatch_recv in between; each dispatch_send "
-                       "must be followed by its dispatch_recv.");
-    }
-    const uint32_t seq = static_cast<uint32_t>(ctx.dispatch.steps);
 
     // Peers must have finished reading what this rank wrote them in the previous step.
     if (ctx.dispatch.steps > 0) {
@@ -132,20 +127,15 @@ void DispatchSend(AllToAllContext& ctx, const DispatchInput& input, int32_t* sen
       PostPrivateWrites(ctx, seq);
     }
     CopyOwnRecords(ctx, 0, ctx.route().private_count(me, me), 0);
-    ctx.dispatch.pending = true;
   });
 }
 
 void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const ExpertLayout& out,
                   int32_t* home_offsets) {
-  RunStep(ctx, "dispatch_recv", [&] {
+  RunHalf(ctx, ctx.dispatch, Half::kRecv, [&](uint32_t seq) {
     const Layout& l = ctx.layout();
     const int me = ctx.rank();
     const int R = l.num_ranks;
-    if (!ctx.dispatch.pending) {
-      throw InputError("called without a dispatch_send before it.");
-    }
-    const uint32_t seq = static_cast<uint32_t>(ctx.dispatch.steps);
     const RouteTable route = ctx.route();
     for (int d = 0; d < R; ++d) {
       if (send_tokens[d] != route.tokens(me, d)) {
@@ -196,8 +186,6 @@ void DispatchRecv(AllToAllContext& ctx, const int32_t* send_tokens, const Expert
       if (s != me) ctx.route_row(s)[0] = kRouteAwaited;
     }
     if (R > 1) ctx.Barrier(ImmKind::kDispatchCredit, seq);
-    ctx.dispatch.pending = false;
-    ++ctx.dispatch.steps;
   });
 }
 

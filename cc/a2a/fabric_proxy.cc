@@ -18,7 +18,7 @@ void Add(std::atomic<uint64_t>& sum, int64_t ns) {
             std::memory_order_relaxed);
 }
 
-int64_t Ns(std::chrono::steady_clock::duration d) {
+int64_t Ns(Clock::duration d) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
 }
 

@@ -17,13 +17,13 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <vector>
 
 #include "cc/base/layout.h"
 #include "cc/base/nvlink_layout.h"
 #include "cc/transfer_engine/api.h"
+#include "cc/transfer_engine/clock.h"
 
 namespace jem {
 
@@ -59,8 +59,6 @@ class FabricProxy {
   FabricTimes Times() const;
 
  private:
-  using Clock = std::chrono::steady_clock;
-
   struct Phase {
     uint64_t posted = 0;    // steps whose data went out
     uint64_t landed = 0;    // steps whose data from every fabric peer arrived

@@ -63,25 +63,14 @@ Bytes FromPython(const nb::bytes& b) {
   return Bytes(p, p + b.size());
 }
 
-std::vector<nb::bytes> IpcHandles(int64_t id) {
-  std::vector<nb::bytes> out;
-  for (const auto& c : Contexts(id)) out.push_back(ToPython(c->IpcHandle()));
-  return out;
-}
-
-// Per local rank: (fabric address, fabric buffer descriptor, staged), empty without fabric peers.
-std::vector<nb::tuple> FabricEndpoints(int64_t id) {
+// Per local rank, what the other ranks need to reach it (see the binding's doc).
+std::vector<nb::tuple> Endpoints(int64_t id) {
   std::vector<nb::tuple> out;
   for (const auto& c : Contexts(id)) {
-    out.push_back(nb::make_tuple(ToPython(c->FabricAddress()), ToPython(c->FabricDescriptor()),
+    out.push_back(nb::make_tuple(ToPython(c->IpcHandle()), c->PciAddress(),
+                                 ToPython(c->FabricAddress()), ToPython(c->FabricDescriptor()),
                                  c->FabricStaged(), c->FabricProvider()));
   }
-  return out;
-}
-
-std::vector<std::string> PciAddresses(int64_t id) {
-  std::vector<std::string> out;
-  for (const auto& c : Contexts(id)) out.push_back(c->PciAddress());
   return out;
 }
 
@@ -174,13 +163,10 @@ void BindCuda(nb::module_& m) {
         "(provider, num_domains NICs, nic_names to choose them; stage_in_host keeps the "
         "fabric buffer in pinned host memory even where the provider registers GPU memory). "
         "max_sms bounds the SMs each kernel occupies (0: every SM).");
-  m.def("cuda_context_ipc_handles", &IpcHandles, nb::arg("id"),
-        "The CUDA IPC handles of this process's ranks' arenas, in rank order.");
-  m.def("cuda_context_fabric_endpoints", &FabricEndpoints, nb::arg("id"),
-        "Per local rank: (fabric address, fabric buffer descriptor, staged in host memory, "
-        "provider); empty bytes without fabric peers.");
-  m.def("cuda_context_pci_addresses", &PciAddresses, nb::arg("id"),
-        "The PCI address of each local rank's GPU, in rank order.");
+  m.def("cuda_context_endpoints", &Endpoints, nb::arg("id"),
+        "Per local rank, in rank order: (CUDA IPC handle of its arena, PCI address of its GPU, "
+        "fabric address, fabric buffer descriptor, staged in host memory, provider); empty "
+        "fabric bytes without fabric peers.");
   m.def("cuda_context_connect", &Connect, nb::arg("id"), nb::arg("handles"), nb::arg("gpus"),
         nb::arg("fabric_addresses") = std::vector<nb::bytes>(),
         nb::arg("fabric_descriptors") = std::vector<nb::bytes>(),

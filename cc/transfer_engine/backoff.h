@@ -9,12 +9,12 @@
 #include <chrono>
 #include <thread>
 
+#include "cc/transfer_engine/clock.h"
+
 namespace jem {
 
 class Backoff {
  public:
-  using Clock = std::chrono::steady_clock;
-
   // A proxy turn or a loopback round trip: answered without a context switch.
   static constexpr auto kSpinFor = std::chrono::microseconds(20);
   // Then yield up to here: ranks sharing the core run, and the wait still answers within a

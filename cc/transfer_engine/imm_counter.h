@@ -5,19 +5,18 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <mutex>
 #include <unordered_map>
 
+#include "cc/transfer_engine/clock.h"
+
 namespace jem {
 
 class ImmCounter {
  public:
-  using Clock = std::chrono::steady_clock;
-
   // A release to perform when `count` arrivals have been seen: store `value` to *flag with
   // release order, or call callback(arg).
   struct Notification {

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -20,6 +19,7 @@
 
 #include "cc/transfer_engine/api.h"
 #include "cc/transfer_engine/backoff.h"
+#include "cc/transfer_engine/clock.h"
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/peer_group.h"
@@ -45,8 +45,6 @@ struct Submission {
 
 class ProxyWorker {
  public:
-  using Clock = std::chrono::steady_clock;
-
   // Starts the thread; domains and counter must outlive the worker.
   ProxyWorker(std::vector<FabricDomain*> domains, ImmCounter* counter,
               const EngineOptions& options);

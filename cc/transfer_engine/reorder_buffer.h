@@ -4,19 +4,17 @@
 // bytes of a write have landed before its immediate is counted.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <random>
 #include <vector>
 
+#include "cc/transfer_engine/clock.h"
 #include "cc/transfer_engine/fabric_domain.h"
 
 namespace jem {
 
 class ReorderBuffer {
  public:
-  using Clock = std::chrono::steady_clock;
-
   // An arrival of `imm` (context == nullptr) or the local completion of `context`'s write.
   struct Event {
     uint32_t imm = 0;

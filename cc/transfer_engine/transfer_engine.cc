@@ -11,6 +11,7 @@
 
 #include "cc/transfer_engine/api.h"
 #include "cc/transfer_engine/backoff.h"
+#include "cc/transfer_engine/clock.h"
 #include "cc/transfer_engine/fabric_domain.h"
 #include "cc/transfer_engine/imm_counter.h"
 #include "cc/transfer_engine/memory_region.h"
@@ -19,8 +20,6 @@
 
 namespace jem {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // Setup tasks (registration, address resolution) run on the proxy thread; they take
 // milliseconds, so this bound only catches a wedged proxy.

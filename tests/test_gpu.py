@@ -480,8 +480,7 @@ def check_dead_peer(rank, world, args):
 COMMAND_BUFFER_STEPS = 100
 # Compile options (only the program under test changes): XLA's default command types plus
 # WHILE, and none.
-WHILE_IN_GRAPHS = {"xla_gpu_enable_command_buffer":
-                   "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE"}
+WHILE_IN_GRAPHS = {"xla_gpu_enable_command_buffer": "+WHILE"}
 UNCAPTURED = {"xla_gpu_enable_command_buffer": ""}
 
 

@@ -97,6 +97,8 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
                 " (0: every SM).");
   }
   args_.max_sms = max_sms;
+  // Before anything is allocated: it refuses a layout too large for the kernels.
+  LoadNvlinkKernels(args_);
   const NvlinkLayout nl{layout};
   CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
   CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
@@ -113,7 +115,6 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   CheckCuda(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming), "cudaEventCreate");
   CheckCuda(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming), "cudaEventCreate");
   if (fabric.mask != 0) OpenFabric(fabric);
-  LoadNvlinkKernels();
   CheckCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 

@@ -693,6 +693,26 @@ void CheckMaxSmsRange(const World& w) {
   }
 }
 
+// A layout within every limit but too large for dispatch_send's shared memory (about 270 KB
+// per block at 64 ranks): refused at set-up, in the user's terms, before anything is allocated.
+void CheckLayoutTooLarge(const World& w) {
+  Case c;
+  c.R = 64;
+  c.E = 4096;
+  c.k = 8;
+  c.H = 16;
+  c.T = 16384;
+  std::string what;
+  try {
+    NvlinkContext ctx(c.MakeLayout(), 0, w.Device(w.local[0]), 20.0, true, 0);
+  } catch (const LayoutError& e) {
+    what = e.what();
+  }
+  EXPECT(what.find("bytes of shared memory per block") != std::string::npos &&
+             what.find("lower max_tokens_per_rank") != std::string::npos,
+         "a layout too large for shared memory: got '%s'", what.c_str());
+}
+
 // Halves out of order on every rank at once, as one program runs them: each rank's kernels
 // refuse the half and report it (a wait for a peer would end in a timeout error instead).
 void RunHalvesOutOfOrder(World& w) {
@@ -1137,6 +1157,7 @@ int main(int argc, char** argv) {
     std::ofstream(bench_out) << js << "\n";
   } else {
     CheckMaxSmsRange(w);
+    CheckLayoutTooLarge(w);
     for (const Case& c : Cases(w.world, small)) RunCase(w, c);
     Case captured;
     captured.name = "captured_graphs_fp8";

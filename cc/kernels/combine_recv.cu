@@ -143,8 +143,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-void LoadCombineRecv() {
-  LoadKernels("loading combine_recv", CombineRecvKernel<float>, CombineRecvKernel<__nv_bfloat16>);
+void LoadCombineRecv(const NvlinkArgs& args) {
+  LoadKernels("loading combine_recv", RecvSharedBytes(args.layout, FullGrid(args)),
+              CombineRecvKernel<float>, CombineRecvKernel<__nv_bfloat16>);
 }
 
 void LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream) {

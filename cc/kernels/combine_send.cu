@@ -146,8 +146,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-void LoadCombineSend() {
-  LoadKernels("loading combine_send", CombineSendKernel<float>, CombineSendKernel<__nv_bfloat16>);
+void LoadCombineSend(const NvlinkArgs& args) {
+  LoadKernels("loading combine_send", SendSharedBytes(args.layout, FullGrid(args)),
+              CombineSendKernel<float>, CombineSendKernel<__nv_bfloat16>);
 }
 
 void LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream) {

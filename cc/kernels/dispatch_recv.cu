@@ -275,7 +275,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-void LoadDispatchRecv() { LoadKernels("loading dispatch_recv", DispatchRecvKernel); }
+void LoadDispatchRecv(const NvlinkArgs& args) {
+  LoadKernels("loading dispatch_recv", PlanRecv(args.layout, FullGrid(args)).shared_bytes,
+              DispatchRecvKernel);
+}
 
 void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream) {
   LaunchKernel("launching dispatch_recv", DispatchRecvKernel, GridOf(args, FullGrid(args)),

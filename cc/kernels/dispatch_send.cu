@@ -327,7 +327,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-void LoadDispatchSend() { LoadKernels("loading dispatch_send", DispatchSendKernel); }
+void LoadDispatchSend(const NvlinkArgs& args) {
+  LoadKernels("loading dispatch_send", PlanSend(args.layout, FullGrid(args)).shared_bytes,
+              DispatchSendKernel);
+}
 
 void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
                         cudaStream_t stream) {

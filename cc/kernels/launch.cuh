@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cc/kernels/nvlink_kernels.h"
 
@@ -34,11 +35,26 @@ struct Plan {
   int64_t shared_bytes;
 };
 
-// Loads `kernels` now rather than at their first launch (see LoadNvlinkKernels).
+// Loads `kernels` now rather than at their first launch (see LoadNvlinkKernels), and checks
+// that a block of each gets `shared_bytes` of dynamic shared memory on the current device.
 template <typename... Kernels>
-void LoadKernels(const char* name, Kernels... kernels) {
-  cudaFuncAttributes attr;
-  (CheckCuda(cudaFuncGetAttributes(&attr, kernels), name), ...);
+void LoadKernels(const char* name, int64_t shared_bytes, Kernels... kernels) {
+  int device = 0, limit = 0;
+  CheckCuda(cudaGetDevice(&device), name);
+  CheckCuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+            name);
+  auto load = [&](auto kernel) {
+    cudaFuncAttributes attr;
+    CheckCuda(cudaFuncGetAttributes(&attr, kernel), name);
+    if (shared_bytes + static_cast<int64_t>(attr.sharedSizeBytes) > limit) {
+      throw LayoutError(std::string(name) + ": this layout needs " +
+                        std::to_string(shared_bytes + attr.sharedSizeBytes) +
+                        " bytes of shared memory per block, more than the " +
+                        std::to_string(limit) + " of GPU " + std::to_string(device) +
+                        "; lower max_tokens_per_rank, num_experts or the ranks");
+    }
+  };
+  (load(kernels), ...);
 }
 
 // Enqueues kernel<<<grid, kThreads, shared_bytes, stream>>>(args...).

@@ -26,6 +26,13 @@ class CudaError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A layout too large for the kernels on this GPU (their shared memory per block): the caller's
+// to fix, with a smaller one.
+class LayoutError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
 // Throws CudaError "<what> failed: <CUDA's words>" unless `err` is cudaSuccess.
 inline void CheckCuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -93,18 +100,19 @@ struct CombineRecvIo {
   void* out;                   // [T, H] combine dtype
 };
 
-// Loads every kernel on the current device. Call once per device at set-up: with CUDA's lazy
+// Loads every kernel on the current device, and throws LayoutError if one needs more shared
+// memory per block than the device gives. Call once per context at set-up: with CUDA's lazy
 // module loading, a kernel loaded at its first launch may wait for the device to go idle,
 // while a kernel already running on it waits for a peer whose launch comes after.
-void LoadDispatchSend();
-void LoadDispatchRecv();
-void LoadCombineSend();
-void LoadCombineRecv();
-inline void LoadNvlinkKernels() {
-  LoadDispatchSend();
-  LoadDispatchRecv();
-  LoadCombineSend();
-  LoadCombineRecv();
+void LoadDispatchSend(const NvlinkArgs& args);
+void LoadDispatchRecv(const NvlinkArgs& args);
+void LoadCombineSend(const NvlinkArgs& args);
+void LoadCombineRecv(const NvlinkArgs& args);
+inline void LoadNvlinkKernels(const NvlinkArgs& args) {
+  LoadDispatchSend(args);
+  LoadDispatchRecv(args);
+  LoadCombineSend(args);
+  LoadCombineRecv(args);
 }
 
 // staged: peers' records go to this rank's outboxes (nvlink_layout.h), for the copy engine.

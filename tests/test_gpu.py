@@ -233,7 +233,8 @@ def test_command_buffers_one_process_two_gpus():
 # The whole loop as one graph (WHILE is not among XLA's default command types): the kernels and
 # the staged send's copies then run inside a graph's while body.
 def test_command_buffers_whole_loop_in_one_graph():
-    outputs = _fabric("test_gpu:check_command_buffers", 2, "transport=nvlink", "graphs=while")
+    outputs = _fabric("test_gpu:check_command_buffers", 2, "transport=nvlink", "graphs=while",
+                      env={"XLA_FLAGS": WHILE_IN_GRAPHS})
     print(outputs[0][-6000:])
     assert all("command buffers ok" in o for o in outputs), outputs
 
@@ -478,9 +479,9 @@ def check_dead_peer(rank, world, args):
 
 
 COMMAND_BUFFER_STEPS = 100
-# Compile options (only the program under test changes): XLA's default command types plus
-# WHILE, and none.
-WHILE_IN_GRAPHS = {"xla_gpu_enable_command_buffer": "+WHILE"}
+# XLA's default command types plus WHILE (XLA_FLAGS: a compile option does not take the +
+# form), and the compile option for none.
+WHILE_IN_GRAPHS = "--xla_gpu_enable_command_buffer=+WHILE"
 UNCAPTURED = {"xla_gpu_enable_command_buffer": ""}
 
 
@@ -558,7 +559,7 @@ def check_command_buffers(rank, world, args):
 
         dump = tempfile.mkdtemp(prefix=f"jem_xla_dump_r{rank}_")
         compiled = program(loop).lower(*inputs).compile(
-            {"xla_dump_to": dump, **(WHILE_IN_GRAPHS if graphs == "while" else {})})
+            {"xla_dump_to": dump})
         calls = 4 if halves else 2
         print(f"{kind}: {_command_buffer_placement(compiled, dump, calls)}",
               flush=True)

@@ -169,10 +169,10 @@ for s in $STAGES; do
       RANK_TIMEOUT_S=$((limit * 5 / 8)) stage racecheck sanitizer.log "$limit" sanitize racecheck ;;
     kbench)
       # Two ranks on one GPU would time-slice it: their timings would mean nothing.
-      [ "$GPUS" -ge 2 ] && stage "kernel benchmark" bench.log 180 build/gpu/nvlink_context_test \
-        --bench "$OUT/bench_kernels.json"
-      stage "kernel benchmark, one rank" bench.log 180 build/gpu/nvlink_context_test \
-        --world 1 --bench "$OUT/bench_kernels_r1.json" ;;
+      [ "$GPUS" -ge 2 ] && stage "kernel benchmark" bench.log 180 "$PY" benchmarks/bench_kernels.py \
+        --world=2 --out_dir="$OUT"
+      stage "kernel benchmark, one rank" bench.log 180 "$PY" benchmarks/bench_kernels.py \
+        --world=1 --out_dir="$OUT" ;;
     profile)
       stage profile profile.log 300 profile ;;
     fabric_bench)

@@ -15,7 +15,8 @@ its summed router weights, inside one ``jax.jit``:
 - dispatch: a ``lax.fori_loop`` of ``--iters`` dispatches (``--iters=1``: one step, no loop,
   for XLA ops that hang inside loops); round trip: the same of
   dispatch+combine; combine = round trip - dispatch, repeat by repeat. Median and p99 over
-  ``--repeats`` loops, per step.
+  ``--repeats`` loops, per step. XLA:GPU starts each step of a while loop from the host; loop
+  alone times that loop with nothing in it, and ``--unroll`` unrolls every loop instead.
 - each send/recv half: one jitted call per half, timed with block_until_ready (launch
   included), median and p99 over the repeats.
 - bytes: what must cross between ranks (a token once per remote destination rank for
@@ -96,6 +97,9 @@ flags.DEFINE_integer("ranks_per_node", None, "ours: AllToAll(ranks_per_node=...)
                      "peer on another node (the fabric path), None: the processes' hosts.")
 flags.DEFINE_string("fabric_provider", None, "ours: libfabric provider (default: found).")
 flags.DEFINE_integer("iters", None, "Steps per timed loop; default 5 on CPU, 50 on GPU.")
+flags.DEFINE_bool("unroll", False, "Unroll the timed loops: no while loop, whose every step XLA "
+                  "starts from the host; the steps run back to back in one program (one command "
+                  "buffer where XLA captures).")
 flags.DEFINE_integer("repeats", None, "Timed loops per measurement; default 10 CPU, 50 GPU.")
 flags.DEFINE_bool("overlap", True, "Measure send / matmul / recv overlap.")
 flags.DEFINE_list("max_sms", ["none"], "ours: SM budgets (AllToAll(max_sms=...)), each timed as "
@@ -284,9 +288,12 @@ def _sharded(mesh):
 
 
 def _loop(iters, body, init):
-    """fori_loop, or the body once when iters == 1 (no while loop in the program)."""
+    """fori_loop (unrolled with --unroll), or the body once when iters == 1 (no while loop in
+    the program)."""
     import jax
-    return body(0, init) if iters == 1 else jax.lax.fori_loop(0, iters, body, init)
+    if iters == 1:
+        return body(0, init)
+    return jax.lax.fori_loop(0, iters, body, init, unroll=True if FLAGS.unroll else 1)
 
 
 def _check_round_trip(comm, mesh, inputs, x_of, w_of):
@@ -337,12 +344,18 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
         init = (ids, _varying_zeros(shape.shape, shape.dtype), _varying_zeros(x.shape, y.dtype))
         return _loop(iters, body, init)[1:]
 
+    # The loop's own cost per step: its counter, the carry, and the while loop's trip to the host.
+    def empty_loop(x, sc, ids, w):
+        return _loop(iters, lambda _, ids: jnp.where(ids.sum() < 0, -1, ids), ids)
+
     res = {}
     d_loop = shard(dispatch_loop)
     rt_loop = shard(round_trip_loop)
     d_times = _timed(d_loop, inputs, repeats)
     rt_times = _timed(rt_loop, inputs + (expert_y,), repeats)
-    res["loop_us"] = {"dispatch": summary(d_times, iters),
+    empty_times = _timed(shard(empty_loop), inputs, repeats)
+    res["loop_us"] = {"empty": summary(empty_times, iters),
+                      "dispatch": summary(d_times, iters),
                       "round_trip": summary(rt_times, iters),
                       "combine": summary(np.subtract(rt_times, d_times), iters)}
 
@@ -604,7 +617,7 @@ def _meta(ranks, world, **counts):
             "hidden": FLAGS.hidden, "experts": FLAGS.experts, "topk": FLAGS.topk,
             "dispatch_dtype": FLAGS.dispatch_dtype, "combine_dtype": FLAGS.combine_dtype,
             "transport": FLAGS.transport, "ranks_per_node": FLAGS.ranks_per_node,
-            **counts,
+            **counts, "unroll": FLAGS.unroll,
             "ragged_exchange": "padded all_to_all (XLA:CPU has no ragged-all-to-all)"
             if cpu else f"jax.lax.ragged_all_to_all ({os.environ.get('XLA_FLAGS', '')})"}
 
@@ -633,19 +646,22 @@ def write_report(results, stem, plot):
     meta, ceiling = results["meta"], results["ceiling"]
     lines = [f"# all-to-all benchmark: {meta['platform']}, {meta['ranks']} ranks", "",
              *_header(meta),
-             f"- loops of {meta['iters']} steps inside one jit, {meta['repeats']} repeats; "
+             f"- loops of {meta['iters']} steps inside one jit"
+             f"{' (unrolled: no while loop)' if meta.get('unroll') else ' (a while loop)'}, "
+             f"{meta['repeats']} repeats; "
              f"stock `ragged` exchange: {meta['ragged_exchange']}",
              f"- ceiling: {ceiling['kind']} {ceiling['GBps']:.1f} GB/s one way"
              + (f" (memcpy {ceiling['memcpy_GBps']:.1f} GB/s)" if ceiling.get("memcpy_GBps") else ""),
              *(f"- note: {n}" for n in meta.get("notes", [])),
              "", "Latency in µs per step, median / p99. Bytes: what must cross ranks per rank "
              "(tokens once per remote rank); GB/s and % of ceiling from those bytes.", "",
-             "| T | impl | dispatch | combine | round trip | dispatch send | dispatch recv | "
-             "combine send | combine recv | dispatch MB | GB/s (% ceiling) | combine GB/s (%) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| T | impl | dispatch | combine | round trip | loop alone | dispatch send | "
+             "dispatch recv | combine send | combine recv | dispatch MB | GB/s (% ceiling) | "
+             "combine GB/s (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         if not r.get("available"):
-            lines.append(f"| {r['tokens']} | {_label(r)} | {r.get('note', '')} |||||||||")
+            lines.append(f"| {r['tokens']} | {_label(r)} | {r.get('note', '')} ||||||||||")
             continue
         lu, pc, b = r["loop_us"], r["per_call_us"], r["bytes"]
         bw = lambda phase: b[phase] / lu[phase]["median"] / 1e3 if lu[phase]["median"] > 0 else None
@@ -657,11 +673,13 @@ def write_report(results, stem, plot):
             return f"{bw(phase):.3g}{pct}"
         lines.append(
             f"| {r['tokens']} | {_label(r)} | {_fmt(lu['dispatch'])} | {_fmt(lu['combine'])} | "
-            f"{_fmt(lu['round_trip'])} | {_fmt(pc['dispatch_send'])} | {_fmt(pc['dispatch_recv'])} | "
+            f"{_fmt(lu['round_trip'])} | {_fmt(lu['empty']) if 'empty' in lu else '–'} | "
+            f"{_fmt(pc['dispatch_send'])} | {_fmt(pc['dispatch_recv'])} | "
             f"{_fmt(pc['combine_send'])} | {_fmt(pc['combine_recv'])} | {b['dispatch'] / 1e6:.2f} | "
             f"{rate('dispatch')} | {rate('combine')} |")
     lines += ["", "Send/recv halves are single jitted calls (launch and host sync included); "
-              "dispatch, combine and round trip are per step of a fused loop.", "",
+              "dispatch, combine and round trip are per step of a fused loop; loop alone is a "
+              "step of the same loop with nothing in it but its carry.", "",
               "Overlap: dispatch_send, an n×n bf16 matmul, dispatch_recv, per step (µs).", "",
               "| T | impl | n | matmul | dispatch | serial sum | overlapped | hidden |",
               "|---|---|---|---|---|---|---|---|"]

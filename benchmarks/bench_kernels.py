@@ -42,7 +42,8 @@ def _table(report) -> str:
              f"- command: `{m['command']}`",
              "- what is timed: the four kernels without XLA, CUDA events between them, each GPU "
              "held until a batch of 25 steps is queued; fp8 dispatch with scales, bf16 "
-             "combine, 256 experts, top-8; a recv includes waiting for its peers' send",
+             "combine, 256 experts, top-8; a recv includes waiting for its peers' send; "
+             "\"whole\": the whole ops, one kernel each, as XLA's dispatch and combine run",
              f"- an empty kernel between two events: {report['empty_kernel_us']['1x512']:.1f} "
              f"µs (1x512), {report['empty_kernel_us']['264x512']:.1f} µs (264x512)"]
     if report["peer_copy_1GiB_GBps"] > 0:
@@ -51,12 +52,13 @@ def _table(report) -> str:
               "| case | dispatch | send | recv | combine | send | recv |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        med = lambda k: r[k]["median"]
+        # A whole op is one kernel, without halves to time.
+        med = lambda k: f"{r[k]['median']:.1f}" if k in r else "–"
         lines.append(
-            f"| {r['name']} | {med('dispatch_us'):.1f} ({r['dispatch_us']['p99']:.1f}) | "
-            f"{med('dispatch_send_us'):.1f} | {med('dispatch_recv_us'):.1f} | "
-            f"{med('combine_us'):.1f} ({r['combine_us']['p99']:.1f}) | "
-            f"{med('combine_send_us'):.1f} | {med('combine_recv_us'):.1f} |")
+            f"| {r['name']} | {med('dispatch_us')} ({r['dispatch_us']['p99']:.1f}) | "
+            f"{med('dispatch_send_us')} | {med('dispatch_recv_us')} | "
+            f"{med('combine_us')} ({r['combine_us']['p99']:.1f}) | "
+            f"{med('combine_send_us')} | {med('combine_recv_us')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,11 @@ class NvlinkContext {
   // Throws CudaError.
   void EnqueueDispatchSend(const DispatchSendIo& io, bool staged, cudaStream_t stream);
 
+  // Enqueues the whole dispatch on `stream`: one kernel where the grid fits on the GPU at
+  // once, else the direct send half and the recv half. Throws CudaError.
+  void EnqueueDispatch(const DispatchSendIo& send, const DispatchRecvIo& recv,
+                       cudaStream_t stream);
+
   // Waits for every kernel queued on this rank's GPU (set-up and teardown only).
   void Synchronize() const;
 
@@ -102,6 +107,8 @@ class NvlinkContext {
 
  private:
   void OpenFabric(const FabricOptions& fabric);
+  // Makes `stream` wait until the last staged send's copies have read the outboxes.
+  void AfterStagedCopies(cudaStream_t stream);
   // Whether the host still sees every step: no call of this context was captured yet.
   bool HostSeesSteps(cudaStream_t stream);
 

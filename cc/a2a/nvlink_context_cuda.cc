@@ -98,7 +98,7 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   }
   args_.max_sms = max_sms;
   // Before anything is allocated: it refuses a layout too large for the kernels.
-  LoadNvlinkKernels(args_);
+  args_.one_kernel_ops = LoadNvlinkKernels(args_);
   const NvlinkLayout nl{layout};
   CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
   CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
@@ -270,16 +270,28 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
   connected_ = true;
 }
 
-void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
-                                        cudaStream_t stream) {
-  const bool capturing = Capturing(stream);
-  // The kernel rewrites the outboxes only once the last staged send's copies have read them.
+void NvlinkContext::AfterStagedCopies(cudaStream_t stream) {
+  // A send rewrites the outboxes only once the last staged send's copies have read them.
   // Under capture, waiting for the copies of an uncaptured step would take an event wait node,
   // which CUDA allows in no graph loop or conditional (where XLA may put this call). It is not
   // needed there: the kernel writes the outboxes only after every peer's credit for the step
   // before, which each peer gives once it has seen the ready flag that the copy engine writes
   // to it behind that step's data, and the last flag is the last copy of the step.
-  if (!capturing) CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
+  if (!Capturing(stream)) {
+    CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
+  }
+}
+
+void NvlinkContext::EnqueueDispatch(const DispatchSendIo& send, const DispatchRecvIo& recv,
+                                    cudaStream_t stream) {
+  AfterStagedCopies(stream);
+  LaunchDispatch(args_, send, recv, stream);
+}
+
+void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
+                                        cudaStream_t stream) {
+  const bool capturing = Capturing(stream);
+  AfterStagedCopies(stream);
   LaunchDispatchSend(args_, io, staged, stream);
   // The peers the copy engine serves: NVLink peers on other GPUs.
   const int me = args_.rank;

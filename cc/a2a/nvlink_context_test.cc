@@ -9,7 +9,8 @@
 //   nvlink_context_test --small                only the small cases (for compute-sanitizer)
 //
 // The cases run with every SM and again under small SM budgets (max_sms 1, 3, 7: grids of that
-// many blocks, each taking its work in several pieces), staged and direct sends alike.
+// many blocks, each taking its work in several pieces), with staged sends, direct sends and
+// whole ops.
 //   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, and the variants
 //                                              that break T=128 down (one process)
 //   nvlink_context_test --profile NAME         a few steps of one benchmark configuration,
@@ -348,6 +349,9 @@ struct DeviceArray {
 };
 
 // One rank's operands and results on its GPU.
+// How a step runs: dispatch and combine as halves, the send direct or staged, or as whole ops.
+enum class StepKind { kDirect, kStaged, kWhole };
+
 struct RankBuffers {
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -433,9 +437,30 @@ struct RankBuffers {
     LaunchCombineRecv(c.args(), CombineRecvIo{send_tokens.p, send_index.p, num_tokens.p, out.p},
                       stream);
   }
-  // One whole step: dispatch's halves, then combine's.
-  void Step(NvlinkContext& c, bool staged) {
-    DispatchSend(c, staged);
+  // The whole ops, as XLA's dispatch and combine targets run them.
+  void Dispatch(NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    c.EnqueueDispatch(DispatchSendIo{x.p, x_scale.p, topk_ids.p, topk_weights.p, num_tokens.p,
+                                     send_tokens.p, send_index.p},
+                      DispatchRecvIo{expert_x.p, expert_x_scale.p, expert_counts.p,
+                                     group_sizes.p, recv_tokens.p, record_rows.p,
+                                     record_weights.p, home_offsets.p},
+                      stream);
+  }
+  void Combine(const NvlinkContext& c) {
+    CHECK_CUDA(cudaSetDevice(device));
+    LaunchCombine(c.args(),
+                  CombineSendIo{y.p, recv_tokens.p, record_rows.p, record_weights.p, sent.p},
+                  CombineRecvIo{send_tokens.p, send_index.p, num_tokens.p, out.p}, stream);
+  }
+  // One step: dispatch, then combine, as halves (the send staged or direct) or as whole ops.
+  void Step(NvlinkContext& c, StepKind kind) {
+    if (kind == StepKind::kWhole) {
+      Dispatch(c);
+      Combine(c);
+      return;
+    }
+    DispatchSend(c, kind == StepKind::kStaged);
     DispatchRecv(c);
     CombineSend(c);
     CombineRecv(c);
@@ -593,9 +618,9 @@ void RunCase(World& w, const Case& c) {
     for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, step, r));
     for (size_t i = 0; i < buf.size(); ++i) buf[i]->Upload(in[w.local[i]]);
     for (size_t i = 0; i < buf.size(); ++i) {
-      // Staged and direct sends alternate, and differ between neighbouring ranks: a receiver
-      // cannot tell them apart.
-      buf[i]->Step(*ctx[i], (step + w.local[i]) % 2 == 1);
+      // Direct sends, staged sends and whole ops take turns, and differ between neighbouring
+      // ranks: a receiver cannot tell them apart.
+      buf[i]->Step(*ctx[i], static_cast<StepKind>((step + w.local[i]) % 3));
     }
     for (auto& b : buf) b->Sync();
     if (expect_error) {
@@ -623,26 +648,26 @@ void RunCase(World& w, const Case& c) {
 }
 
 // The kernels replayed from CUDA graphs, captured as XLA's command buffers capture them: per
-// rank a graph of a staged step and one of a direct step. Steps cycle through an uncaptured
-// staged step (whose copies a replayed staged send must not overwrite), the staged graph, the
-// direct graph and the staged graph again, with new inputs every step; every step is checked.
+// rank a graph of a step of each kind. Steps cycle through an uncaptured staged step (whose
+// copies a replayed staged send must not overwrite), the staged graph, the direct graph, the
+// staged graph again and the whole-op graph, with new inputs every step; every step is checked.
 void RunCaptured(World& w, const Case& c) {
   const Layout l = c.MakeLayout();
   auto ctx = Connect(w, l, 20.0);
   std::vector<std::unique_ptr<RankBuffers>> buf = w.Buffers(l);
-  std::vector<cudaGraphExec_t> graphs[2];  // [staged][local rank]
-  for (int staged = 0; staged < 2; ++staged) {
+  std::vector<cudaGraphExec_t> graphs[3];  // [StepKind][local rank]
+  for (int kind = 0; kind < 3; ++kind) {
     for (size_t i = 0; i < buf.size(); ++i) {
       RankBuffers& b = *buf[i];
       CHECK_CUDA(cudaSetDevice(b.device));
       CHECK_CUDA(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
-      b.Step(*ctx[i], staged == 1);
+      b.Step(*ctx[i], static_cast<StepKind>(kind));
       cudaGraph_t graph;
       CHECK_CUDA(cudaStreamEndCapture(b.stream, &graph));
       cudaGraphExec_t exec;
       CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
       CHECK_CUDA(cudaGraphDestroy(graph));
-      graphs[staged].push_back(exec);
+      graphs[kind].push_back(exec);
     }
   }
   for (int step = 0; step < c.steps; ++step) {
@@ -652,10 +677,12 @@ void RunCaptured(World& w, const Case& c) {
     for (size_t i = 0; i < buf.size(); ++i) {
       RankBuffers& b = *buf[i];
       CHECK_CUDA(cudaSetDevice(b.device));
-      if (step % 4 == 0) {
-        b.Step(*ctx[i], /*staged=*/true);
+      const StepKind cycle[] = {StepKind::kStaged, StepKind::kStaged, StepKind::kDirect,
+                                StepKind::kStaged, StepKind::kWhole};
+      if (step % 5 == 0) {
+        b.Step(*ctx[i], StepKind::kStaged);
       } else {
-        CHECK_CUDA(cudaGraphLaunch(graphs[step % 4 == 2 ? 0 : 1][i], b.stream));
+        CHECK_CUDA(cudaGraphLaunch(graphs[static_cast<int>(cycle[step % 5])][i], b.stream));
       }
     }
     for (auto& b : buf) b->Sync();
@@ -884,21 +911,25 @@ struct BenchConfig {
   int H = 7168;
   bool zero_unused_rows = true;
   int iters = 500;
-  bool staged = false;
+  StepKind kind = StepKind::kDirect;
   bool hold = true;  // off under a profiler, which serializes launches
 };
 
 // The variants time T=128 without its payload (H=128) and without zeroing expert_x's unused
-// rows, and one token alone: what is left is the fixed cost of each kernel.
+// rows, and one token alone: what is left is the fixed cost of each kernel. "whole" times the
+// whole ops (one kernel each), as XLA's dispatch and combine targets run them.
 const std::vector<BenchConfig> kBenchConfigs = {
     {"T=128", 128, 7168, true, 500},
+    {"T=128 whole", 128, 7168, true, 500, StepKind::kWhole},
     {"T=128 no zeroing", 128, 7168, false, 500},
     {"T=128 H=128 no zeroing", 128, 128, false, 500},
     {"T=1 H=128 no zeroing", 1, 128, false, 500},
+    {"T=1 H=128 no zeroing whole", 1, 128, false, 500, StepKind::kWhole},
     {"T=4096", 4096, 7168, true, 100},
+    {"T=4096 whole", 4096, 7168, true, 100, StepKind::kWhole},
     {"T=4096 no zeroing", 4096, 7168, false, 100},
-    {"T=128 staged", 128, 7168, true, 500, true},
-    {"T=4096 staged", 4096, 7168, true, 100, true},
+    {"T=128 staged", 128, 7168, true, 500, StepKind::kStaged},
+    {"T=4096 staged", 4096, 7168, true, 100, StepKind::kStaged},
 };
 
 std::string Bench(World& w, const BenchConfig& bc) {
@@ -924,7 +955,7 @@ std::string Bench(World& w, const BenchConfig& bc) {
   // One step checked against the host reference before anything is timed. Unzeroed unused
   // rows hold whatever was there, which the reference cannot know: those variants run the
   // same kernels as their zeroing twins, checked in their own runs.
-  for (size_t i = 0; i < buf.size(); ++i) buf[i]->Step(*ctx[i], bc.staged);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i]->Step(*ctx[i], bc.kind);
   for (auto& b : buf) b->Sync();
   if (bc.zero_unused_rows) {
     const std::vector<Expected> ex = Reference(l, in);
@@ -935,7 +966,8 @@ std::string Bench(World& w, const BenchConfig& bc) {
   uint32_t* go = nullptr;
   CHECK_CUDA(cudaHostAlloc(&go, sizeof(uint32_t), cudaHostAllocMapped | cudaHostAllocPortable));
   // events on every local rank: before send, after dispatch send, after dispatch recv, after
-  // combine send, after combine recv
+  // combine send, after combine recv (whole ops: before, after dispatch, after combine)
+  const bool whole = bc.kind == StepKind::kWhole;
   const int kMarks = 5;
   std::vector<std::vector<cudaEvent_t>> ev(buf.size(), std::vector<cudaEvent_t>(kMarks * iters));
   for (size_t i = 0; i < buf.size(); ++i) {
@@ -949,7 +981,14 @@ std::string Bench(World& w, const BenchConfig& bc) {
         if (mark) CHECK_CUDA(cudaEventRecord(ev[i][it * kMarks + j], b.stream));
       };
       m(0);
-      b.DispatchSend(*ctx[i], bc.staged);
+      if (whole) {
+        b.Dispatch(*ctx[i]);
+        m(2);
+        b.Combine(*ctx[i]);
+        m(4);
+        continue;
+      }
+      b.DispatchSend(*ctx[i], bc.kind == StepKind::kStaged);
       m(1);
       b.DispatchRecv(*ctx[i]);
       m(2);
@@ -979,14 +1018,15 @@ std::string Bench(World& w, const BenchConfig& bc) {
     EXPECT(ctx[i]->Failure().empty(), "bench error %s", ctx[i]->Failure().c_str());
   }
   std::vector<double> phase[4], dispatch, combine;
+  const auto elapsed_us = [&](int it, int from, int to) {
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, ev[0][it * kMarks + from], ev[0][it * kMarks + to]));
+    return ms * 1e3;
+  };
   for (int it = 0; it < iters; ++it) {
-    float ms[4];
-    for (int j = 0; j < 4; ++j) {
-      CHECK_CUDA(cudaEventElapsedTime(&ms[j], ev[0][it * kMarks + j], ev[0][it * kMarks + j + 1]));
-      phase[j].push_back(ms[j] * 1e3);
-    }
-    dispatch.push_back((ms[0] + ms[1]) * 1e3);
-    combine.push_back((ms[2] + ms[3]) * 1e3);
+    for (int j = 0; !whole && j < 4; ++j) phase[j].push_back(elapsed_us(it, j, j + 1));
+    dispatch.push_back(elapsed_us(it, 0, 2));
+    combine.push_back(elapsed_us(it, 2, 4));
   }
   // bytes of this rank's records and partials that cross NVLink (to other ranks)
   std::vector<int32_t> st = buf[0]->send_tokens.Download();
@@ -1001,9 +1041,9 @@ std::string Bench(World& w, const BenchConfig& bc) {
   const char* names[4] = {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv"};
   js << "{\"name\": \"" << bc.name << "\", \"T\": " << T << ", \"H\": " << bc.H
      << ", \"zero_unused_rows\": " << (bc.zero_unused_rows ? "true" : "false")
-     << ", \"staged\": " << (bc.staged ? "true" : "false")
-     << ", \"iters\": " << iters;
-  for (int j = 0; j < 4; ++j) {
+     << ", \"staged\": " << (bc.kind == StepKind::kStaged ? "true" : "false")
+     << ", \"whole\": " << (whole ? "true" : "false") << ", \"iters\": " << iters;
+  for (int j = 0; !whole && j < 4; ++j) {
     js << ", \"" << names[j] << "_us\": {\"median\": " << Median(phase[j])
        << ", \"p99\": " << P99(phase[j]) << "}";
   }

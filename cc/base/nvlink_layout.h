@@ -56,7 +56,8 @@ struct NvlinkState {
   uint32_t pad;
   uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
   uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
-  uint64_t ticket[4];          // blocks finished, per kernel kind (see NvlinkTicket)
+  uint64_t ticket[4];          // blocks of the running kernel that finished, per kind
+                               // (see NvlinkTicket)
   uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
                                // copies it into each peer's dispatch_ready flag after the data
 };

@@ -68,8 +68,8 @@ CombineRecvIo CombineIo(const operands::HomeHandle& home, const operands::Out& o
 
 // --- the targets, on checked buffers ---
 
-// Staged for the send half, whose caller has other work for the SMs until the recv half;
-// direct for the whole op.
+// Staged for the send half, whose caller has other work for the SMs until the recv half; the
+// whole ops are one kernel each where they fit (nvlink_kernels.h).
 void Run(target::DispatchSend, NvlinkContext& ctx, cudaStream_t stream,
          const operands::DispatchInputs& in, const operands::SendHandle& send) {
   ctx.BeginSend(false, stream);
@@ -88,8 +88,7 @@ void Run(target::Dispatch, NvlinkContext& ctx, cudaStream_t stream,
          const operands::RecvResults& recv, const operands::ExpertHandle& handle) {
   ctx.BeginSend(false, stream);
   ctx.BeginRecv(false, stream);
-  ctx.EnqueueDispatchSend(SendIo(in, send), /*staged=*/false, stream);
-  LaunchDispatchRecv(ctx.args(), RecvIo(recv, handle), stream);
+  ctx.EnqueueDispatch(SendIo(in, send), RecvIo(recv, handle), stream);
 }
 
 void Run(target::CombineSend, NvlinkContext& ctx, cudaStream_t stream,
@@ -110,8 +109,8 @@ void Run(target::Combine, NvlinkContext& ctx, cudaStream_t stream,
          const operands::HomeHandle& home, const operands::Out& out) {
   ctx.BeginSend(true, stream);
   ctx.BeginRecv(true, stream);
-  LaunchCombineSend(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), stream);
-  LaunchCombineRecv(ctx.args(), CombineIo(home, out), stream);
+  LaunchCombine(ctx.args(), CombineIo(expert_y, handle, /*sent=*/nullptr), CombineIo(home, out),
+                stream);
 }
 
 template <typename Target>

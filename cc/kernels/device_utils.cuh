@@ -287,20 +287,23 @@ __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uin
 // ---------------------------------------------------------------- completion
 
 // Called by every block once all its threads are done: returns (to every thread) whether
-// this block is the last of the kernel's grid to finish step `step`. Every write of every
-// block happens before what the last block does next (fence, ticket, fence). GPU scope is
-// enough, also for the blocks' stores into peers: the last block then publishes with a
-// release at system scope (SignalPeer), and release is cumulative, so a peer that acquires
-// the flag sees every block's stores.
-__device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind, uint64_t step) {
+// this block is the last of the kernel's grid to finish. Every write of every block happens
+// before what the last block does next (fence, ticket, fence). GPU scope is enough, also for
+// the blocks' stores into peers: the last block then publishes with a release at system scope
+// (SignalPeer), and release is cumulative, so a peer that acquires the flag sees every
+// block's stores. The last block resets the ticket for the next kernel of its kind, which
+// starts only once this one has ended (one stream), with a grid of its own.
+__device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind) {
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     auto* ticket = reinterpret_cast<unsigned long long*>(&ArenaOf(a, a.rank).state()->ticket[kind]);
-    const unsigned long long done = atomicAdd(ticket, 1ull) + 1ull;
-    last = done == step * gridDim.x;
-    if (last) __threadfence();
+    last = atomicAdd(ticket, 1ull) + 1ull == gridDim.x;
+    if (last) {
+      *ticket = 0;
+      __threadfence();
+    }
   }
   __syncthreads();
   return last != 0;
@@ -310,7 +313,7 @@ __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind
 // the senders their credit (NVLink peers by flag, fabric peers through the proxy's `read`).
 __device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket, uint64_t* steps,
                                         DeviceWait credit, uint64_t* read, uint64_t step) {
-  if (!LastBlock(a, ticket, step)) return;
+  if (!LastBlock(a, ticket)) return;
   if (threadIdx.x == 0) steps[0] = step;
   SignalPeers(a, credit, step);
   Publish(a, read, step);

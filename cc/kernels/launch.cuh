@@ -57,6 +57,22 @@ void LoadKernels(const char* name, int64_t shared_bytes, Kernels... kernels) {
   (load(kernels), ...);
 }
 
+// Whether every block of `kernel`'s grid (GridOf the full grid) with `shared_bytes` fits on
+// the device at once, as a kernel whose blocks wait for each other needs.
+template <typename Kernel>
+bool CoResident(const char* name, Kernel kernel, int64_t shared_bytes, const NvlinkArgs& a) {
+  if (shared_bytes > 48 * 1024) {
+    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(shared_bytes)),
+              name);
+  }
+  int per_sm = 0;
+  CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                          static_cast<size_t>(shared_bytes)),
+            name);
+  return static_cast<int64_t>(per_sm) * a.num_sms >= GridOf(a, FullGrid(a));
+}
+
 // Enqueues kernel<<<grid, kThreads, shared_bytes, stream>>>(args...).
 template <typename Kernel, typename... Args>
 void LaunchKernel(const char* name, Kernel kernel, int grid, int64_t shared_bytes,

@@ -49,6 +49,7 @@ struct NvlinkArgs {
   int32_t max_sms = 0;  // SMs each kernel may occupy (the SM budget; 0: every SM)
   uint64_t timeout_ns = 0;
   bool zero_unused_rows = true;  // zero the rows of expert_x past the last group
+  bool one_kernel_ops = false;   // whole ops as one kernel each (LoadNvlinkKernels)
   DeviceStatus* status = nullptr;  // mapped pinned host memory
   uint8_t* arenas[kMaxNvlinkRanks] = {};  // null for fabric peers
   // Fabric peers (bit r = rank r is on another node): the kernels pack what goes to them into
@@ -103,16 +104,14 @@ struct CombineRecvIo {
 // Loads every kernel on the current device, and throws LayoutError if one needs more shared
 // memory per block than the device gives. Call once per context at set-up: with CUDA's lazy
 // module loading, a kernel loaded at its first launch may wait for the device to go idle,
-// while a kernel already running on it waits for a peer whose launch comes after.
-void LoadDispatchSend(const NvlinkArgs& args);
-void LoadDispatchRecv(const NvlinkArgs& args);
-void LoadCombineSend(const NvlinkArgs& args);
-void LoadCombineRecv(const NvlinkArgs& args);
-inline void LoadNvlinkKernels(const NvlinkArgs& args) {
-  LoadDispatchSend(args);
-  LoadDispatchRecv(args);
-  LoadCombineSend(args);
-  LoadCombineRecv(args);
+// while a kernel already running on it waits for a peer whose launch comes after. Returns
+// whether the whole op's kernel fits on the device at once (every block resident).
+bool LoadDispatch(const NvlinkArgs& args);
+bool LoadCombine(const NvlinkArgs& args);
+// Whether whole ops may run as one kernel each (one_kernel_ops).
+inline bool LoadNvlinkKernels(const NvlinkArgs& args) {
+  const bool dispatch = LoadDispatch(args);
+  return LoadCombine(args) && dispatch;
 }
 
 // staged: peers' records go to this rank's outboxes (nvlink_layout.h), for the copy engine.
@@ -121,5 +120,11 @@ void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool s
 void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream);
 void LaunchCombineSend(const NvlinkArgs& args, const CombineSendIo& io, cudaStream_t stream);
 void LaunchCombineRecv(const NvlinkArgs& args, const CombineRecvIo& io, cudaStream_t stream);
+// The whole ops: one kernel each where args.one_kernel_ops, else the direct send half and the
+// recv half.
+void LaunchDispatch(const NvlinkArgs& args, const DispatchSendIo& send, const DispatchRecvIo& recv,
+                    cudaStream_t stream);
+void LaunchCombine(const NvlinkArgs& args, const CombineSendIo& send, const CombineRecvIo& recv,
+                   cudaStream_t stream);
 
 }  // namespace jem

@@ -1,0 +1,668 @@
+// The dispatch kernels: the send half, the recv half, and the whole op as one kernel of both,
+// which saves a launch and the recv half's start-up (at small T, most of what a step costs).
+// The whole op's blocks wait for their own rank's ready flag, so its grid must fit on the GPU
+// at once; where it does not, the whole op runs as the two halves.
+//
+// Send half: count, pack and store each token once into every destination rank's
+// receive slot (over NVLink for peers), with the route row and the slot ranks the receiver
+// needs, then raise this rank's ready flag at every destination.
+//
+// Staged (the dispatch_send half): what goes to a peer is packed into this rank's outbox for
+// that peer instead, and the copy engine moves it (NvlinkContext), so the SMs are free for
+// other work while the bytes cross NVLink; then it copies staged_ready into the peers' ready
+// flags. (A signalling kernel could wait for an SM behind a spinning recv kernel.)
+//
+// Fabric peers (other nodes) always get outboxes, in the fabric buffer: the last block
+// publishes the step and the per-peer counts to the proxy, which posts the RDMA writes.
+//
+// Blocks own contiguous token ranges. Each block counts every token (per destination rank,
+// and per expert for tokens before its range), so it knows the record index of each of its
+// tokens and the chunk offsets of send_index without waiting for any other block. A block
+// packs its range in pieces of the full grid's share (one piece unless an SM budget shrank the
+// grid), carrying its running counts from piece to piece. At small T
+// the kernel is bound by latency, not bytes: every phase is one parallel pass over coalesced
+// loads, int32 index math, and the credit wait overlaps the counting.
+//
+// Recv half: wait for every sender's ready flag, check the routing against the
+// buffers (every rank checks every rank, from the same route table, so all agree), then expand
+// each received record into the rows of its local experts: expert_x is grouped by local
+// expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Finally
+// give every sender the credit to reuse its slot here.
+//
+// Every block derives the expert offsets from the route table itself (one parallel pass of
+// loads into shared memory); the row of each slot is expert start + the rows of earlier
+// senders + the slot rank the sender computed, so blocks own contiguous record ranges and
+// never wait for each other. A block expands its range in pieces of at most the full grid's
+// share (one piece unless an SM budget shrank the grid).
+#include <algorithm>
+
+#include "cc/kernels/device_utils.cuh"
+#include "cc/kernels/launch.cuh"
+#include "cc/kernels/nvlink_kernels.h"
+
+namespace jem {
+namespace {
+
+using namespace device;
+
+// A piece is the tokens a block packs at a time.
+__host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
+  Plan p;
+  p.piece = CeilDiv(lay.max_tokens, full_grid);
+  const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
+  const int64_t piece = p.piece;
+  p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
+                   lay.max_tokens * 8 +              // dest masks of every token
+                   4 * (8 + 3 * R + 2 * E +          // verdicts, counts
+                        piece * (2 * R + k));        // record index, first slot, slot rank
+  return p;
+}
+
+// Where this rank's route row, slot ranks and records for destination d go.
+struct Destination {
+  Arena me, dest;  // `me` holds the outbox: this rank's arena, or its fabric buffer
+  int rank, d;
+  bool outbox;
+
+  __device__ __forceinline__ int32_t* route() const {
+    return outbox ? me.outbox_route(d) : dest.route_row(rank);
+  }
+  __device__ __forceinline__ int32_t* slot_rank(int64_t j) const {
+    return outbox ? me.outbox_slot_rank(d, j) : dest.slot_rank(rank, j);
+  }
+  __device__ __forceinline__ uint8_t* record(int64_t j) const {
+    return outbox ? me.outbox_record(d, j) : dest.record(rank, j);
+  }
+};
+
+__device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool staged, int d) {
+  const bool fabric = IsFabric(a, d);
+  return Destination{fabric ? FabricArena(a) : ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d,
+                     fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1))};
+}
+
+// The send half of `step` (in_turn: the halves' order allows it), by every block of the grid.
+__device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
+                                           bool staged, bool in_turn, uint64_t step) {
+  const Layout& lay = a.layout;
+  const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
+  const int T = lay.max_tokens;
+  const int L = static_cast<int>(lay.local_experts());
+  const Arena me = ArenaOf(a, a.rank);
+  NvlinkState* st = me.state();
+  const Plan plan = PlanSend(lay, FullGrid(a));
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int piece = static_cast<int>(plan.piece);
+  // Where each (token, destination) record and its slot ranks go, computed once: the offset
+  // math stays out of the copy loops, which keeps them short (instruction fetch, not memory,
+  // bounded this kernel at small T). Per destination, where its record 0 goes: a piece's
+  // pointers are then one multiply each.
+  auto** s_rec = reinterpret_cast<uint8_t**>(smem);           // [piece][R]
+  auto** s_ranks = reinterpret_cast<int32_t**>(s_rec + piece * R);  // [piece][R]
+  auto** s_rec0 = reinterpret_cast<uint8_t**>(s_ranks + piece * R);  // [R]
+  auto** s_ranks0 = reinterpret_cast<int32_t**>(s_rec0 + R);          // [R]
+  auto* s_mask = reinterpret_cast<uint64_t*>(s_ranks0 + R);  // [T] destinations per token
+  int32_t* s_bad = reinterpret_cast<int32_t*>(s_mask + T);   // [8] first bad t*k+slot
+  int32_t* s_tot = s_bad + 8;          // [R] tokens per destination
+  int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
+  int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
+  int32_t* s_epre = s_base + R;        // [E] slots per expert before this block's range
+  int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (block 0)
+  int32_t* s_index = s_etot + E;       // [piece][R] record index per destination, -1 = none
+  int32_t* s_first = s_index + piece * R;  // [piece][R] first slot naming each destination
+  int32_t* s_rank = s_first + piece * R;   // [piece][k] slot rank within its expert
+
+  const int32_t raw_num_tokens = *io.num_tokens;
+  const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
+  const int nt = bad_num_tokens ? 0 : raw_num_tokens;
+  const int per_block = static_cast<int>(CeilDiv(T, gridDim.x));
+  const int start = static_cast<int>(Min(T, blockIdx.x * per_block));
+  const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
+  const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
+
+  for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
+  __syncthreads();
+
+  // The destinations may reuse what they received last step only once they said so: the
+  // block's last threads wait for the credits while the others start counting.
+  const int waiter = tid - (kThreads - R);
+  bool credited = in_turn;
+  if (in_turn && waiter >= 0) {
+    credited = WaitFlag(a, FlagOf(a, DeviceWait::kDispatchCredit, waiter), step - 1,
+                        DeviceWait::kDispatchCredit, waiter);
+  }
+
+  // Every token: its destinations, and its slots counted per expert (of the tokens before
+  // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
+  // masks need no atomics and nothing is divided by k; its slots' loads go out together.
+  const SmallDiv rank_of(L);
+  for (int t = tid; t < T; t += kThreads) {
+    uint64_t mask = 0;
+    for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
+      int32_t ev[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) ev[u] = i0 + u < k ? io.topk_ids[t * k + i0 + u] : -1;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int32_t e = ev[u];
+        if (e < -1 || e >= E) {
+          atomicMin(s_bad, t * k + i0 + u);
+        } else if (e >= 0) {
+          mask |= uint64_t{1} << rank_of(e);
+          if (t < start) atomicAdd(&s_epre[e], 1);
+          if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+        }
+      }
+    }
+    s_mask[t] = mask;
+  }
+  const bool ok = __syncthreads_and(credited) != 0;
+  const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
+
+  // Tokens per destination, warp by warp.
+  for (int base = warp * 32; base < nt; base += kThreads) {
+    const int t = base + lane;
+    const uint64_t m = t < nt ? s_mask[t] : 0;
+    for (int d = 0; d < R; ++d) {
+      const unsigned all = __ballot_sync(kFullMask, (m >> d) & 1);
+      const unsigned before = __ballot_sync(kFullMask, ((m >> d) & 1) && t < start);
+      if (lane == 0 && all) atomicAdd(&s_tot[d], __popc(all));
+      if (lane == 0 && before) atomicAdd(&s_pre[d], __popc(before));
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int32_t offset = 0;
+    for (int d = 0; d < R; ++d) {
+      s_base[d] = offset;
+      offset += bad ? 0 : s_tot[d];
+    }
+  }
+  for (int d = tid; d < R; d += kThreads) {
+    const Destination dst = DestinationOf(a, staged, d);
+    s_rec0[d] = dst.record(0);
+    s_ranks0[d] = dst.slot_rank(0);
+  }
+
+  if (blockIdx.x == 0) {
+    if (tid == 0 && bad) {
+      if (bad_num_tokens) {
+        SetError(a, DeviceError::kBadNumTokens, raw_num_tokens, 0, 0);
+      } else {
+        const int32_t at = s_bad[0];
+        SetError(a, DeviceError::kBadExpertId, at / k, at % k, io.topk_ids[at]);
+      }
+    }
+    for (int d = tid; d < R; d += kThreads) io.send_tokens[d] = bad ? 0 : s_tot[d];
+    // The route row, to every rank (this one included).
+    if (ok) {
+      const NvlinkLayout& nl = me.nl;
+      const int entry = static_cast<int>(nl.route_entry_ints());
+      const int row = static_cast<int>(nl.route_row_ints());
+      for (int x = tid; x < R * row; x += kThreads) {
+        const int p = x / row, w = x % row;
+        const int d = w / entry, j = w % entry;
+        int32_t v;
+        if (bad) {
+          v = w == 0 ? kRouteFailed : 0;
+        } else {
+          v = j == 0 ? s_tot[d] : s_etot[d * L + j - 1];
+        }
+        DestinationOf(a, staged, p).route()[w] = v;
+      }
+    }
+  }
+
+  // This block's rows, a piece at a time: rows [lo, hi), of which [lo, lo + ntok) are packed.
+  for (int lo = start; lo < end; lo += piece) {
+    const int hi = Min(lo + piece, end);
+    const int ntok = Min(hi, own_end) > lo ? Min(hi, own_end) - lo : 0;
+
+    // Record index per destination, the first slot naming each destination, and slot ranks in
+    // (token, slot) order: warp 0, in order, carrying s_pre and s_epre to the next piece.
+    if (warp == 0 && !bad) {
+      for (int i = lane; i < ntok * R; i += 32) s_first[i] = k;
+      __syncwarp();
+      for (int tile = lo; tile < lo + ntok; tile += 32) {
+        const int t = tile + lane;
+        const uint64_t mask = t < lo + ntok ? s_mask[t] : 0;
+        for (int d = 0; d < R; ++d) {
+          const unsigned votes = __ballot_sync(kFullMask, (mask >> d) & 1);
+          if (t < lo + ntok) {
+            s_index[(t - lo) * R + d] =
+                (mask >> d) & 1 ? s_pre[d] + __popc(votes & LaneMaskLt()) : -1;
+          }
+          __syncwarp();
+          if (lane == 0) s_pre[d] += __popc(votes);
+          __syncwarp();
+        }
+      }
+      const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
+      for (int tile = lo; tile < lo + ntok; tile += per_pass) {
+        const int t = tile + lane / k;
+        const int i = lane % k;
+        const bool valid = lane < per_pass * k && t < lo + ntok;
+        const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
+        const unsigned same = __match_any_sync(kFullMask, e);
+        // Lanes run in slot order, so the lowest lane of a (token, destination) is its first.
+        const unsigned same_dest = __match_any_sync(kFullMask, e >= 0 ? t * R + e / L : -1);
+        if (valid) s_rank[(t - lo) * k + i] = e >= 0 ? s_epre[e] + __popc(same & LaneMaskLt()) : -1;
+        if (e >= 0 && lane == __ffs(same_dest) - 1) s_first[(t - lo) * R + e / L] = i;
+        __syncwarp();
+        if (e >= 0 && lane == __ffs(same) - 1) s_epre[e] += __popc(same);
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+
+    // send_index for every row of this piece: the first slot naming a destination carries the
+    // token's record index there.
+    for (int x = tid; x < (hi - lo) * k; x += kThreads) {
+      const int lt = x / k, i = x % k;
+      int32_t index = -1;
+      if (!bad && lt < ntok) {
+        const int32_t e = io.topk_ids[lo * k + x];
+        const int d = e / L;
+        if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
+      }
+      io.send_index[lo * k + x] = index;
+    }
+    for (int x = tid; !bad && x < ntok * R; x += kThreads) {
+      const int32_t j = s_index[x];
+      s_rec[x] = j >= 0 ? s_rec0[x % R] + j * lay.record_bytes() : nullptr;
+      s_ranks[x] = j >= 0 ? s_ranks0[x % R] + j * k : nullptr;
+    }
+    __syncthreads();
+
+    if (ok && !bad) {
+      const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+      const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(lo) * lay.x_bytes();
+      // x: 16-byte vectors, each loaded once and stored to every destination of its token.
+      Batched<4>(
+          tid, ntok * x_vecs, [&](int w) { return LoadInput16(x + static_cast<int64_t>(w) * 16); },
+          [&](int w, int4 v) {
+            const int lt = w / x_vecs, c = w % x_vecs;
+            for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+              Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
+            }
+          });
+      // scales
+      const int S = static_cast<int>(lay.num_scales());
+      for (int w = tid; w < ntok * S; w += kThreads) {
+        const int lt = w / S, c = w % S;
+        const float s = io.x_scale[static_cast<int64_t>(lo) * S + w];
+        for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+          reinterpret_cast<float*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] = s;
+        }
+      }
+      // metadata and slot ranks: one thread per (token, destination, slot)
+      for (int w = tid; w < ntok * R * k; w += kThreads) {
+        const int lt = w / (R * k), d = w / k % R, i = w % k;
+        uint8_t* rec = s_rec[lt * R + d];
+        if (rec == nullptr) continue;
+        const int t = lo + lt;
+        const int32_t e = io.topk_ids[t * k + i];
+        const bool here = e >= 0 && e / L == d;
+        reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
+        reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
+            here ? io.topk_weights[t * k + i] : 0.0f;
+        s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
+        if (i == 0) {
+          *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
+          for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
+            *reinterpret_cast<int32_t*>(rec + b) = 0;
+          }
+        }
+      }
+    }
+    if (lo + piece < end) __syncthreads();  // the next piece rewrites what the copies read
+  }
+
+  if (!in_turn) return;
+  if (LastBlock(a, kTicketDispatchSend)) {
+    if (tid == 0) st->dispatch_step[1] = step;
+    if (!staged) {
+      SignalPeers(a, DeviceWait::kDispatchReady, step);
+    } else {
+      // The copy engine raises the flags of the peers it copies to; this kernel those it
+      // stored to directly.
+      if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
+        SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
+      }
+      // A Silent rank leaves its peers' flags where they are.
+      if (tid == 0 && !Silent(st)) st->staged_ready = step;
+    }
+    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+      a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;
+    }
+    Publish(a, &a.mailbox->dispatch_sent, step);
+  }
+}
+
+
+// A piece is the records a block expands at a time.
+__host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
+  Plan p;
+  p.piece = CeilDiv(lay.max_recv_records(), full_grid);
+  const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
+  p.shared_bytes = 8 * p.piece +                     // record pointers
+                   4 * (8 +                          // verdicts
+                        2 * R + (R + 1) +            // rows and records needed, record bases
+                        R * R + 2 * R * L +          // the route table, folded
+                        5 * (L + 1) +                // count, group, pad, expert and pad starts
+                        R * L +                      // rows of earlier senders per expert
+                        p.piece * k);                // rows of this piece's slots
+  return p;
+}
+
+// Index of the last i in [0, n) with starts[i] <= x (starts nondecreasing, starts[0] <= x).
+__device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= x) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The recv half of `step`, by every block of the grid.
+__device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRecvIo& io,
+                                           bool in_turn, uint64_t step) {
+  const Layout& lay = a.layout;
+  const int R = lay.num_ranks, k = lay.experts_per_token;
+  const int L = static_cast<int>(lay.local_experts());
+  const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
+  const Arena me = ArenaOf(a, a.rank);
+  NvlinkState* st = me.state();
+  const Plan plan = PlanRecv(lay, FullGrid(a));
+  const int tid = threadIdx.x;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  // [piece] where each record of this piece is: the offset math stays out of the copy
+  // loops, which keeps them short.
+  auto** s_recs = reinterpret_cast<const uint8_t**>(smem);
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.piece);  // [8]
+  int32_t* s_need_rows = s_verdict + 8;                    // [R]
+  int32_t* s_need_recs = s_need_rows + R;                  // [R]
+  int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
+  int32_t* s_tok = s_rbase + R + 1;                        // [R][R] records sender -> dest
+  int32_t* s_col = s_tok + R * R;                          // [R][L] slots per (dest, expert)
+  int32_t* s_own = s_col + R * L;                          // [R][L] slots sender -> my experts
+  int32_t* s_count = s_own + R * L;                        // [L] rows per local expert
+  int32_t* s_group = s_count + L + 1;                      // [L] rows with padding
+  int32_t* s_pad = s_group + L + 1;                        // [L] padding rows
+  int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
+  int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
+  int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
+  int32_t* s_rows = s_sbase + R * L;                       // [piece][k]
+
+  if (tid == 0) {
+    s_verdict[0] = INT32_MAX;
+    s_verdict[1] = INT32_MAX;
+  }
+  for (int i = tid; i < 2 * R; i += kThreads) s_need_rows[i] = 0;  // and s_need_recs
+  for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
+  const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
+
+  // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
+  // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
+  if (arrived) {
+    const int entry = static_cast<int>(me.nl.route_entry_ints());
+    const int row = static_cast<int>(me.nl.route_row_ints());
+    for (int x = tid; x < R * row; x += kThreads) {
+      const int src = x / row, d = x % row / entry, j = x % entry;
+      const int32_t v = InboxOf(a, src).route_row(src)[x % row];
+      if (j == 0) {
+        s_tok[src * R + d] = v;
+        if (d == 0 && v == kRouteFailed) atomicMin(&s_verdict[0], src);
+      } else {
+        atomicAdd(&s_col[d * L + j - 1], v);
+        if (d == a.rank) s_own[src * L + j - 1] = v;
+      }
+    }
+    __syncthreads();
+    for (int x = tid; x < R * L; x += kThreads) {
+      atomicAdd(&s_need_rows[x / L], static_cast<int32_t>(AlignUp(s_col[x], lay.expert_alignment)));
+    }
+    for (int d = tid; d < R; d += kThreads) {
+      int32_t n = 0;
+      for (int src = 0; src < R; ++src) n += s_tok[src * R + d];
+      s_need_recs[d] = n;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      for (int d = R - 1; d >= 0; --d) {
+        if (s_need_rows[d] > M || s_need_recs[d] > N) s_verdict[1] = d;
+      }
+    }
+  }
+  __syncthreads();
+  const int failed_sender = s_verdict[0] == INT32_MAX ? -1 : s_verdict[0];
+  const int full_rank = s_verdict[1] == INT32_MAX ? -1 : s_verdict[1];
+  const bool good = arrived && failed_sender < 0 && full_rank < 0;
+  if (blockIdx.x == 0 && tid == 0) {
+    if (arrived && failed_sender >= 0) {
+      SetError(a, DeviceError::kPeerFailed, failed_sender, 0, 0);
+    } else if (arrived && full_rank >= 0) {
+      SetError(a, DeviceError::kCapacity, full_rank, s_need_rows[full_rank],
+               s_need_recs[full_rank]);
+    }
+  }
+
+  if (!good) {
+    // A failed step still leaves the small outputs defined.
+    for (int64_t x = gtid; x < N * k; x += gthreads) {
+      io.record_rows[x] = -1;
+      io.record_weights[x] = 0.0f;
+    }
+    if (blockIdx.x == 0) {
+      for (int e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
+      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
+    }
+  } else {
+    // Expert starts and the rows of earlier senders, per local expert.
+    for (int e = tid; e < L; e += kThreads) {
+      int32_t n = 0;
+      for (int src = 0; src < R; ++src) {
+        s_sbase[src * L + e] = n;
+        n += s_own[src * L + e];
+      }
+      s_count[e] = n;
+      s_group[e] = static_cast<int32_t>(AlignUp(n, lay.expert_alignment));
+      s_pad[e] = s_group[e] - n;
+    }
+    __syncthreads();
+    const int warp = tid >> 5;
+    if (warp == 0) {
+      const int64_t total = WarpExclusiveScan(s_group, s_estart, L);
+      if ((tid & 31) == 0) s_estart[L] = static_cast<int32_t>(total);
+    } else if (warp == 1) {
+      const int64_t total = WarpExclusiveScan(s_pad, s_pstart, L);
+      if ((tid & 31) == 0) s_pstart[L] = static_cast<int32_t>(total);
+    } else if (tid == 64) {
+      int32_t n = 0;
+      for (int src = 0; src < R; ++src) {
+        s_rbase[src] = n;
+        n += s_tok[src * R + a.rank];
+      }
+      s_rbase[R] = n;
+    }
+    __syncthreads();
+    const int64_t total = s_rbase[R];
+    if (blockIdx.x == 0) {
+      for (int e = tid; e < L; e += kThreads) {
+        io.expert_counts[e] = s_count[e];
+        io.group_sizes[e] = s_group[e];
+      }
+      for (int src = tid; src < R; src += kThreads) {
+        io.recv_tokens[src] = s_rbase[src + 1] - s_rbase[src];
+        int32_t offset = 0;
+        for (int d = 0; d < a.rank; ++d) offset += s_tok[src * R + d];
+        io.home_offsets[src] = offset;
+      }
+    }
+
+    // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
+    const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
+    const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
+    const int g1 = static_cast<int>(Min(total, g0 + per_block));
+    const int piece = static_cast<int>(plan.piece);
+    const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+    const int S = static_cast<int>(lay.num_scales());
+    auto* expert_x = static_cast<uint8_t*>(io.expert_x);
+    for (int p0 = g0; p0 < g1; p0 += piece) {
+      const int nrec = Min(p0 + piece, g1) - p0;
+      for (int x = tid; x < nrec * k; x += kThreads) {
+        const int g = p0 + x / k, i = x % k;
+        const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
+        const int j = g - s_rbase[s];
+        const uint8_t* rec = InboxOf(a, s).record(s, j);
+        if (i == 0) s_recs[x / k] = rec;
+        const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
+        const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
+        const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
+        int32_t row = -1;
+        if (e != -1) {
+          const bool sane = e >= 0 && e < L && rank >= 0 && rank < s_own[s * L + e];
+          if (sane) {
+            row = s_estart[e] + s_sbase[s * L + e] + rank;
+          } else {
+            SetError(a, DeviceError::kCorrupt, s, j, i);
+          }
+        }
+        s_rows[x] = row;
+        io.record_rows[static_cast<int64_t>(g) * k + i] = row;
+        io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
+      }
+      __syncthreads();
+
+      // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+      Batched<4>(
+          tid, nrec * x_vecs, [&](int w) { return Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16); },
+          [&](int w, int4 v) {
+            const int r = w / x_vecs, c = w % x_vecs;
+            for (int i = 0; i < k; ++i) {
+              const int32_t row = s_rows[r * k + i];
+              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
+            }
+          });
+      for (int w = tid; w < nrec * S; w += kThreads) {
+        const int r = w / S, c = w % S;
+        const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
+        for (int i = 0; i < k; ++i) {
+          const int32_t row = s_rows[r * k + i];
+          if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
+        }
+      }
+      if (p0 + piece < g1) __syncthreads();  // the next piece rewrites what the copies read
+    }
+
+    // Handle entries past the last record.
+    for (int64_t x = total * k + gtid; x < N * k; x += gthreads) {
+      io.record_rows[x] = -1;
+      io.record_weights[x] = 0.0f;
+    }
+
+    // Zero rows: padding of each group, then (optionally) everything past the last group.
+    const int64_t pad_rows = s_pstart[L];
+    const int64_t used_rows = s_estart[L];
+    const int64_t zero_rows = pad_rows + (a.zero_unused_rows ? M - used_rows : 0);
+    const int4 zero = make_int4(0, 0, 0, 0);
+    for (int64_t w = gtid; w < zero_rows * (x_vecs + S); w += gthreads) {
+      const int64_t z = w / (x_vecs + S), c = w % (x_vecs + S);
+      int64_t row;
+      if (z < pad_rows) {
+        const int64_t e = UpperIndex(s_pstart, L, z);
+        row = s_estart[e] + s_count[e] + (z - s_pstart[e]);
+      } else {
+        row = used_rows + (z - pad_rows);
+      }
+      if (c < x_vecs) {
+        Store16(expert_x + row * lay.x_bytes() + c * 16, zero);
+      } else {
+        io.expert_x_scale[row * S + (c - x_vecs)] = 0.0f;
+      }
+    }
+  }
+
+  if (in_turn) {
+    EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
+            &a.mailbox->dispatch_read, step);
+  }
+}
+
+
+__global__ void __launch_bounds__(kThreads, 2)
+    DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
+                       bool staged) {
+  NvlinkState* st = ArenaOf(a, a.rank).state();
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
+  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+}
+
+__global__ void __launch_bounds__(kThreads, 2)
+    DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
+  NvlinkState* st = ArenaOf(a, a.rank).state();
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
+  RecvBlocks(a, io, in_turn, st->dispatch_step[1]);
+}
+
+// The whole op: the recv half starts in the blocks that sent, without a second launch. Its
+// blocks wait for this rank's own ready flag, raised by the send half's last block, so every
+// block must be resident at once (LoadDispatch checks that the grid fits).
+__global__ void __launch_bounds__(kThreads, 2)
+    DispatchKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo send,
+                   const DispatchRecvIo recv) {
+  NvlinkState* st = ArenaOf(a, a.rank).state();
+  // Read once: the send half's last block advances the steps while others may not have begun.
+  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
+  const uint64_t step = st->dispatch_step[0] + 1;
+  SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  __syncthreads();  // the recv half reuses the shared memory
+  RecvBlocks(a, recv, in_turn, step);
+}
+
+int64_t WholeSharedBytes(const NvlinkArgs& args) {
+  return std::max(PlanSend(args.layout, FullGrid(args)).shared_bytes,
+                  PlanRecv(args.layout, FullGrid(args)).shared_bytes);
+}
+
+}  // namespace
+
+bool LoadDispatch(const NvlinkArgs& args) {
+  LoadKernels("loading dispatch_send", PlanSend(args.layout, FullGrid(args)).shared_bytes,
+              DispatchSendKernel);
+  LoadKernels("loading dispatch_recv", PlanRecv(args.layout, FullGrid(args)).shared_bytes,
+              DispatchRecvKernel);
+  LoadKernels("loading dispatch", WholeSharedBytes(args), DispatchKernel);
+  return CoResident("loading dispatch", DispatchKernel, WholeSharedBytes(args), args);
+}
+
+void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
+                        cudaStream_t stream) {
+  const int grid = GridOf(args, Min(args.layout.max_tokens, FullGrid(args)));
+  LaunchKernel("launching dispatch_send", DispatchSendKernel, grid,
+               PlanSend(args.layout, FullGrid(args)).shared_bytes, stream, args, io, staged);
+}
+
+void LaunchDispatchRecv(const NvlinkArgs& args, const DispatchRecvIo& io, cudaStream_t stream) {
+  LaunchKernel("launching dispatch_recv", DispatchRecvKernel, GridOf(args, FullGrid(args)),
+               PlanRecv(args.layout, FullGrid(args)).shared_bytes, stream, args, io);
+}
+
+void LaunchDispatch(const NvlinkArgs& args, const DispatchSendIo& send, const DispatchRecvIo& recv,
+                    cudaStream_t stream) {
+  if (!args.one_kernel_ops) {
+    LaunchDispatchSend(args, send, /*staged=*/false, stream);
+    LaunchDispatchRecv(args, recv, stream);
+    return;
+  }
+  LaunchKernel("launching dispatch", DispatchKernel, GridOf(args, FullGrid(args)),
+               WholeSharedBytes(args), stream, args, send, recv);
+}
+
+}  // namespace jem

@@ -116,7 +116,7 @@ profile() {  # ncu on one rank's kernels, per case in PROFILE_CASES (one rank: n
   for case in ${PROFILE_CASES:-T=128}; do
     rep=$OUT/kernels_r1_${case//=/}
     ncu --clock-control none --set full --import-source yes -f -o "$rep" \
-      -k regex:'DispatchSend|DispatchRecv|CombineSend|CombineRecv' --launch-skip 8 --launch-count 4 \
+      -k regex:'Dispatch|Combine' --launch-skip 8 --launch-count 4 \
       build/gpu/nvlink_context_test --world 1 --profile "$case" || return 1
     ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
     ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
@@ -179,15 +179,20 @@ for s in $STAGES; do
       stage "bench_all_to_all, fabric path" bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --processes=2 --ranks_per_node=1 \
         --impls=ours --overlap=false --name=a2a_fabric_cuda --out="$OUT" ${BENCH_ARGS:-} ;;
-    decode)  # one rank, no peer: the fixed cost of a step, with and without command buffers
-      for dt in fp8 bf16; do
-        for cb in on off; do
-          flags=$([ $cb = off ] && echo --xla_gpu_enable_command_buffer=)
-          stage "decode $dt, command buffers $cb" bench.log 150 env XLA_FLAGS="$flags" \
-            "$PY" benchmarks/bench_all_to_all.py --platform=cuda --processes=1 --impls=ours \
-            --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=10 \
-            --note="Command buffers $cb: run with XLA_FLAGS='$flags'." \
-            --name=a2a_cuda_ep1_${dt}_cmdbuf_$cb --out="$OUT" ${BENCH_ARGS:-}
+    decode)  # one rank, no peer: the fixed cost of a step, with and without command buffers,
+      # in a while loop and unrolled (DECODE_LOOPS)
+      for loop in ${DECODE_LOOPS:-while unrolled}; do
+        for dt in fp8 bf16; do
+          for cb in on off; do
+            flags=$([ $cb = off ] && echo --xla_gpu_enable_command_buffer=)
+            suffix=$([ $loop = unrolled ] && echo _unrolled)
+            stage "decode $dt, command buffers $cb, $loop" bench.log 150 env XLA_FLAGS="$flags" \
+              "$PY" benchmarks/bench_all_to_all.py --platform=cuda --processes=1 --impls=ours \
+              --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=10 \
+              --unroll=$([ $loop = unrolled ] && echo true || echo false) \
+              --note="Command buffers $cb: run with XLA_FLAGS='$flags'." \
+              --name=a2a_cuda_ep1_${dt}_cmdbuf_$cb$suffix --out="$OUT" ${BENCH_ARGS:-}
+          done
         done
       done ;;
     post)  # CPU processes only: posting one dispatch step's writes for 1 to 63 peers

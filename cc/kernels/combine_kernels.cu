@@ -81,13 +81,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
     for (int x = tid; x < nrec * k; x += kThreads) {
       const int64_t at = static_cast<int64_t>(p0) * k + x;
       const int32_t row = io.record_rows[at];
+      const float weight = io.record_weights[at];  // loaded with the row, not after it
       if (row < -1 || row >= M) {
         SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecordRows),
                  at, row);
       }
       const bool use = row >= 0 && row < M;
       s_row[x] = use ? row : -1;
-      s_weight[x] = use ? io.record_weights[at] : 0.0f;
+      s_weight[x] = use ? weight : 0.0f;
     }
   };
   read_slots(g0, Min(g1, g0 + piece) - g0);

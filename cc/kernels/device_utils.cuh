@@ -215,15 +215,15 @@ __device__ __forceinline__ bool InTurn(const NvlinkArgs& a, const uint64_t* step
 }
 
 // Spins until *flag >= target. On the deadline it records a timeout and returns false. Once a
-// rank has failed, its later waits fail at once: the kernels of the failed step and of any
-// step the host enqueued before it saw the failure then finish without waiting, whatever
-// their peers' hosts did (every rank learns of a bad-input or capacity failure in the same
-// step, from the route rows).
+// rank has failed, its later waits for a flag not yet raised fail at once: the kernels of the
+// failed step and of any step the host enqueued before it saw the failure then finish without
+// waiting, whatever their peers' hosts did (every rank learns of a bad-input or capacity
+// failure in the same step, from the route rows). The flag is read first: a wait that needs
+// no waiting costs one load.
 static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t* flag, uint64_t target,
                                       DeviceWait what, int peer) {
-  const NvlinkState* st = ArenaOf(a, a.rank).state();
-  if (Failed(st)) return false;
   if (LoadAcquireSys(flag) >= target) return true;
+  const NvlinkState* st = ArenaOf(a, a.rank).state();
   const uint64_t start = GlobalTimerNs();
   while (LoadAcquireSys(flag) < target) {
     if (Failed(st)) return false;
@@ -327,24 +327,69 @@ __device__ __forceinline__ unsigned LaneMaskLt() {
   return m;
 }
 
-// Exclusive prefix sum of v[0..n) into out[0..n) (may alias) by one warp; returns the total to
-// every lane.
-__device__ __forceinline__ int64_t WarpExclusiveScan(const int32_t* v, int32_t* out, int64_t n) {
-  const int lane = threadIdx.x & 31;
-  int64_t carry = 0;
-  for (int64_t base = 0; base < n; base += 32) {
-    const int64_t i = base + lane;
-    const int32_t x = i < n ? v[i] : 0;
-    int32_t incl = x;
+__device__ __forceinline__ int32_t WarpSum(int32_t v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFullMask, v, d);
+  return v;
+}
+
+// Shared scratch of BlockExclusiveScan2, in ints.
+constexpr int kScanScratch = 2 * (kThreads / 32);
+
+// Exclusive prefix sums of a[0..n) and of b[0..n) into out_a[0..n] and out_b[0..n], the totals
+// last, by the whole block (every thread calls it); the totals are visible after the caller's
+// next barrier. kThreads values per round, each warp's scanned by shuffles, then the warps'.
+__device__ __forceinline__ void BlockExclusiveScan2(const int32_t* a, const int32_t* b,
+                                                    int32_t* out_a, int32_t* out_b, int n,
+                                                    int32_t* scratch) {
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int32_t carry_a = 0, carry_b = 0;
+  for (int base = 0; base < n; base += kThreads) {
+    const int i = base + static_cast<int>(threadIdx.x);
+    const int32_t xa = i < n ? a[i] : 0, xb = i < n ? b[i] : 0;
+    int32_t ia = xa, ib = xb;  // inclusive, within the warp
 #pragma unroll
     for (int d = 1; d < 32; d <<= 1) {
-      const int32_t y = __shfl_up_sync(kFullMask, incl, d);
-      if (lane >= d) incl += y;
+      const int32_t ya = __shfl_up_sync(kFullMask, ia, d), yb = __shfl_up_sync(kFullMask, ib, d);
+      if (lane >= d) {
+        ia += ya;
+        ib += yb;
+      }
     }
-    if (i < n) out[i] = static_cast<int32_t>(carry + incl - x);
-    carry += __shfl_sync(kFullMask, incl, 31);
+    if (lane == 31) {
+      scratch[warp] = ia;
+      scratch[kWarps + warp] = ib;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int32_t sa = lane < kWarps ? scratch[lane] : 0, sb = lane < kWarps ? scratch[kWarps + lane] : 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int32_t ya = __shfl_up_sync(kFullMask, sa, d), yb = __shfl_up_sync(kFullMask, sb, d);
+        if (lane >= d) {
+          sa += ya;
+          sb += yb;
+        }
+      }
+      if (lane < kWarps) {
+        scratch[lane] = sa;
+        scratch[kWarps + lane] = sb;
+      }
+    }
+    __syncthreads();
+    if (i < n) {
+      out_a[i] = carry_a + (warp > 0 ? scratch[warp - 1] : 0) + ia - xa;
+      out_b[i] = carry_b + (warp > 0 ? scratch[kWarps + warp - 1] : 0) + ib - xb;
+    }
+    carry_a += scratch[kWarps - 1];
+    carry_b += scratch[2 * kWarps - 1];
+    __syncthreads();  // the next round rewrites the scratch
   }
-  return carry;
+  if (threadIdx.x == 0) {
+    out_a[n] = carry_a;
+    out_b[n] = carry_b;
+  }
 }
 
 // ---------------------------------------------------------------- arithmetic

@@ -277,45 +277,58 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     __syncthreads();
 
     if (ok && !bad) {
+      // One pass over the piece's x (16-byte vectors, each loaded once and stored to every
+      // destination of its token), its scales, and its metadata and slot ranks (an item per
+      // (token, destination, slot)), so that a thread waits for memory once per batch of
+      // items, not once per kind.
       const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
+      const int S = static_cast<int>(lay.num_scales());
+      const int n_x = ntok * x_vecs, n_s = ntok * S;
       const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(lo) * lay.x_bytes();
-      // x: 16-byte vectors, each loaded once and stored to every destination of its token.
       Batched<4>(
-          tid, ntok * x_vecs, [&](int w) { return LoadInput16(x + static_cast<int64_t>(w) * 16); },
+          tid, n_x + n_s + ntok * R * k,
+          [&](int w) {
+            if (w < n_x) return LoadInput16(x + static_cast<int64_t>(w) * 16);
+            if (w < n_x + n_s) {
+              return make_int4(__float_as_int(io.x_scale[static_cast<int64_t>(lo) * S + w - n_x]),
+                               0, 0, 0);
+            }
+            const int m = w - n_x - n_s, t = lo + m / (R * k), i = m % k;
+            return make_int4(io.topk_ids[t * k + i], __float_as_int(io.topk_weights[t * k + i]),
+                             0, 0);
+          },
           [&](int w, int4 v) {
-            const int lt = w / x_vecs, c = w % x_vecs;
-            for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
-              Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
+            if (w < n_x) {
+              const int lt = w / x_vecs, c = w % x_vecs;
+              for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+                Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
+              }
+              return;
+            }
+            if (w < n_x + n_s) {
+              const int lt = (w - n_x) / S, c = (w - n_x) % S;
+              for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+                reinterpret_cast<int32_t*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] =
+                    v.x;
+              }
+              return;
+            }
+            const int m = w - n_x - n_s;
+            const int lt = m / (R * k), d = m / k % R, i = m % k;
+            uint8_t* rec = s_rec[lt * R + d];
+            if (rec == nullptr) return;
+            const int32_t e = v.x;
+            const bool here = e >= 0 && e / L == d;
+            reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
+            reinterpret_cast<int32_t*>(rec + lay.weight_offset())[i] = here ? v.y : 0;
+            s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
+            if (i == 0) {
+              *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = lo + lt;
+              for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
+                *reinterpret_cast<int32_t*>(rec + b) = 0;
+              }
             }
           });
-      // scales
-      const int S = static_cast<int>(lay.num_scales());
-      for (int w = tid; w < ntok * S; w += kThreads) {
-        const int lt = w / S, c = w % S;
-        const float s = io.x_scale[static_cast<int64_t>(lo) * S + w];
-        for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
-          reinterpret_cast<float*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] = s;
-        }
-      }
-      // metadata and slot ranks: one thread per (token, destination, slot)
-      for (int w = tid; w < ntok * R * k; w += kThreads) {
-        const int lt = w / (R * k), d = w / k % R, i = w % k;
-        uint8_t* rec = s_rec[lt * R + d];
-        if (rec == nullptr) continue;
-        const int t = lo + lt;
-        const int32_t e = io.topk_ids[t * k + i];
-        const bool here = e >= 0 && e / L == d;
-        reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
-        reinterpret_cast<float*>(rec + lay.weight_offset())[i] =
-            here ? io.topk_weights[t * k + i] : 0.0f;
-        s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
-        if (i == 0) {
-          *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = t;
-          for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
-            *reinterpret_cast<int32_t*>(rec + b) = 0;
-          }
-        }
-      }
     }
     if (lo + piece < end) __syncthreads();  // the next piece rewrites what the copies read
   }
@@ -353,6 +366,7 @@ __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
+                        kScanScratch +               // the scans
                         p.piece * k);                // rows of this piece's slots
   return p;
 }
@@ -398,13 +412,13 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
   int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
-  int32_t* s_rows = s_sbase + R * L;                       // [piece][k]
+  int32_t* s_scan = s_sbase + R * L;                       // [kScanScratch]
+  int32_t* s_rows = s_scan + kScanScratch;                 // [piece][k]
 
   if (tid == 0) {
     s_verdict[0] = INT32_MAX;
     s_verdict[1] = INT32_MAX;
   }
-  for (int i = tid; i < 2 * R; i += kThreads) s_need_rows[i] = 0;  // and s_need_recs
   for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
   const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
 
@@ -425,18 +439,20 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
     }
     __syncthreads();
-    for (int x = tid; x < R * L; x += kThreads) {
-      atomicAdd(&s_need_rows[x / L], static_cast<int32_t>(AlignUp(s_col[x], lay.expert_alignment)));
-    }
-    for (int d = tid; d < R; d += kThreads) {
-      int32_t n = 0;
-      for (int src = 0; src < R; ++src) n += s_tok[src * R + d];
-      s_need_recs[d] = n;
-    }
-    __syncthreads();
-    if (tid == 0) {
-      for (int d = R - 1; d >= 0; --d) {
-        if (s_need_rows[d] > M || s_need_recs[d] > N) s_verdict[1] = d;
+    // Rows and records every rank needs, a warp per rank; the first full rank is the verdict.
+    const int lane = tid & 31;
+    for (int d = tid >> 5; d < R; d += kThreads / 32) {
+      int32_t rows = 0, recs = 0;
+      for (int e = lane; e < L; e += 32) {
+        rows += static_cast<int32_t>(AlignUp(s_col[d * L + e], lay.expert_alignment));
+      }
+      for (int src = lane; src < R; src += 32) recs += s_tok[src * R + d];
+      rows = WarpSum(rows);
+      recs = WarpSum(recs);
+      if (lane == 0) {
+        s_need_rows[d] = rows;
+        s_need_recs[d] = recs;
+        if (rows > M || recs > N) atomicMin(&s_verdict[1], d);
       }
     }
   }
@@ -465,6 +481,14 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     }
   } else {
     // Expert starts and the rows of earlier senders, per local expert.
+    if (tid == kThreads - 1) {
+      int32_t n = 0;
+      for (int src = 0; src < R; ++src) {
+        s_rbase[src] = n;
+        n += s_tok[src * R + a.rank];
+      }
+      s_rbase[R] = n;
+    }
     for (int e = tid; e < L; e += kThreads) {
       int32_t n = 0;
       for (int src = 0; src < R; ++src) {
@@ -476,21 +500,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       s_pad[e] = s_group[e] - n;
     }
     __syncthreads();
-    const int warp = tid >> 5;
-    if (warp == 0) {
-      const int64_t total = WarpExclusiveScan(s_group, s_estart, L);
-      if ((tid & 31) == 0) s_estart[L] = static_cast<int32_t>(total);
-    } else if (warp == 1) {
-      const int64_t total = WarpExclusiveScan(s_pad, s_pstart, L);
-      if ((tid & 31) == 0) s_pstart[L] = static_cast<int32_t>(total);
-    } else if (tid == 64) {
-      int32_t n = 0;
-      for (int src = 0; src < R; ++src) {
-        s_rbase[src] = n;
-        n += s_tok[src * R + a.rank];
-      }
-      s_rbase[R] = n;
-    }
+    BlockExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L, s_scan);
     __syncthreads();
     const int64_t total = s_rbase[R];
     if (blockIdx.x == 0) {

@@ -180,10 +180,10 @@ for s in $STAGES; do
         benchmarks/bench_all_to_all.py --platform=cuda --processes=2 --ranks_per_node=1 \
         --impls=ours --overlap=false --name=a2a_fabric_cuda --out="$OUT" ${BENCH_ARGS:-} ;;
     decode)  # one rank, no peer: the fixed cost of a step, with and without command buffers,
-      # in a while loop and unrolled (DECODE_LOOPS)
+      # in a while loop and unrolled (DECODE_LOOPS, DECODE_DTYPES, DECODE_CMDBUF pick)
       for loop in ${DECODE_LOOPS:-while unrolled}; do
-        for dt in fp8 bf16; do
-          for cb in on off; do
+        for dt in ${DECODE_DTYPES:-fp8 bf16}; do
+          for cb in ${DECODE_CMDBUF:-on off}; do
             flags=$([ $cb = off ] && echo --xla_gpu_enable_command_buffer=)
             suffix=$([ $loop = unrolled ] && echo _unrolled)
             stage "decode $dt, command buffers $cb, $loop" bench.log 150 env XLA_FLAGS="$flags" \

@@ -107,8 +107,9 @@ class NvlinkContext {
 
  private:
   void OpenFabric(const FabricOptions& fabric);
-  // Makes `stream` wait until the last staged send's copies have read the outboxes.
-  void AfterStagedCopies(cudaStream_t stream);
+  // Makes `stream` (capturing: under stream capture) wait until the last staged send's copies
+  // have read the outboxes.
+  void AfterStagedCopies(cudaStream_t stream, bool capturing);
   // Whether the host still sees every step: no call of this context was captured yet.
   bool HostSeesSteps(cudaStream_t stream);
 

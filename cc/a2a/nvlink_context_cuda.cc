@@ -270,28 +270,26 @@ void NvlinkContext::Connect(const std::vector<NvlinkContext*>& local,
   connected_ = true;
 }
 
-void NvlinkContext::AfterStagedCopies(cudaStream_t stream) {
+void NvlinkContext::AfterStagedCopies(cudaStream_t stream, bool capturing) {
   // A send rewrites the outboxes only once the last staged send's copies have read them.
   // Under capture, waiting for the copies of an uncaptured step would take an event wait node,
   // which CUDA allows in no graph loop or conditional (where XLA may put this call). It is not
   // needed there: the kernel writes the outboxes only after every peer's credit for the step
   // before, which each peer gives once it has seen the ready flag that the copy engine writes
   // to it behind that step's data, and the last flag is the last copy of the step.
-  if (!Capturing(stream)) {
-    CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
-  }
+  if (!capturing) CheckCuda(cudaStreamWaitEvent(stream, copies_done_, 0), "cudaStreamWaitEvent");
 }
 
 void NvlinkContext::EnqueueDispatch(const DispatchSendIo& send, const DispatchRecvIo& recv,
                                     cudaStream_t stream) {
-  AfterStagedCopies(stream);
+  AfterStagedCopies(stream, Capturing(stream));
   LaunchDispatch(args_, send, recv, stream);
 }
 
 void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
                                         cudaStream_t stream) {
   const bool capturing = Capturing(stream);
-  AfterStagedCopies(stream);
+  AfterStagedCopies(stream, capturing);
   LaunchDispatchSend(args_, io, staged, stream);
   // The peers the copy engine serves: NVLink peers on other GPUs.
   const int me = args_.rank;

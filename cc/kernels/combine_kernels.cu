@@ -115,7 +115,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
       __syncthreads();
     }
     for (int w = tid; w < nrec * vecs; w += kThreads) {
-      const int r = w / vecs, c = w % vecs;
+      const int r = a.div.combine_vecs.Div(w), c = w - r * vecs;
       const int g = p0 + r;
       float acc[Vec16<T>::kLanes] = {};
       for (int i0 = 0; i0 < k; i0 += 4) {
@@ -217,7 +217,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   const auto find_partials = [&](int lo, int hi) {
     bool sane = true;
     for (int x = tid; x < (hi - lo) * k; x += kThreads) {
-      const int t = lo + x / k;
+      const int t = lo + a.div.k.Div(x);
       const int64_t at = static_cast<int64_t>(lo) * k + x;
       const int32_t index = t < nt ? io.send_index[at] : -1;
       const uint8_t* src = nullptr;
@@ -253,7 +253,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
       sane = find_partials(lo, hi);
     }
     for (int w = tid; w < (hi - lo) * vecs; w += kThreads) {
-      const int lt = w / vecs, c = w % vecs;
+      const int lt = a.div.combine_vecs.Div(w), c = w - lt * vecs;
       float acc[Vec16<T>::kLanes] = {};
       if (good && sane) {
         for (int i0 = 0; i0 < k; i0 += 4) {

@@ -81,16 +81,6 @@ __device__ __forceinline__ void Batched(int first, int n, Load load, Use use) {
   }
 }
 
-// x / d by one multiply, exact for 0 <= x and x * d < 2^32 (an expert id over the experts
-// per rank: the NVLink path has at most kMaxNvlinkExperts experts).
-struct SmallDiv {
-  uint64_t m;  // ceil(2^32 / d)
-  __device__ explicit SmallDiv(uint32_t d) : m(((uint64_t{1} << 32) + d - 1) / d) {}
-  __device__ __forceinline__ int operator()(int x) const {
-    return static_cast<int>((static_cast<uint64_t>(x) * m) >> 32);
-  }
-};
-
 // ---------------------------------------------------------------- arena
 
 struct Arena {

@@ -137,7 +137,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   // Every token: its destinations, and its slots counted per expert (of the tokens before
   // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
   // masks need no atomics and nothing is divided by k; its slots' loads go out together.
-  const SmallDiv rank_of(L);
+  const FastDiv& rank_of = a.div.local_experts;
   for (int t = tid; t < T; t += kThreads) {
     uint64_t mask = 0;
     for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
@@ -150,7 +150,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
         if (e < -1 || e >= E) {
           atomicMin(s_bad, t * k + i0 + u);
         } else if (e >= 0) {
-          mask |= uint64_t{1} << rank_of(e);
+          mask |= uint64_t{1} << rank_of.Div(e);
           if (t < start) atomicAdd(&s_epre[e], 1);
           if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
         }
@@ -202,8 +202,8 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       const int entry = static_cast<int>(nl.route_entry_ints());
       const int row = static_cast<int>(nl.route_row_ints());
       for (int x = tid; x < R * row; x += kThreads) {
-        const int p = x / row, w = x % row;
-        const int d = w / entry, j = w % entry;
+        const int p = a.div.route_row.Div(x), w = x - p * row;
+        const int d = a.div.route_entry.Div(w), j = w - d * entry;
         int32_t v;
         if (bad) {
           v = w == 0 ? kRouteFailed : 0;
@@ -241,15 +241,16 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       }
       const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
       for (int tile = lo; tile < lo + ntok; tile += per_pass) {
-        const int t = tile + lane / k;
-        const int i = lane % k;
+        const int t = tile + a.div.k.Div(lane);
+        const int i = a.div.k.Mod(lane);
         const bool valid = lane < per_pass * k && t < lo + ntok;
         const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
         const unsigned same = __match_any_sync(kFullMask, e);
         // Lanes run in slot order, so the lowest lane of a (token, destination) is its first.
-        const unsigned same_dest = __match_any_sync(kFullMask, e >= 0 ? t * R + e / L : -1);
+        const int d = e >= 0 ? rank_of.Div(e) : -1;
+        const unsigned same_dest = __match_any_sync(kFullMask, e >= 0 ? t * R + d : -1);
         if (valid) s_rank[(t - lo) * k + i] = e >= 0 ? s_epre[e] + __popc(same & LaneMaskLt()) : -1;
-        if (e >= 0 && lane == __ffs(same_dest) - 1) s_first[(t - lo) * R + e / L] = i;
+        if (e >= 0 && lane == __ffs(same_dest) - 1) s_first[(t - lo) * R + d] = i;
         __syncwarp();
         if (e >= 0 && lane == __ffs(same) - 1) s_epre[e] += __popc(same);
         __syncwarp();
@@ -260,19 +261,20 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     // send_index for every row of this piece: the first slot naming a destination carries the
     // token's record index there.
     for (int x = tid; x < (hi - lo) * k; x += kThreads) {
-      const int lt = x / k, i = x % k;
+      const int lt = a.div.k.Div(x), i = x - lt * k;
       int32_t index = -1;
       if (!bad && lt < ntok) {
         const int32_t e = io.topk_ids[lo * k + x];
-        const int d = e / L;
+        const int d = rank_of.Div(e);
         if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
       }
       io.send_index[lo * k + x] = index;
     }
     for (int x = tid; !bad && x < ntok * R; x += kThreads) {
       const int32_t j = s_index[x];
-      s_rec[x] = j >= 0 ? s_rec0[x % R] + j * lay.record_bytes() : nullptr;
-      s_ranks[x] = j >= 0 ? s_ranks0[x % R] + j * k : nullptr;
+      const int d = a.div.ranks.Mod(x);
+      s_rec[x] = j >= 0 ? s_rec0[d] + j * lay.record_bytes() : nullptr;
+      s_ranks[x] = j >= 0 ? s_ranks0[d] + j * k : nullptr;
     }
     __syncthreads();
 
@@ -293,20 +295,20 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
               return make_int4(__float_as_int(io.x_scale[static_cast<int64_t>(lo) * S + w - n_x]),
                                0, 0, 0);
             }
-            const int m = w - n_x - n_s, t = lo + m / (R * k), i = m % k;
+            const int m = w - n_x - n_s, t = lo + a.div.ranks_k.Div(m), i = a.div.k.Mod(m);
             return make_int4(io.topk_ids[t * k + i], __float_as_int(io.topk_weights[t * k + i]),
                              0, 0);
           },
           [&](int w, int4 v) {
             if (w < n_x) {
-              const int lt = w / x_vecs, c = w % x_vecs;
+              const int lt = a.div.x_vecs.Div(w), c = w - lt * x_vecs;
               for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
                 Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
               }
               return;
             }
             if (w < n_x + n_s) {
-              const int lt = (w - n_x) / S, c = (w - n_x) % S;
+              const int lt = a.div.scales.Div(w - n_x), c = w - n_x - lt * S;
               for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
                 reinterpret_cast<int32_t*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] =
                     v.x;
@@ -314,12 +316,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
               return;
             }
             const int m = w - n_x - n_s;
-            const int lt = m / (R * k), d = m / k % R, i = m % k;
+            const int lt = a.div.ranks_k.Div(m), d = a.div.ranks.Mod(a.div.k.Div(m));
+            const int i = a.div.k.Mod(m);
             uint8_t* rec = s_rec[lt * R + d];
             if (rec == nullptr) return;
             const int32_t e = v.x;
-            const bool here = e >= 0 && e / L == d;
-            reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e % L : -1;
+            const int e_rank = e >= 0 ? rank_of.Div(e) : -1;
+            const bool here = e_rank == d;
+            reinterpret_cast<int32_t*>(rec + lay.expert_offset())[i] = here ? e - d * L : -1;
             reinterpret_cast<int32_t*>(rec + lay.weight_offset())[i] = here ? v.y : 0;
             s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
             if (i == 0) {
@@ -428,8 +432,9 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     const int entry = static_cast<int>(me.nl.route_entry_ints());
     const int row = static_cast<int>(me.nl.route_row_ints());
     for (int x = tid; x < R * row; x += kThreads) {
-      const int src = x / row, d = x % row / entry, j = x % entry;
-      const int32_t v = InboxOf(a, src).route_row(src)[x % row];
+      const int src = a.div.route_row.Div(x), w = x - src * row;
+      const int d = a.div.route_entry.Div(w), j = w - d * entry;
+      const int32_t v = InboxOf(a, src).route_row(src)[w];
       if (j == 0) {
         s_tok[src * R + d] = v;
         if (d == 0 && v == kRouteFailed) atomicMin(&s_verdict[0], src);
@@ -444,7 +449,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     for (int d = tid >> 5; d < R; d += kThreads / 32) {
       int32_t rows = 0, recs = 0;
       for (int e = lane; e < L; e += 32) {
-        rows += static_cast<int32_t>(AlignUp(s_col[d * L + e], lay.expert_alignment));
+        rows += a.div.alignment.RoundUp(s_col[d * L + e]);
       }
       for (int src = lane; src < R; src += 32) recs += s_tok[src * R + d];
       rows = WarpSum(rows);
@@ -496,7 +501,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
         n += s_own[src * L + e];
       }
       s_count[e] = n;
-      s_group[e] = static_cast<int32_t>(AlignUp(n, lay.expert_alignment));
+      s_group[e] = a.div.alignment.RoundUp(n);
       s_pad[e] = s_group[e] - n;
     }
     __syncthreads();
@@ -527,11 +532,11 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     for (int p0 = g0; p0 < g1; p0 += piece) {
       const int nrec = Min(p0 + piece, g1) - p0;
       for (int x = tid; x < nrec * k; x += kThreads) {
-        const int g = p0 + x / k, i = x % k;
+        const int r = a.div.k.Div(x), g = p0 + r, i = x - r * k;
         const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
         const int j = g - s_rbase[s];
         const uint8_t* rec = InboxOf(a, s).record(s, j);
-        if (i == 0) s_recs[x / k] = rec;
+        if (i == 0) s_recs[r] = rec;
         const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
         const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
         const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
@@ -552,16 +557,20 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 
       // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
       Batched<4>(
-          tid, nrec * x_vecs, [&](int w) { return Load16(s_recs[w / x_vecs] + (w % x_vecs) * 16); },
+          tid, nrec * x_vecs,
+          [&](int w) {
+            const int r = a.div.x_vecs.Div(w);
+            return Load16(s_recs[r] + (w - r * x_vecs) * 16);
+          },
           [&](int w, int4 v) {
-            const int r = w / x_vecs, c = w % x_vecs;
+            const int r = a.div.x_vecs.Div(w), c = w - r * x_vecs;
             for (int i = 0; i < k; ++i) {
               const int32_t row = s_rows[r * k + i];
               if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
             }
           });
       for (int w = tid; w < nrec * S; w += kThreads) {
-        const int r = w / S, c = w % S;
+        const int r = a.div.scales.Div(w), c = w - r * S;
         const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
         for (int i = 0; i < k; ++i) {
           const int32_t row = s_rows[r * k + i];
@@ -581,9 +590,10 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     const int64_t pad_rows = s_pstart[L];
     const int64_t used_rows = s_estart[L];
     const int64_t zero_rows = pad_rows + (a.zero_unused_rows ? M - used_rows : 0);
+    // A warp per row.
     const int4 zero = make_int4(0, 0, 0, 0);
-    for (int64_t w = gtid; w < zero_rows * (x_vecs + S); w += gthreads) {
-      const int64_t z = w / (x_vecs + S), c = w % (x_vecs + S);
+    const int lane = tid & 31;
+    for (int64_t z = gtid / 32; z < zero_rows; z += gthreads / 32) {
       int64_t row;
       if (z < pad_rows) {
         const int64_t e = UpperIndex(s_pstart, L, z);
@@ -591,11 +601,8 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       } else {
         row = used_rows + (z - pad_rows);
       }
-      if (c < x_vecs) {
-        Store16(expert_x + row * lay.x_bytes() + c * 16, zero);
-      } else {
-        io.expert_x_scale[row * S + (c - x_vecs)] = 0.0f;
-      }
+      for (int c = lane; c < x_vecs; c += 32) Store16(expert_x + row * lay.x_bytes() + c * 16, zero);
+      for (int c = lane; c < S; c += 32) io.expert_x_scale[row * S + c] = 0.0f;
     }
   }
 

@@ -16,6 +16,7 @@
 
 #include "cc/base/nvlink_layout.h"
 #include "cc/base/device_status.h"
+#include "cc/kernels/fast_div.h"
 
 namespace jem {
 
@@ -40,10 +41,38 @@ inline void CheckCuda(cudaError_t err, const char* what) {
   }
 }
 
+// The layout's numbers the kernels divide by inside their loops.
+struct NvlinkDivisors {
+  FastDiv k;              // experts per token
+  FastDiv local_experts;  // L
+  FastDiv ranks;          // R
+  FastDiv ranks_k;        // R * k
+  FastDiv x_vecs;         // 16-byte vectors of a token's x
+  FastDiv scales;         // scales per token (1 where there are none)
+  FastDiv route_entry;    // 1 + L ints
+  FastDiv route_row;      // R * (1 + L) ints
+  FastDiv combine_vecs;   // 16-byte vectors of a combine row
+  FastDiv alignment;      // expert_alignment
+
+  NvlinkDivisors() = default;
+  explicit NvlinkDivisors(const Layout& l)
+      : k(l.experts_per_token),
+        local_experts(l.local_experts()),
+        ranks(l.num_ranks),
+        ranks_k(l.num_ranks * l.experts_per_token),
+        x_vecs(l.x_bytes() / 16),
+        scales(l.num_scales() > 0 ? l.num_scales() : 1),
+        route_entry(l.route_entry_ints()),
+        route_row(l.route_row_ints()),
+        combine_vecs(l.combine_row_bytes() / 16),
+        alignment(l.expert_alignment) {}
+};
+
 // What every kernel of one rank needs: the layout, who it is, every NVLink peer's arena as
 // mapped on this rank's device (its own at arenas[rank]), and how fabric peers are reached.
 struct NvlinkArgs {
   Layout layout;
+  NvlinkDivisors div;  // of the layout
   int32_t rank = 0;
   int32_t num_sms = 0;  // SMs of the device
   int32_t max_sms = 0;  // SMs each kernel may occupy (the SM budget; 0: every SM)

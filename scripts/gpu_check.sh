@@ -111,19 +111,24 @@ kernels_two_processes() {  # nvlink_context_test as 2 processes over CUDA IPC; $
   return $rc
 }
 
-profile() {  # ncu on one rank's kernels, per case in PROFILE_CASES (one rank: ncu serializes launches)
-  local case rep
-  for case in ${PROFILE_CASES:-T=128}; do
-    rep=$OUT/kernels_r1_${case//=/}
-    ncu --clock-control none --set full --import-source yes -f -o "$rep" \
-      -k regex:'Dispatch|Combine' --launch-skip 8 --launch-count 4 \
+profile() {  # ncu on one rank's kernels (one rank: ncu serializes launches)
+  # PROFILE_CASES: nvlink_context_test --profile cases, ';' between them; PROFILE_SECTIONS:
+  # ncu --section names (default: the full set).
+  local case rep n=0 sections=(--set full)
+  [ -n "${PROFILE_SECTIONS:-}" ] && sections=($(printf -- '--section %s ' $PROFILE_SECTIONS))
+  while IFS= read -r case; do
+    n=$((n + 1))
+    rep=$OUT/kernels_r1_case$n
+    echo "case $n: $case"
+    ncu --clock-control none "${sections[@]}" --import-source yes -f -o "$rep" \
+      -k regex:"${PROFILE_KERNELS:-Dispatch|Combine}" --launch-skip 8 --launch-count 4 \
       build/gpu/nvlink_context_test --world 1 --profile "$case" || return 1
     ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
     ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
     # Per-instruction stall samples, where this ncu can print them.
     ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1 ||
       ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
-  done
+  done < <(tr ';' '\n' <<<"${PROFILE_CASES:-T=128}")
 }
 
 sanitize() {  # compute-sanitizer TOOL on the small cases: one process, then one per rank

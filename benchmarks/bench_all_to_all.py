@@ -115,6 +115,9 @@ flags.DEFINE_multi_string("note", [], "A sentence for the results' notes (repeat
 flags.DEFINE_float("grad_rtol", 2 ** -5, "--training: largest max|ours - stock| / max|stock| "
                    "of a gradient.")
 flags.DEFINE_float("timeout_s", 1800.0, "Deadline for the whole run.")
+flags.DEFINE_bool("trace", False, "Also trace one dispatch loop and one round-trip loop with "
+                  "jax.profiler and report the device time per step of each kernel and copy "
+                  "(GPU; where the step's time goes besides our kernels).")
 FLAGS = flags.FLAGS
 
 
@@ -386,7 +389,45 @@ def _measure(comm, mesh, inputs, expert_y, iters, repeats):
             for name, dt in zip(half, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 half[name].append(dt)
     res["per_call_us"] = {name: summary(v, 1) for name, v in half.items()}
+    if FLAGS.trace:
+        res["device_us_per_step"] = {"dispatch": _device_time(d_loop, inputs, iters),
+                                     "round_trip": _device_time(rt_loop, inputs + (expert_y,),
+                                                                iters)}
     return res
+
+
+def _device_time(fn, args, iters):
+    """One traced call of fn (after a warm one): per kernel or copy on the device, its count
+    and its µs per step, largest first, and the span from the first device event's start to the
+    last one's end per step. Empty where the trace has no GPU plane (XLA:CPU)."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax._src.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(fn(*args))
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = ProfileData.from_file(files[0]) if files else None
+    per_name, first, last = {}, None, None
+    gpu = [p for p in (data.planes if data else ()) if p.name.startswith("/device:GPU")]
+    lines = [line for p in gpu for line in p.lines]
+    # Each kernel and copy is an event on its stream's line; other lines ("XLA Ops") repeat them.
+    streams = [line for line in lines if line.name.startswith("Stream")] or lines
+    for line in streams:
+        for e in line.events:
+            n, t = per_name.get(e.name, (0, 0.0))
+            per_name[e.name] = (n + 1, t + e.duration_ns)
+            first = e.start_ns if first is None else min(first, e.start_ns)
+            last = max(last or 0.0, e.start_ns + e.duration_ns)
+    kernels = sorted(({"name": name, "count_per_step": n / iters, "us_per_step": t / 1e3 / iters}
+                      for name, (n, t) in per_name.items()), key=lambda k: -k["us_per_step"])
+    return {"kernels": kernels, "lines": sorted({line.name for line in lines}),
+            "busy_us_per_step": sum(k["us_per_step"] for k in kernels),
+            "span_us_per_step": (last - first) / 1e3 / iters if kernels else 0.0}
 
 
 def _matmul_loop(n, iters):
@@ -689,6 +730,19 @@ def write_report(results, stem, plot):
             lines.append(f"| {r['tokens']} | {_label(r)} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
                          f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {o['overlapped_us']:.1f} | "
                          f"{100 * o['hidden_fraction']:.0f}% |")
+    traced = [r for r in results["runs"] if r.get("device_us_per_step")]
+    if traced:
+        lines += ["", "Device time per step of one traced loop (jax.profiler): busy is the sum "
+                  "of every kernel and copy, span from the first one's start to the last one's "
+                  "end; then each kernel or copy (count per step, µs per step).", "",
+                  "| T | impl | loop | busy | span | kernels |", "|---|---|---|---|---|---|"]
+        for r in traced:
+            for loop, t in r["device_us_per_step"].items():
+                ks = "; ".join(f"{k['name'][:60]} ×{k['count_per_step']:.3g} "
+                               f"{k['us_per_step']:.1f}" for k in t["kernels"][:6])
+                lines.append(f"| {r['tokens']} | {_label(r)} | {loop} | "
+                             f"{t['busy_us_per_step']:.1f} | {t['span_us_per_step']:.1f} | "
+                             f"{ks or 'no GPU trace'} |")
     fabric = [r for r in results["runs"] if r.get("fabric_us_per_step")]
     if fabric:
         lines += ["", "Fabric steps on the first rank's proxy thread, µs per step (mean): "

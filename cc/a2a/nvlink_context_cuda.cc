@@ -85,6 +85,7 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   if (!(timeout_s > 0)) throw Error("timeout_s must be positive.");
   args_.layout = layout;
   args_.div = NvlinkDivisors(layout);
+  args_.offsets = ArenaOffsets(NvlinkLayout{layout});
   args_.rank = rank;
   args_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   args_.zero_unused_rows = zero_unused_rows;

@@ -47,6 +47,8 @@ constexpr int32_t kRouteAwaited = INT32_MIN;  // a receiver's mark on a row not 
 
 JEM_HD constexpr int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 JEM_HD constexpr int64_t CeilDiv(int64_t x, int64_t a) { return (x + a - 1) / a; }
+// For kernels: a 32-bit division is a fraction of the code of a 64-bit one.
+JEM_HD constexpr int32_t CeilDiv32(int32_t x, int32_t a) { return (x + a - 1) / a; }
 JEM_HD constexpr int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Immediate data: kind in the top 4 bits, a 28-bit step sequence below. Arrivals are counted

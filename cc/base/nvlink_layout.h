@@ -178,4 +178,46 @@ struct NvlinkLayout {
   }
 };
 
+// One of NvlinkLayout's arrays as base + i * di + j * dj, read off NvlinkLayout itself (its
+// offsets are affine in their indices): kernels index with a multiply-add of numbers set up
+// once, instead of redoing the layout's 64-bit arithmetic, divisions included, at each access.
+struct Affine {
+  int64_t base = 0, di = 0, dj = 0;
+
+  template <typename F>
+  static Affine Of(F offset) {  // offset(i, j)
+    const int64_t o = offset(0, 0);
+    return Affine{o, offset(1, 0) - o, offset(0, 1) - o};
+  }
+  JEM_HD int64_t at(int64_t i, int64_t j = 0) const { return base + i * di + j * dj; }
+};
+
+// The arrays of an arena that kernels index, as Affine maps of NvlinkLayout's offsets.
+struct ArenaOffsets {
+  int64_t state = 0;
+  Affine route_row;         // (sender)
+  Affine slot_rank;         // (sender, index)
+  Affine record;            // (sender, index)
+  Affine partial;           // (expert_rank, index)
+  Affine outbox_route;      // (dest)
+  Affine outbox_slot_rank;  // (dest, index)
+  Affine outbox_record;     // (dest, index)
+  Affine combine_outbox;    // (home_rank, index)
+
+  ArenaOffsets() = default;
+  explicit ArenaOffsets(const NvlinkLayout& nl)
+      : state(nl.state_offset()),
+        route_row(Affine::Of([&](int64_t i, int64_t) { return nl.route_row_offset(i); })),
+        slot_rank(Affine::Of([&](int64_t i, int64_t j) { return nl.slot_rank_record_offset(i, j); })),
+        record(Affine::Of([&](int64_t i, int64_t j) { return nl.record_offset(i, j); })),
+        partial(Affine::Of([&](int64_t i, int64_t j) { return nl.partial_offset(i, j); })),
+        outbox_route(Affine::Of([&](int64_t i, int64_t) { return nl.outbox_route_offset(i); })),
+        outbox_slot_rank(
+            Affine::Of([&](int64_t i, int64_t j) { return nl.outbox_slot_rank_offset(i, j); })),
+        outbox_record(
+            Affine::Of([&](int64_t i, int64_t j) { return nl.outbox_record_offset(i, j); })),
+        combine_outbox(
+            Affine::Of([&](int64_t i, int64_t j) { return nl.combine_outbox_offset(i, j); })) {}
+};
+
 }  // namespace jem

@@ -27,7 +27,7 @@ using namespace device;
 
 // Records a block sums at a time.
 __host__ __device__ inline int64_t PieceRecords(const Layout& lay, int full_grid) {
-  return CeilDiv(lay.max_recv_records(), full_grid);
+  return CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid);
 }
 
 __host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int full_grid) {
@@ -74,7 +74,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   // This block's records [g0, g1), a piece at a time. The rows and weights of a piece's slots
   // are own data: the first piece's are read while the credits may still be on their way.
   const int64_t total = s_rbase[R];
-  const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
+  const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
   const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
   const int g1 = in_turn && s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
   const auto read_slots = [&](int p0, int nrec) {
@@ -157,7 +157,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
 
 // Tokens a block sums at a time.
 __host__ __device__ inline int64_t PieceTokens(const Layout& lay, int full_grid) {
-  return CeilDiv(lay.max_tokens, full_grid);
+  return CeilDiv32(lay.max_tokens, full_grid);
 }
 
 __host__ __device__ inline int64_t RecvSharedBytes(const Layout& lay, int full_grid) {
@@ -207,7 +207,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
     s_base[R] = n;
   }
   __syncthreads();
-  const int per_block = static_cast<int>(CeilDiv(T_max, gridDim.x));
+  const int per_block = CeilDiv32(static_cast<int32_t>(T_max), gridDim.x);
   const int start = static_cast<int>(Min(T_max, blockIdx.x * per_block));
   const int end = static_cast<int>(Min(start + per_block, T_max));  // this block's rows
   const int nt = in_turn && s_bad[0] < 0 ? raw_num_tokens : 0;

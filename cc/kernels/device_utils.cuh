@@ -84,43 +84,43 @@ __device__ __forceinline__ void Batched(int first, int n, Load load, Use use) {
 // ---------------------------------------------------------------- arena
 
 struct Arena {
-  NvlinkLayout nl;
+  const ArenaOffsets& off;  // NvlinkArgs::offsets, in the kernel's parameters
   uint8_t* base;
 
   template <typename T = uint8_t>
   __device__ __forceinline__ T* at(int64_t offset) const {
     return reinterpret_cast<T*>(base + offset);
   }
-  __device__ NvlinkState* state() const { return at<NvlinkState>(nl.state_offset()); }
+  __device__ NvlinkState* state() const { return at<NvlinkState>(off.state); }
   __device__ uint64_t* flag(int64_t offset) const { return at<uint64_t>(offset); }
   __device__ int32_t* route_row(int64_t sender) const {
-    return at<int32_t>(nl.route_row_offset(sender));
+    return at<int32_t>(off.route_row.at(sender));
   }
   __device__ int32_t* slot_rank(int64_t sender, int64_t index) const {
-    return at<int32_t>(nl.slot_rank_record_offset(sender, index));
+    return at<int32_t>(off.slot_rank.at(sender, index));
   }
   __device__ uint8_t* record(int64_t sender, int64_t index) const {
-    return at(nl.record_offset(sender, index));
+    return at(off.record.at(sender, index));
   }
   __device__ uint8_t* partial(int64_t expert_rank, int64_t index) const {
-    return at(nl.partial_offset(expert_rank, index));
+    return at(off.partial.at(expert_rank, index));
   }
   __device__ int32_t* outbox_route(int64_t dest) const {
-    return at<int32_t>(nl.outbox_route_offset(dest));
+    return at<int32_t>(off.outbox_route.at(dest));
   }
   __device__ int32_t* outbox_slot_rank(int64_t dest, int64_t index) const {
-    return at<int32_t>(nl.outbox_slot_rank_offset(dest, index));
+    return at<int32_t>(off.outbox_slot_rank.at(dest, index));
   }
   __device__ uint8_t* outbox_record(int64_t dest, int64_t index) const {
-    return at(nl.outbox_record_offset(dest, index));
+    return at(off.outbox_record.at(dest, index));
   }
   __device__ uint8_t* combine_outbox(int64_t home_rank, int64_t index) const {
-    return at(nl.combine_outbox_offset(home_rank, index));
+    return at(off.combine_outbox.at(home_rank, index));
   }
 };
 
 __device__ __forceinline__ Arena ArenaOf(const NvlinkArgs& a, int rank) {
-  return Arena{NvlinkLayout{a.layout}, a.arenas[rank]};
+  return Arena{a.offsets, a.arenas[rank]};
 }
 
 __device__ __forceinline__ bool IsFabric(const NvlinkArgs& a, int rank) {
@@ -130,12 +130,12 @@ __device__ __forceinline__ bool IsFabric(const NvlinkArgs& a, int rank) {
 // Where what `sender` sent this rank lives: this rank's arena, or the fabric buffer for a
 // sender on another node (the same offsets either way).
 __device__ __forceinline__ Arena InboxOf(const NvlinkArgs& a, int sender) {
-  return Arena{NvlinkLayout{a.layout}, IsFabric(a, sender) ? a.fabric_buffer : a.arenas[a.rank]};
+  return Arena{a.offsets, IsFabric(a, sender) ? a.fabric_buffer : a.arenas[a.rank]};
 }
 
 // The fabric buffer, where outboxes for fabric peers are packed.
 __device__ __forceinline__ Arena FabricArena(const NvlinkArgs& a) {
-  return Arena{NvlinkLayout{a.layout}, a.fabric_buffer};
+  return Arena{a.offsets, a.fabric_buffer};
 }
 
 // ---------------------------------------------------------------- errors
@@ -252,7 +252,7 @@ __device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what,
                                            uint64_t step) {
   if (!IsFabric(a, p) && !Silent(ArenaOf(a, a.rank).state())) {
     const Arena peer = ArenaOf(a, p);
-    StoreReleaseSys(peer.flag(WaitOffset(peer.nl, what, a.rank)), step);
+    StoreReleaseSys(peer.flag(WaitOffset(NvlinkLayout{a.layout}, what, a.rank)), step);
   }
 }
 

@@ -48,7 +48,7 @@ using namespace device;
 // A piece is the tokens a block packs at a time.
 __host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
   Plan p;
-  p.piece = CeilDiv(lay.max_tokens, full_grid);
+  p.piece = CeilDiv32(lay.max_tokens, full_grid);
   const int64_t R = lay.num_ranks, E = lay.num_experts, k = lay.experts_per_token;
   const int64_t piece = p.piece;
   p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
@@ -87,7 +87,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
-  const int L = static_cast<int>(lay.local_experts());
+  const int L = a.div.local_experts.d;
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
   const Plan plan = PlanSend(lay, FullGrid(a));
@@ -117,7 +117,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const int32_t raw_num_tokens = *io.num_tokens;
   const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
   const int nt = bad_num_tokens ? 0 : raw_num_tokens;
-  const int per_block = static_cast<int>(CeilDiv(T, gridDim.x));
+  const int per_block = CeilDiv32(T, gridDim.x);
   const int start = static_cast<int>(Min(T, blockIdx.x * per_block));
   const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
@@ -198,9 +198,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     for (int d = tid; d < R; d += kThreads) io.send_tokens[d] = bad ? 0 : s_tot[d];
     // The route row, to every rank (this one included).
     if (ok) {
-      const NvlinkLayout& nl = me.nl;
-      const int entry = static_cast<int>(nl.route_entry_ints());
-      const int row = static_cast<int>(nl.route_row_ints());
+      const int entry = a.div.route_entry.d, row = a.div.route_row.d;
       for (int x = tid; x < R * row; x += kThreads) {
         const int p = a.div.route_row.Div(x), w = x - p * row;
         const int d = a.div.route_entry.Div(w), j = w - d * entry;
@@ -362,7 +360,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
 // A piece is the records a block expands at a time.
 __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
   Plan p;
-  p.piece = CeilDiv(lay.max_recv_records(), full_grid);
+  p.piece = CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid);
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
   p.shared_bytes = 8 * p.piece +                     // record pointers
                    4 * (8 +                          // verdicts
@@ -390,7 +388,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
                                            bool in_turn, uint64_t step) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
-  const int L = static_cast<int>(lay.local_experts());
+  const int L = a.div.local_experts.d;
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
@@ -429,8 +427,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
   if (arrived) {
-    const int entry = static_cast<int>(me.nl.route_entry_ints());
-    const int row = static_cast<int>(me.nl.route_row_ints());
+    const int entry = a.div.route_entry.d, row = a.div.route_row.d;
     for (int x = tid; x < R * row; x += kThreads) {
       const int src = a.div.route_row.Div(x), w = x - src * row;
       const int d = a.div.route_entry.Div(w), j = w - d * entry;
@@ -522,7 +519,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     }
 
     // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
-    const int per_block = static_cast<int>(CeilDiv(total, gridDim.x));
+    const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
     const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
     const int g1 = static_cast<int>(Min(total, g0 + per_block));
     const int piece = static_cast<int>(plan.piece);

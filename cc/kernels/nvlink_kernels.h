@@ -73,6 +73,7 @@ struct NvlinkDivisors {
 struct NvlinkArgs {
   Layout layout;
   NvlinkDivisors div;  // of the layout
+  ArenaOffsets offsets;  // of NvlinkLayout{layout}
   int32_t rank = 0;
   int32_t num_sms = 0;  // SMs of the device
   int32_t max_sms = 0;  // SMs each kernel may occupy (the SM budget; 0: every SM)

@@ -14,6 +14,10 @@
 // expert rank the credit to reuse its partial slot here. Rows at or past num_tokens are zero.
 // Blocks own contiguous token ranges, which they sum in pieces of at most the full grid's share
 // (one piece unless an SM budget shrank the grid).
+//
+// Loops outside the copies carry `#pragma unroll 1`: at decode sizes each runs once or a few
+// times per thread, and unrolled copies of them only grow the code that every launch fetches
+// again (stalls on instruction fetch were a quarter of the fused dispatch's time at T=1).
 #include <algorithm>
 
 #include "cc/kernels/device_utils.cuh"
@@ -53,11 +57,13 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   int32_t* s_bad = s_row + piece * k;                                  // [4]
   int32_t* s_rbase = s_bad + 4;                                        // [R + 1]
 
+#pragma unroll 1
   for (int src = tid; src < R; src += kThreads) s_rbase[src + 1] = io.recv_tokens[src];
   __syncthreads();
   if (tid == 0) {
     int32_t n = 0;
     s_bad[0] = -1;
+#pragma unroll 1
     for (int src = 0; src < R; ++src) {
       const int32_t v = s_rbase[src + 1];
       if ((v < 0 || v > T_max || n + v > N) && s_bad[0] < 0) {
@@ -78,6 +84,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
   const int g1 = in_turn && s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
   const auto read_slots = [&](int p0, int nrec) {
+#pragma unroll 1
     for (int x = tid; x < nrec * k; x += kThreads) {
       const int64_t at = static_cast<int64_t>(p0) * k + x;
       const int32_t row = io.record_rows[at];
@@ -100,6 +107,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
              s_bad[0], s_bad[1]);
   }
   if (blockIdx.x == 0 && io.sent != nullptr) {
+#pragma unroll 1
     for (int src = tid; src < R; src += kThreads) io.sent[src] = good ? io.recv_tokens[src] : 0;
   }
 
@@ -107,6 +115,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   const auto* y = static_cast<const uint8_t*>(io.expert_y);
+#pragma unroll 1
   for (int p0 = g0; good && p0 < g1; p0 += piece) {
     const int nrec = Min(p0 + piece, g1) - p0;
     if (p0 != g0) {
@@ -147,6 +156,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   if (LastBlock(a, kTicketCombineSend)) {
     if (tid == 0) st->combine_step[1] = step;
     SignalPeers(a, DeviceWait::kCombineReady, step);
+#pragma unroll 1
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->combine_counts[d] = IsFabric(a, d) && good ? s_rbase[d + 1] - s_rbase[d] : 0;
     }
@@ -184,6 +194,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   auto** s_src = reinterpret_cast<const uint8_t**>(smem + AlignUp(4 * (4 + R + 1), 8));
 
   const int32_t raw_num_tokens = *io.num_tokens;
+#pragma unroll 1
   for (int d = tid; d < R; d += kThreads) s_base[d + 1] = io.send_tokens[d];
   __syncthreads();
   if (tid == 0) {
@@ -194,6 +205,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
       s_bad[2] = raw_num_tokens;
     }
     int32_t n = 0;
+#pragma unroll 1
     for (int d = 0; d < R; ++d) {
       const int32_t v = s_base[d + 1];
       if ((v < 0 || v > T_max) && s_bad[0] < 0) {
@@ -216,6 +228,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   // send_index is out of range.
   const auto find_partials = [&](int lo, int hi) {
     bool sane = true;
+#pragma unroll 1
     for (int x = tid; x < (hi - lo) * k; x += kThreads) {
       const int t = lo + a.div.k.Div(x);
       const int64_t at = static_cast<int64_t>(lo) * k + x;
@@ -246,6 +259,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t out_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   auto* out = static_cast<uint8_t*>(io.out);
+#pragma unroll 1
   for (int lo = start; lo < end; lo += piece) {
     const int hi = static_cast<int>(Min(lo + piece, end));
     if (lo != start) {

@@ -34,6 +34,10 @@
 // senders + the slot rank the sender computed, so blocks own contiguous record ranges and
 // never wait for each other. A block expands its range in pieces of at most the full grid's
 // share (one piece unless an SM budget shrank the grid).
+//
+// Loops outside the copies carry `#pragma unroll 1`: at decode sizes each runs once or a few
+// times per thread, and unrolled copies of them only grow the code that every launch fetches
+// again (stalls on instruction fetch were a quarter of the fused dispatch's time at T=1).
 #include <algorithm>
 
 #include "cc/kernels/device_utils.cuh"
@@ -122,6 +126,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
 
+#pragma unroll 1
   for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
   __syncthreads();
 
@@ -138,6 +143,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
   // masks need no atomics and nothing is divided by k; its slots' loads go out together.
   const FastDiv& rank_of = a.div.local_experts;
+#pragma unroll 1
   for (int t = tid; t < T; t += kThreads) {
     uint64_t mask = 0;
     for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
@@ -162,9 +168,11 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
 
   // Tokens per destination, warp by warp.
+#pragma unroll 1
   for (int base = warp * 32; base < nt; base += kThreads) {
     const int t = base + lane;
     const uint64_t m = t < nt ? s_mask[t] : 0;
+#pragma unroll 1
     for (int d = 0; d < R; ++d) {
       const unsigned all = __ballot_sync(kFullMask, (m >> d) & 1);
       const unsigned before = __ballot_sync(kFullMask, ((m >> d) & 1) && t < start);
@@ -175,11 +183,13 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   __syncthreads();
   if (tid == 0) {
     int32_t offset = 0;
+#pragma unroll 1
     for (int d = 0; d < R; ++d) {
       s_base[d] = offset;
       offset += bad ? 0 : s_tot[d];
     }
   }
+#pragma unroll 1
   for (int d = tid; d < R; d += kThreads) {
     const Destination dst = DestinationOf(a, staged, d);
     s_rec0[d] = dst.record(0);
@@ -195,10 +205,12 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
         SetError(a, DeviceError::kBadExpertId, at / k, at % k, io.topk_ids[at]);
       }
     }
+#pragma unroll 1
     for (int d = tid; d < R; d += kThreads) io.send_tokens[d] = bad ? 0 : s_tot[d];
     // The route row, to every rank (this one included).
     if (ok) {
       const int entry = a.div.route_entry.d, row = a.div.route_row.d;
+#pragma unroll 1
       for (int x = tid; x < R * row; x += kThreads) {
         const int p = a.div.route_row.Div(x), w = x - p * row;
         const int d = a.div.route_entry.Div(w), j = w - d * entry;
@@ -214,6 +226,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   }
 
   // This block's rows, a piece at a time: rows [lo, hi), of which [lo, lo + ntok) are packed.
+#pragma unroll 1
   for (int lo = start; lo < end; lo += piece) {
     const int hi = Min(lo + piece, end);
     const int ntok = Min(hi, own_end) > lo ? Min(hi, own_end) - lo : 0;
@@ -221,11 +234,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     // Record index per destination, the first slot naming each destination, and slot ranks in
     // (token, slot) order: warp 0, in order, carrying s_pre and s_epre to the next piece.
     if (warp == 0 && !bad) {
+#pragma unroll 1
       for (int i = lane; i < ntok * R; i += 32) s_first[i] = k;
       __syncwarp();
+#pragma unroll 1
       for (int tile = lo; tile < lo + ntok; tile += 32) {
         const int t = tile + lane;
         const uint64_t mask = t < lo + ntok ? s_mask[t] : 0;
+#pragma unroll 1
         for (int d = 0; d < R; ++d) {
           const unsigned votes = __ballot_sync(kFullMask, (mask >> d) & 1);
           if (t < lo + ntok) {
@@ -238,6 +254,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
         }
       }
       const int per_pass = 32 / k;  // tokens per pass, one lane per (token, slot)
+#pragma unroll 1
       for (int tile = lo; tile < lo + ntok; tile += per_pass) {
         const int t = tile + a.div.k.Div(lane);
         const int i = a.div.k.Mod(lane);
@@ -258,6 +275,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
 
     // send_index for every row of this piece: the first slot naming a destination carries the
     // token's record index there.
+#pragma unroll 1
     for (int x = tid; x < (hi - lo) * k; x += kThreads) {
       const int lt = a.div.k.Div(x), i = x - lt * k;
       int32_t index = -1;
@@ -268,6 +286,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       }
       io.send_index[lo * k + x] = index;
     }
+#pragma unroll 1
     for (int x = tid; !bad && x < ntok * R; x += kThreads) {
       const int32_t j = s_index[x];
       const int d = a.div.ranks.Mod(x);
@@ -326,6 +345,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
             s_ranks[lt * R + d][i] = here ? s_rank[lt * k + i] : -1;
             if (i == 0) {
               *reinterpret_cast<int32_t*>(rec + lay.src_token_offset()) = lo + lt;
+#pragma unroll 1
               for (int64_t b = lay.weight_offset() + 4 * k; b < lay.record_bytes(); b += 4) {
                 *reinterpret_cast<int32_t*>(rec + b) = 0;
               }
@@ -349,6 +369,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       // A Silent rank leaves its peers' flags where they are.
       if (tid == 0 && !Silent(st)) st->staged_ready = step;
     }
+#pragma unroll 1
     for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;
     }
@@ -421,6 +442,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     s_verdict[0] = INT32_MAX;
     s_verdict[1] = INT32_MAX;
   }
+#pragma unroll 1
   for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
   const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
 
@@ -428,6 +450,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
   if (arrived) {
     const int entry = a.div.route_entry.d, row = a.div.route_row.d;
+#pragma unroll 1
     for (int x = tid; x < R * row; x += kThreads) {
       const int src = a.div.route_row.Div(x), w = x - src * row;
       const int d = a.div.route_entry.Div(w), j = w - d * entry;
@@ -443,11 +466,14 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     __syncthreads();
     // Rows and records every rank needs, a warp per rank; the first full rank is the verdict.
     const int lane = tid & 31;
+#pragma unroll 1
     for (int d = tid >> 5; d < R; d += kThreads / 32) {
       int32_t rows = 0, recs = 0;
+#pragma unroll 1
       for (int e = lane; e < L; e += 32) {
         rows += a.div.alignment.RoundUp(s_col[d * L + e]);
       }
+#pragma unroll 1
       for (int src = lane; src < R; src += 32) recs += s_tok[src * R + d];
       rows = WarpSum(rows);
       recs = WarpSum(recs);
@@ -473,26 +499,32 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 
   if (!good) {
     // A failed step still leaves the small outputs defined.
+#pragma unroll 1
     for (int64_t x = gtid; x < N * k; x += gthreads) {
       io.record_rows[x] = -1;
       io.record_weights[x] = 0.0f;
     }
     if (blockIdx.x == 0) {
+#pragma unroll 1
       for (int e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
+#pragma unroll 1
       for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
     }
   } else {
     // Expert starts and the rows of earlier senders, per local expert.
     if (tid == kThreads - 1) {
       int32_t n = 0;
+#pragma unroll 1
       for (int src = 0; src < R; ++src) {
         s_rbase[src] = n;
         n += s_tok[src * R + a.rank];
       }
       s_rbase[R] = n;
     }
+#pragma unroll 1
     for (int e = tid; e < L; e += kThreads) {
       int32_t n = 0;
+#pragma unroll 1
       for (int src = 0; src < R; ++src) {
         s_sbase[src * L + e] = n;
         n += s_own[src * L + e];
@@ -506,13 +538,16 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     __syncthreads();
     const int64_t total = s_rbase[R];
     if (blockIdx.x == 0) {
+#pragma unroll 1
       for (int e = tid; e < L; e += kThreads) {
         io.expert_counts[e] = s_count[e];
         io.group_sizes[e] = s_group[e];
       }
+#pragma unroll 1
       for (int src = tid; src < R; src += kThreads) {
         io.recv_tokens[src] = s_rbase[src + 1] - s_rbase[src];
         int32_t offset = 0;
+#pragma unroll 1
         for (int d = 0; d < a.rank; ++d) offset += s_tok[src * R + d];
         io.home_offsets[src] = offset;
       }
@@ -526,8 +561,10 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
     const int S = static_cast<int>(lay.num_scales());
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
+#pragma unroll 1
     for (int p0 = g0; p0 < g1; p0 += piece) {
       const int nrec = Min(p0 + piece, g1) - p0;
+#pragma unroll 1
       for (int x = tid; x < nrec * k; x += kThreads) {
         const int r = a.div.k.Div(x), g = p0 + r, i = x - r * k;
         const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
@@ -566,6 +603,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
               if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
             }
           });
+#pragma unroll 1
       for (int w = tid; w < nrec * S; w += kThreads) {
         const int r = a.div.scales.Div(w), c = w - r * S;
         const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
@@ -578,6 +616,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     }
 
     // Handle entries past the last record.
+#pragma unroll 1
     for (int64_t x = total * k + gtid; x < N * k; x += gthreads) {
       io.record_rows[x] = -1;
       io.record_weights[x] = 0.0f;
@@ -590,6 +629,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     // A warp per row.
     const int4 zero = make_int4(0, 0, 0, 0);
     const int lane = tid & 31;
+#pragma unroll 1
     for (int64_t z = gtid / 32; z < zero_rows; z += gthreads / 32) {
       int64_t row;
       if (z < pad_rows) {

@@ -185,7 +185,8 @@ for s in $STAGES; do
         benchmarks/bench_all_to_all.py --platform=cuda --processes=2 --ranks_per_node=1 \
         --impls=ours --overlap=false --name=a2a_fabric_cuda --out="$OUT" ${BENCH_ARGS:-} ;;
     decode)  # one rank, no peer: the fixed cost of a step, with and without command buffers,
-      # in a while loop and unrolled (DECODE_LOOPS, DECODE_DTYPES, DECODE_CMDBUF pick)
+      # in a while loop and unrolled (DECODE_LOOPS, DECODE_DTYPES, DECODE_CMDBUF pick); traced,
+      # so that the device's own time per step stands beside the wall clock's
       for loop in ${DECODE_LOOPS:-while unrolled}; do
         for dt in ${DECODE_DTYPES:-fp8 bf16}; do
           for cb in ${DECODE_CMDBUF:-on off}; do
@@ -193,7 +194,7 @@ for s in $STAGES; do
             suffix=$([ $loop = unrolled ] && echo _unrolled)
             stage "decode $dt, command buffers $cb, $loop" bench.log 150 env XLA_FLAGS="$flags" \
               "$PY" benchmarks/bench_all_to_all.py --platform=cuda --processes=1 --impls=ours \
-              --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=10 \
+              --tokens=128,4096 --dispatch_dtype=$dt --overlap=false --repeats=10 --trace \
               --unroll=$([ $loop = unrolled ] && echo true || echo false) \
               --note="Command buffers $cb: run with XLA_FLAGS='$flags'." \
               --name=a2a_cuda_ep1_${dt}_cmdbuf_$cb$suffix --out="$OUT" ${BENCH_ARGS:-}

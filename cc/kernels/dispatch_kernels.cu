@@ -58,7 +58,8 @@ __host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
   p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
                    lay.max_tokens * 8 +              // dest masks of every token
                    4 * (8 + 3 * R + 2 * E +          // verdicts, counts
-                        piece * (2 * R + k));        // record index, first slot, slot rank
+                        piece * (2 * R + 3 * k));    // record index, first slot, slot rank,
+                                                     // the first piece's ids and weights
   return p;
 }
 
@@ -117,6 +118,8 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   int32_t* s_index = s_etot + E;       // [piece][R] record index per destination, -1 = none
   int32_t* s_first = s_index + piece * R;  // [piece][R] first slot naming each destination
   int32_t* s_rank = s_first + piece * R;   // [piece][k] slot rank within its expert
+  int32_t* s_ids = s_rank + piece * k;     // [piece][k] the first piece's expert ids
+  float* s_wts = reinterpret_cast<float*>(s_ids + piece * k);  // [piece][k] and weights
 
   const int32_t raw_num_tokens = *io.num_tokens;
   const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
@@ -142,14 +145,30 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   // Every token: its destinations, and its slots counted per expert (of the tokens before
   // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
   // masks need no atomics and nothing is divided by k; its slots' loads go out together.
+  // The ids and weights of the block's first piece stay in shared memory: the phases that
+  // pack it then wait for no global load but x's.
   const FastDiv& rank_of = a.div.local_experts;
 #pragma unroll 1
   for (int t = tid; t < T; t += kThreads) {
     uint64_t mask = 0;
+    const bool keep = t >= start && t < start + piece;
     for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
       int32_t ev[8];
+      float wv[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) ev[u] = i0 + u < k ? io.topk_ids[t * k + i0 + u] : -1;
+      for (int u = 0; u < 8; ++u) {
+        ev[u] = i0 + u < k ? io.topk_ids[t * k + i0 + u] : -1;
+        wv[u] = keep && i0 + u < k ? io.topk_weights[t * k + i0 + u] : 0.0f;
+      }
+      if (keep) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (i0 + u < k) {
+            s_ids[(t - start) * k + i0 + u] = ev[u];
+            s_wts[(t - start) * k + i0 + u] = wv[u];
+          }
+        }
+      }
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         const int32_t e = ev[u];
@@ -230,6 +249,9 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   for (int lo = start; lo < end; lo += piece) {
     const int hi = Min(lo + piece, end);
     const int ntok = Min(hi, own_end) > lo ? Min(hi, own_end) - lo : 0;
+    // The piece's expert ids and weights, [ntok][k].
+    const int32_t* ids = lo == start ? s_ids : io.topk_ids + lo * k;
+    const float* wts = lo == start ? s_wts : io.topk_weights + lo * k;
 
     // Record index per destination, the first slot naming each destination, and slot ranks in
     // (token, slot) order: warp 0, in order, carrying s_pre and s_epre to the next piece.
@@ -259,7 +281,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
         const int t = tile + a.div.k.Div(lane);
         const int i = a.div.k.Mod(lane);
         const bool valid = lane < per_pass * k && t < lo + ntok;
-        const int32_t e = valid ? io.topk_ids[t * k + i] : -1;
+        const int32_t e = valid ? ids[(t - lo) * k + i] : -1;
         const unsigned same = __match_any_sync(kFullMask, e);
         // Lanes run in slot order, so the lowest lane of a (token, destination) is its first.
         const int d = e >= 0 ? rank_of.Div(e) : -1;
@@ -280,7 +302,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       const int lt = a.div.k.Div(x), i = x - lt * k;
       int32_t index = -1;
       if (!bad && lt < ntok) {
-        const int32_t e = io.topk_ids[lo * k + x];
+        const int32_t e = ids[x];
         const int d = rank_of.Div(e);
         if (e >= 0 && s_first[lt * R + d] == i) index = s_base[d] + s_index[lt * R + d];
       }
@@ -313,8 +335,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
                                0, 0, 0);
             }
             const int m = w - n_x - n_s, t = lo + a.div.ranks_k.Div(m), i = a.div.k.Mod(m);
-            return make_int4(io.topk_ids[t * k + i], __float_as_int(io.topk_weights[t * k + i]),
-                             0, 0);
+            return make_int4(ids[(t - lo) * k + i], __float_as_int(wts[(t - lo) * k + i]), 0, 0);
           },
           [&](int w, int4 v) {
             if (w < n_x) {

@@ -52,6 +52,13 @@ __device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint64_t FetchAddAcqRelGpu(uint64_t* p, uint64_t v) {
+  uint64_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;"
+               : "=l"(old) : "l"(p), "l"(v) : "memory");
+  return old;
+}
+
 __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
@@ -277,23 +284,20 @@ __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uin
 // ---------------------------------------------------------------- completion
 
 // Called by every block once all its threads are done: returns (to every thread) whether
-// this block is the last of the kernel's grid to finish. Every write of every block happens
-// before what the last block does next (fence, ticket, fence). GPU scope is enough, also for
-// the blocks' stores into peers: the last block then publishes with a release at system scope
-// (SignalPeer), and release is cumulative, so a peer that acquires the flag sees every
-// block's stores. The last block resets the ticket for the next kernel of its kind, which
-// starts only once this one has ended (one stream), with a grid of its own.
+// this block is the last of the kernel's grid to finish. The ticket is one acq_rel atomic: it
+// releases the block's writes (ordered before it by the barrier) and, in the last block,
+// acquires every other block's. GPU scope is enough, also for the blocks' stores into peers:
+// the last block then publishes with a release at system scope (SignalPeer), and release is
+// cumulative, so a peer that acquires the flag sees every block's stores. The last block
+// resets the ticket for the next kernel of its kind, which starts only once this one has ended
+// (one stream), with a grid of its own.
 __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind) {
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
-    auto* ticket = reinterpret_cast<unsigned long long*>(&ArenaOf(a, a.rank).state()->ticket[kind]);
-    last = atomicAdd(ticket, 1ull) + 1ull == gridDim.x;
-    if (last) {
-      *ticket = 0;
-      __threadfence();
-    }
+    auto* ticket = &ArenaOf(a, a.rank).state()->ticket[kind];
+    last = FetchAddAcqRelGpu(ticket, 1) + 1 == gridDim.x;
+    if (last) *ticket = 0;
   }
   __syncthreads();
   return last != 0;

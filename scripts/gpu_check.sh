@@ -13,8 +13,10 @@
 #                                        fabric_bench, not by default, times ours through the
 #                                        proxy between 2 GPUs, one process each; decode, not by
 #                                        default, times one rank with and without command
-#                                        buffers; training times one MoE layer's backward;
-#                                        post times the engine posting to 1..63 peers)
+#                                        buffers; overlap, not by default, puts the matmul
+#                                        on a second stream; training times one MoE layer's
+#                                        backward; post times the engine posting to 1..63
+#                                        peers)
 #
 # DEADLINE_S (seconds from the start) cuts the stages short, so that the archive is still made.
 # Logs and results go to $OUT (default build/gpu_check), packed at the end into
@@ -201,6 +203,11 @@ for s in $STAGES; do
           done
         done
       done ;;
+    overlap)  # one rank: send, a matmul on a second XLA stream, recv; with and without a budget
+      stage "overlap, matmul on a second stream" bench.log "${BENCH_TIMEOUT_S:-300}" "$PY" \
+        benchmarks/bench_all_to_all.py --platform=cuda --processes=1 --impls=ours \
+        --tokens=128,4096 --max_sms=none,32 --matmul_stream=1 --repeats=10 \
+        --name=a2a_cuda_ep1_overlap --out="$OUT" ${BENCH_ARGS:-} ;;
     post)  # CPU processes only: posting one dispatch step's writes for 1 to 63 peers
       stage "posting cost" bench.log 150 "$PY" benchmarks/bench_post.py --out_dir="$OUT" \
         --name=post_gpu_machine ;;
@@ -211,7 +218,7 @@ for s in $STAGES; do
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
     *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal" \
-         "bench fabric_bench decode training post)" >&2; exit 2 ;;
+         "bench fabric_bench decode overlap training post)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -453,8 +453,15 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
     def overlapped(stream):
         matmul = jax.jit(lambda a, b: jnp.dot(a, b).astype(jnp.bfloat16))
         if stream:
+            import inspect
+
             from jax.experimental.compute_on import compute_on
-            matmul = compute_on(f"gpu_stream:{stream}")(matmul)
+            where = f"gpu_stream:{stream}"
+            if "out_memory_spaces" in inspect.signature(compute_on).parameters:  # jax >= 0.11
+                matmul = compute_on(compute_type=where,
+                                    out_memory_spaces=jax.memory.Space.Device)(matmul)
+            else:
+                matmul = compute_on(where)(matmul)
 
         def run(x, sc, ids, w):
             a, b = jnp.ones((n, n), jnp.bfloat16), jnp.full((n, n), 1.0 / n, jnp.bfloat16)

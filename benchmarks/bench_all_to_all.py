@@ -487,9 +487,13 @@ def _overlap(comm, mesh, inputs, iters, repeats, n, dispatch_us):
     serial = matmul_us + dispatch_us
 
     def result(stream):
-        overlapped_us = float(np.median(_timed(shard(overlapped(stream)), inputs, repeats))) * 1e6 / iters
-        return {"overlapped_us": overlapped_us,
-                "hidden_fraction": (serial - overlapped_us) / max(min(matmul_us, dispatch_us), 1e-9)}
+        fn = shard(overlapped(stream))
+        overlapped_us = float(np.median(_timed(fn, inputs, repeats))) * 1e6 / iters
+        res = {"overlapped_us": overlapped_us,
+               "hidden_fraction": (serial - overlapped_us) / max(min(matmul_us, dispatch_us), 1e-9)}
+        if FLAGS.trace:  # busy above span: kernels ran at the same time
+            res["device_us_per_step"] = _device_time(fn, inputs, iters)
+        return res
 
     res = {"matmul_n": n, "matmul_us": matmul_us, "dispatch_us": dispatch_us, "serial_us": serial,
            **result(0)}
@@ -769,6 +773,17 @@ def write_report(results, stem, plot):
                          f"{o['serial_us']:.1f} | "
                          + (f"{s2['overlapped_us']:.1f} | {100 * s2['hidden_fraction']:.0f}% |"
                             if "error" not in s2 else f"{s2['error']} ||"))
+    traced = [(r, name, o["device_us_per_step"]) for r in results["runs"]
+              for name, o in (("one stream", r.get("overlap") or {}),
+                              ("second stream", (r.get("overlap") or {}).get("second_stream") or {}))
+              if o.get("device_us_per_step")]
+    if traced:
+        lines += ["", "Overlap loops traced: device busy (sum of kernels and copies) against span "
+                  "per step; busy above span means kernels ran at the same time.", "",
+                  "| T | impl | matmul | busy | span |", "|---|---|---|---|---|"]
+        for r, name, t in traced:
+            lines.append(f"| {r['tokens']} | {_label(r)} | {name} | {t['busy_us_per_step']:.1f} | "
+                         f"{t['span_us_per_step']:.1f} |")
     traced = [r for r in results["runs"] if r.get("device_us_per_step")]
     if traced:
         lines += ["", "Device time per step of one traced loop (jax.profiler): busy is the sum "

@@ -116,7 +116,8 @@ kernels_two_processes() {  # nvlink_context_test as 2 processes over CUDA IPC; $
 profile() {  # ncu on one rank's kernels (one rank: ncu serializes launches)
   # PROFILE_CASES: nvlink_context_test --profile cases, ';' between them; PROFILE_SECTIONS:
   # ncu --section names (default: the full set).
-  local case rep n=0 sections=(--set full)
+  local case rep n=0 sections=(--set full) cubins obj kind
+  cubins=$(mktemp -d)
   [ -n "${PROFILE_SECTIONS:-}" ] && sections=($(printf -- '--section %s ' $PROFILE_SECTIONS))
   while IFS= read -r case; do
     n=$((n + 1))
@@ -127,9 +128,17 @@ profile() {  # ncu on one rank's kernels (one rank: ncu serializes launches)
       build/gpu/nvlink_context_test --world 1 --profile "$case" || return 1
     ncu -i "$rep.ncu-rep" --page details --print-details all >"$rep.details.txt" || return 1
     ncu -i "$rep.ncu-rep" --page raw --csv >"$rep.raw.csv" || return 1
-    # Per-instruction stall samples, where this ncu can print them.
+    # Per-instruction stall samples, where this ncu can print them, and the same per source
+    # line (scripts/ncu_lines.py, on the cubins of this build).
     ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1 ||
       ncu -i "$rep.ncu-rep" --page source --csv >"$rep.sass.csv" 2>&1 || true
+    for kind in dispatch combine; do  # best effort: nothing else depends on it
+      obj=$PWD/build/gpu/CMakeFiles/jem_cuda.dir/cc/kernels/${kind}_kernels.cu.o
+      (cd "$cubins" && cuobjdump -xelf all "$obj" >/dev/null) &&
+        "$PY" scripts/ncu_lines.py --csv="$rep.sass.csv" \
+          --cubin="$cubins/${kind}_kernels.sm_90a.cubin" --kernel="${kind^}" \
+          >>"$rep.lines.txt" 2>&1 || true
+    done
   done < <(tr ';' '\n' <<<"${PROFILE_CASES:-T=128}")
 }
 

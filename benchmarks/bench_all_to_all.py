@@ -763,40 +763,35 @@ def write_report(results, stem, plot):
         o = r.get("overlap")
         if not o:
             continue
-        lines.append(f"| {r['tokens']} | {_label(r)} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
-                     f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {o['overlapped_us']:.1f} | "
-                     f"{100 * o['hidden_fraction']:.0f}% |")
-        s2 = o.get("second_stream")
-        if s2:
-            lines.append(f"| {r['tokens']} | {_label(r)}, matmul on stream {s2['stream']} | "
-                         f"{o['matmul_n']} | {o['matmul_us']:.1f} | {o['dispatch_us']:.1f} | "
-                         f"{o['serial_us']:.1f} | "
-                         + (f"{s2['overlapped_us']:.1f} | {100 * s2['hidden_fraction']:.0f}% |"
-                            if "error" not in s2 else f"{s2['error']} ||"))
-    traced = [(r, name, o["device_us_per_step"]) for r in results["runs"]
-              for name, o in (("one stream", r.get("overlap") or {}),
-                              ("second stream", (r.get("overlap") or {}).get("second_stream") or {}))
-              if o.get("device_us_per_step")]
-    if traced:
-        lines += ["", "Overlap loops traced: device busy (sum of kernels and copies) against span "
-                  "per step; busy above span means kernels ran at the same time.", "",
-                  "| T | impl | matmul | busy | span |", "|---|---|---|---|---|"]
-        for r, name, t in traced:
-            lines.append(f"| {r['tokens']} | {_label(r)} | {name} | {t['busy_us_per_step']:.1f} | "
-                         f"{t['span_us_per_step']:.1f} |")
-    traced = [r for r in results["runs"] if r.get("device_us_per_step")]
+        variants = [(_label(r), o)]
+        if "second_stream" in o:
+            s2 = o["second_stream"]
+            variants.append((f"{_label(r)}, matmul on stream {s2['stream']}", s2))
+        for label, x in variants:
+            result = (f"{x['overlapped_us']:.1f} | {100 * x['hidden_fraction']:.0f}% |"
+                      if "error" not in x else f"{x['error']} ||")
+            lines.append(f"| {r['tokens']} | {label} | {o['matmul_n']} | {o['matmul_us']:.1f} | "
+                         f"{o['dispatch_us']:.1f} | {o['serial_us']:.1f} | {result}")
+    traced = []
+    for r in results["runs"]:
+        o = r.get("overlap") or {}
+        loops = [*(r.get("device_us_per_step") or {}).items(),
+                 ("overlap", o.get("device_us_per_step")),
+                 ("overlap, matmul on a second stream",
+                  (o.get("second_stream") or {}).get("device_us_per_step"))]
+        traced += [(r, loop, t) for loop, t in loops if t]
     if traced:
         lines += ["", "Device time per step of one traced loop (jax.profiler): busy is the sum "
                   "of every kernel and copy, span from the first one's start to the last one's "
-                  "end; then each kernel or copy (count per step, µs per step).", "",
+                  "end (busy above span: kernels ran at the same time); then each kernel or copy "
+                  "(count per step, µs per step).", "",
                   "| T | impl | loop | busy | span | kernels |", "|---|---|---|---|---|---|"]
-        for r in traced:
-            for loop, t in r["device_us_per_step"].items():
-                ks = "; ".join(f"{k['name'][:60]} ×{k['count_per_step']:.3g} "
-                               f"{k['us_per_step']:.1f}" for k in t["kernels"][:6])
-                lines.append(f"| {r['tokens']} | {_label(r)} | {loop} | "
-                             f"{t['busy_us_per_step']:.1f} | {t['span_us_per_step']:.1f} | "
-                             f"{ks or 'no GPU trace'} |")
+        for r, loop, t in traced:
+            ks = "; ".join(f"{k['name'][:60]} ×{k['count_per_step']:.3g} "
+                           f"{k['us_per_step']:.1f}" for k in t["kernels"][:6])
+            lines.append(f"| {r['tokens']} | {_label(r)} | {loop} | "
+                         f"{t['busy_us_per_step']:.1f} | {t['span_us_per_step']:.1f} | "
+                         f"{ks or 'no GPU trace'} |")
     fabric = [r for r in results["runs"] if r.get("fabric_us_per_step")]
     if fabric:
         lines += ["", "Fabric steps on the first rank's proxy thread, µs per step (mean): "

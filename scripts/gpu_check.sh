@@ -156,8 +156,8 @@ for s in $STAGES; do
     info)
       stage info info.log 60 eval 'nvidia-smi; nvidia-smi topo -m; nvcc --version;
         "$PY" -c "import jax; print(jax.__version__, jax.devices())";
-        ldconfig -p | grep libfabric; [ -x .deps/libfabric-cuda/bin/fi_info ] &&
-        .deps/libfabric-cuda/bin/fi_info --version && .deps/libfabric-cuda/bin/fi_info -p shm -c FI_HMEM' ;;
+        ldconfig -p | grep libfabric; if [ -x .deps/libfabric-cuda/bin/fi_info ]; then
+        .deps/libfabric-cuda/bin/fi_info --version && .deps/libfabric-cuda/bin/fi_info -p shm -c FI_HMEM; fi' ;;
     build)
       stage build build.log 300 build ;;
     kernels)

@@ -408,14 +408,13 @@ def _device_time(fn, args, iters):
     import tempfile
 
     import jax
-    from jax._src.profiler import ProfileData
 
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             jax.block_until_ready(fn(*args))
         files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        data = ProfileData.from_file(files[0]) if files else None
+        data = jax.profiler.ProfileData.from_file(files[0]) if files else None
     per_name, first, last = {}, None, None
     gpu = [p for p in (data.planes if data else ()) if p.name.startswith("/device:GPU")]
     lines = [line for p in gpu for line in p.lines]

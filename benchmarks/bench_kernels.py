@@ -51,7 +51,10 @@ def _table(report) -> str:
     lines += ["", "µs, median (p99):", "",
               "| case | dispatch | send | recv | combine | send | recv |",
               "|---|---|---|---|---|---|---|"]
+    graphed = [r for r in report["runs"] if r.get("graph")]
     for r in report["runs"]:
+        if r.get("graph"):
+            continue
         # A whole op is one kernel, without halves to time.
         med = lambda k: f"{r[k]['median']:.1f}" if k in r else "–"
         lines.append(
@@ -59,6 +62,19 @@ def _table(report) -> str:
             f"{med('dispatch_send_us')} | {med('dispatch_recv_us')} | "
             f"{med('combine_us')} ({r['combine_us']['p99']:.1f}) | "
             f"{med('combine_send_us')} | {med('combine_recv_us')} |")
+    if graphed:
+        lines += ["", "Replayed from CUDA graphs of 25 steps, as XLA's command buffers replay "
+                  "them, with no event between the kernels: µs per step (dispatch and "
+                  "combine), median (p99):", "", "| case | step |", "|---|---|"]
+        lines += [f"| {r['name']} | {r['step_us']['median']:.1f} ({r['step_us']['p99']:.1f}) |"
+                  for r in graphed]
+    for run in report.get("phases", []):
+        lines += ["", f"Where a step's time goes, {run['name']}: steps one at a time, every block "
+                  "stamping %globaltimer as each phase ends; µs from the op's start when the "
+                  f"first and the last block got there, median of {run['steps']} steps:", "",
+                  "| op | phase | first block | last block |", "|---|---|---|---|"]
+        lines += [f"| {p['op']} | {p['phase']} | {p['first_us']:.2f} | {p['last_us']:.2f} |"
+                  for p in run["phases"]]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,9 @@
 #                                        fabric_bench, not by default, times ours through the
 #                                        proxy between 2 GPUs, one process each; decode, not by
 #                                        default, times one rank with and without command
-#                                        buffers; overlap, not by default, puts the matmul
+#                                        buffers; primitives, not by default, times the
+#                                        kernels' building blocks alone; overlap, not by
+#                                        default, puts the matmul
 #                                        on a second stream; training times one MoE layer's
 #                                        backward; post times the engine posting to 1..63
 #                                        peers)
@@ -91,7 +93,7 @@ build() {
   fabric_root || return 1
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DPython_EXECUTABLE="$(command -v "$PY")" || return 1
-  ninja -C build/gpu _jem nvlink_context_test proxy_signal_bench || return 1
+  ninja -C build/gpu _jem nvlink_context_test proxy_signal_bench sync_primitives_bench || return 1
   cp build/gpu/_jem*.so jax_efa_moe/ || return 1
   "$PY" -c "from jax_efa_moe import _jem; assert _jem.has_cuda; print('GPUs:', _jem.cuda_device_count())"
 }
@@ -177,6 +179,8 @@ for s in $STAGES; do
         "${FABRIC_TIMEOUT_S:-420}" env LD_LIBRARY_PATH="$CUDA_FABRIC:$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         JEM_FABRIC_STAGING=device "$PY" -m pytest -q -rA tests/test_gpu.py \
         -k "${FABRIC_HMEM_TESTS:-fabric_every_routing and shm or hybrid}" ;;
+    primitives)
+      stage "building blocks" bench.log 180 "$PY" benchmarks/bench_primitives.py --out="$OUT" ;;
     signal)
       stage "signal latency" bench.log 120 "$PY" benchmarks/bench_signal.py --out="$OUT" ;;
     sanitizer)
@@ -227,7 +231,7 @@ for s in $STAGES; do
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
     *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal" \
-         "bench fabric_bench decode overlap training post)" >&2; exit 2 ;;
+         "bench fabric_bench decode primitives overlap training post)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -72,6 +72,9 @@ class NvlinkContext {
   int device() const { return device_; }
   uint8_t* arena() const { return arena_; }
   const NvlinkArgs& args() const { return args_; }
+  // Where the kernels enqueued from now on stamp their phases (NvlinkArgs::phase_clock;
+  // null: nowhere): device memory of [2 * SMs][kNumPhases] words, for profiling.
+  void SetPhaseClock(uint64_t* stamps) { args_.phase_clock = stamps; }
 
   // Enqueues dispatch's send half on `stream`. Staged, the kernel packs what goes to peers into
   // the outboxes, and the copy stream moves them over NVLink once the kernel is done, then

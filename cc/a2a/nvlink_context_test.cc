@@ -11,8 +11,9 @@
 // The cases run with every SM and again under small SM budgets (max_sms 1, 3, 7: grids of that
 // many blocks, each taking its work in several pieces), with staged sends, direct sends and
 // whole ops.
-//   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, and the variants
-//                                              that break T=128 down (one process)
+//   nvlink_context_test --bench OUT.json       timings at T=128 and T=4096, the variants
+//                                              that break T=128 down, and where the time of
+//                                              a step goes, phase by phase (one process)
 //   nvlink_context_test --profile NAME         a few steps of one benchmark configuration,
 //                                              nothing held back: for ncu
 //   --world N (without --rank)                 N ranks in this process (default: 2 GPUs)
@@ -29,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -913,6 +915,10 @@ struct BenchConfig {
   int iters = 500;
   StepKind kind = StepKind::kDirect;
   bool hold = true;  // off under a profiler, which serializes launches
+  // Steps replayed from one CUDA graph per rank, as XLA's command buffers replay them, with
+  // no event between the kernels (events cost more than a kernel boundary in a graph): only
+  // whole steps are timed.
+  bool graph = false;
 };
 
 // The variants time T=128 without its payload (H=128) and without zeroing expert_x's unused
@@ -930,7 +936,62 @@ const std::vector<BenchConfig> kBenchConfigs = {
     {"T=4096 no zeroing", 4096, 7168, false, 100},
     {"T=128 staged", 128, 7168, true, 500, StepKind::kStaged},
     {"T=4096 staged", 4096, 7168, true, 100, StepKind::kStaged},
+    {"T=1 H=128 no zeroing, graph", 1, 128, false, 500, StepKind::kDirect, true, true},
+    {"T=1 H=128 no zeroing whole, graph", 1, 128, false, 500, StepKind::kWhole, true, true},
+    {"T=128, graph", 128, 7168, true, 500, StepKind::kDirect, true, true},
+    {"T=128 whole, graph", 128, 7168, true, 500, StepKind::kWhole, true, true},
+    {"T=4096, graph", 4096, 7168, true, 100, StepKind::kDirect, true, true},
+    {"T=4096 whole, graph", 4096, 7168, true, 100, StepKind::kWhole, true, true},
 };
+
+// Per step (dispatch and combine), µs: `iters` steps replayed from graphs of 25 steps, one
+// graph per local rank, each replay between two events. The last step is checked again.
+std::vector<double> GraphStepUs(World& w, const Case& c, const Layout& l, int iters,
+                                std::vector<std::unique_ptr<RankBuffers>>& buf,
+                                std::vector<std::unique_ptr<NvlinkContext>>& ctx,
+                                const std::vector<RankInput>& in, StepKind kind) {
+  constexpr int kBatch = 25;
+  std::vector<cudaGraphExec_t> graphs;
+  for (size_t i = 0; i < buf.size(); ++i) {
+    RankBuffers& b = *buf[i];
+    CHECK_CUDA(cudaSetDevice(b.device));
+    CHECK_CUDA(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
+    for (int s = 0; s < kBatch; ++s) b.Step(*ctx[i], kind);
+    cudaGraph_t graph;
+    CHECK_CUDA(cudaStreamEndCapture(b.stream, &graph));
+    cudaGraphExec_t exec;
+    CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    CHECK_CUDA(cudaGraphDestroy(graph));
+    graphs.push_back(exec);
+  }
+  std::vector<cudaEvent_t> ev(2 * buf.size());
+  for (size_t i = 0; i < buf.size(); ++i) {
+    CHECK_CUDA(cudaSetDevice(buf[i]->device));
+    CHECK_CUDA(cudaEventCreate(&ev[2 * i]));
+    CHECK_CUDA(cudaEventCreate(&ev[2 * i + 1]));
+  }
+  std::vector<double> us;
+  for (int first = -kBatch; first < iters; first += kBatch) {  // one replay to warm up
+    for (size_t i = 0; i < buf.size(); ++i) {
+      RankBuffers& b = *buf[i];
+      CHECK_CUDA(cudaSetDevice(b.device));
+      CHECK_CUDA(cudaEventRecord(ev[2 * i], b.stream));
+      CHECK_CUDA(cudaGraphLaunch(graphs[i], b.stream));
+      CHECK_CUDA(cudaEventRecord(ev[2 * i + 1], b.stream));
+    }
+    for (auto& b : buf) b->Sync();
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+    if (first >= 0) us.push_back(1e3 * ms / kBatch);
+  }
+  const std::vector<Expected> ex = Reference(l, in);
+  for (size_t i = 0; i < buf.size(); ++i) {
+    CheckStep(c.name.c_str(), iters, w.local[i], *buf[i], *ctx[i], ex[w.local[i]]);
+  }
+  for (cudaGraphExec_t exec : graphs) CHECK_CUDA(cudaGraphExecDestroy(exec));
+  for (cudaEvent_t e : ev) CHECK_CUDA(cudaEventDestroy(e));
+  return us;
+}
 
 std::string Bench(World& w, const BenchConfig& bc) {
   const int T = bc.T, iters = bc.iters;
@@ -962,6 +1023,23 @@ std::string Bench(World& w, const BenchConfig& bc) {
     for (size_t i = 0; i < buf.size(); ++i) {
       CheckStep(bc.name.c_str(), 0, w.local[i], *buf[i], *ctx[i], ex[w.local[i]]);
     }
+  }
+  if (bc.graph) {
+    const std::vector<double> step = GraphStepUs(w, c, l, iters, buf, ctx, in, bc.kind);
+    for (size_t i = 0; i < buf.size(); ++i) {
+      EXPECT(ctx[i]->Failure().empty(), "bench error %s", ctx[i]->Failure().c_str());
+    }
+    std::ostringstream js;
+    js << "{\"name\": \"" << bc.name << "\", \"T\": " << T << ", \"H\": " << bc.H
+       << ", \"zero_unused_rows\": " << (bc.zero_unused_rows ? "true" : "false")
+       << ", \"whole\": " << (bc.kind == StepKind::kWhole ? "true" : "false")
+       << ", \"graph\": true, \"iters\": " << iters << ", \"step_us\": {\"median\": "
+       << Median(step) << ", \"p99\": " << P99(step) << "}}";
+    std::printf("%-34s T=%5d  dispatch + combine %8.2f us per step (p99 %8.2f)\n",
+                bc.name.c_str(), T, Median(step), P99(step));
+    buf.clear();
+    Disconnect(w, ctx);
+    return js.str();
   }
   uint32_t* go = nullptr;
   CHECK_CUDA(cudaHostAlloc(&go, sizeof(uint32_t), cudaHostAllocMapped | cudaHostAllocPortable));
@@ -1060,6 +1138,96 @@ std::string Bench(World& w, const BenchConfig& bc) {
     CHECK_CUDA(cudaSetDevice(buf[i]->device));
     for (auto& e : ev[i]) cudaEventDestroy(e);
   }
+  buf.clear();
+  Disconnect(w, ctx);
+  return js.str();
+}
+
+// Where a step's time goes: steps run one at a time with the phase clock on (every block of
+// rank 0 stamps %globaltimer as each phase ends, NvlinkArgs::phase_clock); per phase, the
+// median over steps of when the first and the last block got there, µs from the op's start
+// (the first block's first stamp).
+const char* const kPhaseNames[kNumPhases] = {
+    "dispatch start", "counted", "ranked", "packed", "send ticket", "ready flags seen",
+    "routed", "expanded", "zeroed", "recv ticket, credits", "combine start", "credits seen",
+    "partials stored", "send ticket", "ready flags seen", "reduced", "recv ticket, credits"};
+
+std::string Phases(World& w, const BenchConfig& bc, int steps) {
+  Case c;
+  c.name = "phases";
+  c.R = w.world;
+  c.E = 256;
+  c.k = 8;
+  c.H = bc.H;
+  c.T = bc.T;
+  c.dispatch_bytes = 1;
+  c.combine_bytes = 2;
+  const Layout l = c.MakeLayout();
+  auto ctx = Connect(w, l, 20.0, bc.zero_unused_rows);
+  std::vector<std::unique_ptr<RankBuffers>> buf;
+  std::vector<RankInput> in;
+  for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r));
+  for (int r : w.local) {
+    buf.push_back(std::make_unique<RankBuffers>(l, w.Device(r)));
+    buf.back()->Upload(in[r]);
+  }
+  const int blocks = 2 * ctx[0]->args().num_sms;
+  const size_t words = static_cast<size_t>(blocks) * kNumPhases;
+  CHECK_CUDA(cudaSetDevice(buf[0]->device));
+  uint64_t* stamps = nullptr;
+  CHECK_CUDA(cudaMalloc(&stamps, words * sizeof(uint64_t)));
+  ctx[0]->SetPhaseClock(stamps);
+  std::vector<uint64_t> host(words);
+  std::vector<double> first[kNumPhases], last[kNumPhases];
+  for (int step = -5; step < steps; ++step) {  // 5 steps to warm up
+    CHECK_CUDA(cudaSetDevice(buf[0]->device));
+    CHECK_CUDA(cudaMemset(stamps, 0, words * sizeof(uint64_t)));
+    for (size_t i = 0; i < buf.size(); ++i) buf[i]->Step(*ctx[i], bc.kind);
+    for (auto& b : buf) b->Sync();
+    CHECK_CUDA(cudaMemcpy(host.data(), stamps, words * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+    if (step < 0) continue;
+    for (int op = 0; op < 2; ++op) {
+      const int begin = op == 0 ? kDispatchStart : kCombineStart;
+      const int end = op == 0 ? kCombineStart : kNumPhases;
+      uint64_t t0 = ~0ull;
+      for (int b = 0; b < blocks; ++b) {
+        const uint64_t t = host[static_cast<size_t>(b) * kNumPhases + begin];
+        if (t != 0) t0 = std::min(t0, t);
+      }
+      for (int p = begin; p < end; ++p) {
+        uint64_t lo = ~0ull, hi = 0;
+        for (int b = 0; b < blocks; ++b) {
+          const uint64_t t = host[static_cast<size_t>(b) * kNumPhases + p];
+          if (t == 0) continue;
+          lo = std::min(lo, t);
+          hi = std::max(hi, t);
+        }
+        if (hi == 0) continue;  // no block got there (the recv half of a split op: none)
+        first[p].push_back((lo - t0) / 1e3);
+        last[p].push_back((hi - t0) / 1e3);
+      }
+    }
+  }
+  ctx[0]->SetPhaseClock(nullptr);
+  CHECK_CUDA(cudaFree(stamps));
+  for (size_t i = 0; i < buf.size(); ++i) {
+    EXPECT(ctx[i]->Failure().empty(), "phases error %s", ctx[i]->Failure().c_str());
+  }
+  std::ostringstream js;
+  js << "{\"name\": \"" << bc.name << "\", \"steps\": " << steps << ", \"phases\": [";
+  std::printf("%s, phases (us from the op's start: first block, last block):\n",
+              bc.name.c_str());
+  bool any = false;
+  for (int p = 0; p < kNumPhases; ++p) {
+    if (first[p].empty()) continue;
+    js << (any ? ", " : "") << "{\"op\": \"" << (p < kCombineStart ? "dispatch" : "combine")
+       << "\", \"phase\": \"" << kPhaseNames[p] << "\", \"first_us\": " << Median(first[p])
+       << ", \"last_us\": " << Median(last[p]) << "}";
+    any = true;
+    std::printf("  %-9s %-22s %8.2f %8.2f\n", p < kCombineStart ? "dispatch" : "combine",
+                kPhaseNames[p], Median(first[p]), Median(last[p]));
+  }
+  js << "]}";
   buf.clear();
   Disconnect(w, ctx);
   return js.str();
@@ -1202,6 +1370,14 @@ int main(int argc, char** argv) {
     js += ", \"runs\": [";
     for (size_t i = 0; i < kBenchConfigs.size(); ++i) {
       js += (i ? ", " : "") + Bench(w, kBenchConfigs[i]);
+    }
+    js += "], \"phases\": [";
+    const char* phased[] = {"T=1 H=128 no zeroing whole", "T=128 whole", "T=128",
+                            "T=4096 whole"};
+    for (size_t i = 0; i < std::size(phased); ++i) {
+      const auto it = std::find_if(kBenchConfigs.begin(), kBenchConfigs.end(),
+                                   [&](const BenchConfig& c) { return c.name == phased[i]; });
+      js += (i ? ", " : "") + Phases(w, *it, it->T > 1024 ? 20 : 100);
     }
     js += "]}";
     std::ofstream(bench_out) << js << "\n";

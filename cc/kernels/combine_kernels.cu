@@ -49,6 +49,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   const Arena me = ArenaOf(a, a.rank);
   NvlinkState* st = me.state();
   const int tid = threadIdx.x;
+  Stamp(a, kCombineStart);
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int piece = static_cast<int>(PieceRecords(lay, FullGrid(a)));
@@ -101,6 +102,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   read_slots(g0, Min(g1, g0 + piece) - g0);
 
   const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
+  Stamp(a, kCombineCredited);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && !good) {
     SetError(a, DeviceError::kBadHandle, static_cast<int64_t>(HandleOperand::kRecvTokens),
@@ -151,9 +153,12 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
       Store16(to + c * 16, Vec16<T>::Pack(acc));
     }
   }
+  Stamp(a, kCombineSummed);
 
   if (!in_turn) return;
-  if (LastBlock(a, kTicketCombineSend)) {
+  const bool last = LastBlock(a, kTicketCombineSend);
+  Stamp(a, kCombineSent);
+  if (last) {
     if (tid == 0) st->combine_step[1] = step;
     SignalPeers(a, DeviceWait::kCombineReady, step);
 #pragma unroll 1
@@ -251,6 +256,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   bool sane = find_partials(start, static_cast<int>(Min(start + piece, end)));
 
   const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineReady, step);
+  Stamp(a, kCombineArrived);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && s_bad[0] >= 0) {
     SetError(a, DeviceError::kBadHandle, s_bad[0], s_bad[1], s_bad[2]);
@@ -289,10 +295,12 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
       Store16(out + (lo + lt) * out_row_bytes + c * 16, Vec16<T>::Pack(acc));
     }
   }
+  Stamp(a, kCombineReduced);
 
   if (in_turn) {
     EndRecv(a, kTicketCombineRecv, st->combine_step, DeviceWait::kCombineCredit,
             &a.mailbox->combine_read, step);
+    Stamp(a, kCombineEnd);
   }
 }
 

@@ -88,6 +88,13 @@ __device__ __forceinline__ void Batched(int first, int n, Load load, Use use) {
   }
 }
 
+// Stamps the end of `phase` for this block, where the clock is on (NvlinkArgs::phase_clock).
+__device__ __forceinline__ void Stamp(const NvlinkArgs& a, Phase phase) {
+  if (a.phase_clock != nullptr && threadIdx.x == 0) {
+    a.phase_clock[blockIdx.x * kNumPhases + phase] = GlobalTimerNs();
+  }
+}
+
 // ---------------------------------------------------------------- arena
 
 struct Arena {

@@ -97,6 +97,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   NvlinkState* st = me.state();
   const Plan plan = PlanSend(lay, FullGrid(a));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  Stamp(a, kDispatchStart);
 
   extern __shared__ __align__(16) uint8_t smem[];
   const int piece = static_cast<int>(plan.piece);
@@ -184,6 +185,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     s_mask[t] = mask;
   }
   const bool ok = __syncthreads_and(credited) != 0;
+  Stamp(a, kDispatchCounted);
   const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
 
   // Tokens per destination, warp by warp.
@@ -316,6 +318,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
       s_ranks[x] = j >= 0 ? s_ranks0[d] + j * k : nullptr;
     }
     __syncthreads();
+    Stamp(a, kDispatchRanked);
 
     if (ok && !bad) {
       // One pass over the piece's x (16-byte vectors, each loaded once and stored to every
@@ -375,9 +378,12 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     }
     if (lo + piece < end) __syncthreads();  // the next piece rewrites what the copies read
   }
+  Stamp(a, kDispatchPacked);
 
   if (!in_turn) return;
-  if (LastBlock(a, kTicketDispatchSend)) {
+  const bool last = LastBlock(a, kTicketDispatchSend);
+  Stamp(a, kDispatchSent);
+  if (last) {
     if (tid == 0) st->dispatch_step[1] = step;
     if (!staged) {
       SignalPeers(a, DeviceWait::kDispatchReady, step);
@@ -466,6 +472,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 #pragma unroll 1
   for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
   const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
+  Stamp(a, kDispatchArrived);
 
   // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
@@ -557,6 +564,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     __syncthreads();
     BlockExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L, s_scan);
     __syncthreads();
+    Stamp(a, kDispatchRouted);
     const int64_t total = s_rbase[R];
     if (blockIdx.x == 0) {
 #pragma unroll 1
@@ -635,6 +643,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
       if (p0 + piece < g1) __syncthreads();  // the next piece rewrites what the copies read
     }
+    Stamp(a, kDispatchExpanded);
 
     // Handle entries past the last record.
 #pragma unroll 1
@@ -662,11 +671,13 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       for (int c = lane; c < x_vecs; c += 32) Store16(expert_x + row * lay.x_bytes() + c * 16, zero);
       for (int c = lane; c < S; c += 32) io.expert_x_scale[row * S + c] = 0.0f;
     }
+    Stamp(a, kDispatchZeroed);
   }
 
   if (in_turn) {
     EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
             &a.mailbox->dispatch_read, step);
+    Stamp(a, kDispatchEnd);
   }
 }
 

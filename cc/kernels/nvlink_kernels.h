@@ -93,6 +93,31 @@ struct NvlinkArgs {
   uint8_t* fabric_buffer = nullptr;   // laid out like the arena (nvlink_layout.h)
   uint8_t* fabric_signals = nullptr;  // mapped pinned host, laid out like the signals region
   ProxyMailbox* mailbox = nullptr;    // mapped pinned host
+  // Where the kernels' phases end, for nvlink_context_test --phases (null otherwise):
+  // [block][Phase], the %globaltimer when thread 0 of the block got there.
+  uint64_t* phase_clock = nullptr;
+};
+
+// The phases a step's kernels stamp into NvlinkArgs::phase_clock, in the order they run.
+enum Phase : int {
+  kDispatchStart,
+  kDispatchCounted,   // every token counted, the credits in
+  kDispatchRanked,    // record indices, slot ranks and send_index of the block's tokens
+  kDispatchPacked,    // the block's records stored
+  kDispatchSent,      // past the send half's block ticket
+  kDispatchArrived,   // every sender's ready flag seen
+  kDispatchRouted,    // the route table folded, the expert offsets scanned
+  kDispatchExpanded,  // the block's records expanded into expert_x
+  kDispatchZeroed,    // padding (and unused) rows zeroed
+  kDispatchEnd,       // past the recv half's block ticket (and the credits given)
+  kCombineStart,
+  kCombineCredited,   // the block's slots read, the credits in
+  kCombineSummed,     // the block's partials stored
+  kCombineSent,       // past the send half's block ticket
+  kCombineArrived,    // the partials' places found, every expert rank's ready flag seen
+  kCombineReduced,    // the block's tokens summed
+  kCombineEnd,        // past the recv half's block ticket (and the credits given)
+  kNumPhases
 };
 
 struct DispatchSendIo {

@@ -14,7 +14,9 @@
 #                                        proxy between 2 GPUs, one process each; decode, not by
 #                                        default, times one rank with and without command
 #                                        buffers; primitives, not by default, times the
-#                                        kernels' building blocks alone; overlap, not by
+#                                        kernels' building blocks alone; ab, not by default,
+#                                        times the revisions scripts/kernel_ab.sh exported
+#                                        against this tree's kernels; overlap, not by
 #                                        default, puts the matmul
 #                                        on a second stream; training times one MoE layer's
 #                                        backward; post times the engine posting to 1..63
@@ -144,13 +146,37 @@ profile() {  # ncu on one rank's kernels (one rank: ncu serializes launches)
   done < <(tr ';' '\n' <<<"${PROFILE_CASES:-T=128}")
 }
 
+ab() {  # this tree's kernels and each variant's in .ab/ (scripts/kernel_ab.sh), timed in turns
+  fabric_root || return 1
+  local names=(this) dirs=(.) d i r
+  for d in .ab/*/; do
+    [ -d "$d" ] || continue
+    names+=("$(basename "$d")")
+    dirs+=("${d%/}")
+  done
+  for i in "${!names[@]}"; do
+    cmake -S "${dirs[$i]}" -B "build/ab/${names[$i]}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null || return 1
+    ninja -C "build/ab/${names[$i]}" nvlink_context_test >/dev/null || return 1
+  done
+  for r in $(seq "${AB_ROUNDS:-2}"); do
+    for i in "${!names[@]}"; do
+      echo "--- round $r, ${names[$i]}"
+      "build/ab/${names[$i]}/nvlink_context_test" --world 1 \
+        --bench "$OUT/ab_${names[$i]}_round$r.json" || return 1
+    done
+  done
+  "$PY" benchmarks/compare_kernels.py --revisions=.ab/REVISIONS --out="$OUT" \
+    "$OUT"/ab_*_round*.json
+}
+
 sanitize() {  # compute-sanitizer TOOL on the small cases: one process, then one per rank
   local tool="compute-sanitizer --tool $1 --error-exitcode 9 --print-limit 20"
   $tool build/gpu/nvlink_context_test --small || return 1
   kernels_two_processes "$tool" --small
 }
 
-export -f fabric_root build kernels_two_processes sanitize profile
+export -f fabric_root build kernels_two_processes sanitize profile ab
 export PY OUT
 
 for s in $STAGES; do
@@ -187,6 +213,8 @@ for s in $STAGES; do
       limit=${SANITIZER_TIMEOUT_S:-240}
       RANK_TIMEOUT_S=$((limit * 5 / 8)) stage memcheck sanitizer.log "$limit" sanitize memcheck
       RANK_TIMEOUT_S=$((limit * 5 / 8)) stage racecheck sanitizer.log "$limit" sanitize racecheck ;;
+    ab)  # scripts/kernel_ab.sh NAME=REV ... first, here; .ab carried
+      stage "kernel A/B" bench.log "${AB_TIMEOUT_S:-500}" ab ;;
     kbench)
       # Two ranks on one GPU would time-slice it: their timings would mean nothing.
       [ "$GPUS" -ge 2 ] && stage "kernel benchmark" bench.log 180 "$PY" benchmarks/bench_kernels.py \
@@ -231,7 +259,7 @@ for s in $STAGES; do
       stage bench_all_to_all bench.log "${BENCH_TIMEOUT_S:-500}" "$PY" \
         benchmarks/bench_all_to_all.py --platform=cuda --out="$OUT" --plot ${BENCH_ARGS:-} ;;
     *) echo "unknown stage $s (info build kernels sanitizer kbench profile pytest fabric signal" \
-         "bench fabric_bench decode primitives overlap training post)" >&2; exit 2 ;;
+         "bench fabric_bench decode primitives ab overlap training post)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary"

@@ -993,26 +993,44 @@ std::vector<double> GraphStepUs(World& w, const Case& c, const Layout& l, int it
   return us;
 }
 
-std::string Bench(World& w, const BenchConfig& bc) {
-  const int T = bc.T, iters = bc.iters;
+// A benchmark configuration's case (256 experts, top-8, fp8 dispatch, bf16 combine) on every
+// rank of `w`, connected, with step 0's inputs of every rank (in[r]) uploaded to the local ones.
+struct BenchSetup {
   Case c;
-  c.name = "bench";
-  c.R = w.world;
-  c.E = 256;
-  c.k = 8;
-  c.H = bc.H;
-  c.T = T;
-  c.dispatch_bytes = 1;
-  c.combine_bytes = 2;
-  const Layout l = c.MakeLayout();
-  auto ctx = Connect(w, l, 20.0, bc.zero_unused_rows);
+  Layout l;
+  std::vector<std::unique_ptr<NvlinkContext>> ctx;
   std::vector<std::unique_ptr<RankBuffers>> buf;
   std::vector<RankInput> in;
-  for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r));
+};
+
+BenchSetup SetUpBench(World& w, const BenchConfig& bc) {
+  BenchSetup b;
+  b.c.name = "bench";
+  b.c.R = w.world;
+  b.c.E = 256;
+  b.c.k = 8;
+  b.c.H = bc.H;
+  b.c.T = bc.T;
+  b.c.dispatch_bytes = 1;
+  b.c.combine_bytes = 2;
+  b.l = b.c.MakeLayout();
+  b.ctx = Connect(w, b.l, 20.0, bc.zero_unused_rows);
+  for (int r = 0; r < b.c.R; ++r) b.in.push_back(MakeInput(b.c, b.l, 0, r));
   for (int r : w.local) {
-    buf.push_back(std::make_unique<RankBuffers>(l, w.Device(r)));
-    buf.back()->Upload(in[r]);
+    b.buf.push_back(std::make_unique<RankBuffers>(b.l, w.Device(r)));
+    b.buf.back()->Upload(b.in[r]);
   }
+  return b;
+}
+
+std::string Bench(World& w, const BenchConfig& bc) {
+  const int T = bc.T, iters = bc.iters;
+  BenchSetup setup = SetUpBench(w, bc);
+  const Case& c = setup.c;
+  const Layout& l = setup.l;
+  auto& ctx = setup.ctx;
+  auto& buf = setup.buf;
+  const std::vector<RankInput>& in = setup.in;
   // One step checked against the host reference before anything is timed. Unzeroed unused
   // rows hold whatever was there, which the reference cannot know: those variants run the
   // same kernels as their zeroing twins, checked in their own runs.
@@ -1153,24 +1171,9 @@ const char* const kPhaseNames[kNumPhases] = {
     "partials stored", "send ticket", "ready flags seen", "reduced", "recv ticket, credits"};
 
 std::string Phases(World& w, const BenchConfig& bc, int steps) {
-  Case c;
-  c.name = "phases";
-  c.R = w.world;
-  c.E = 256;
-  c.k = 8;
-  c.H = bc.H;
-  c.T = bc.T;
-  c.dispatch_bytes = 1;
-  c.combine_bytes = 2;
-  const Layout l = c.MakeLayout();
-  auto ctx = Connect(w, l, 20.0, bc.zero_unused_rows);
-  std::vector<std::unique_ptr<RankBuffers>> buf;
-  std::vector<RankInput> in;
-  for (int r = 0; r < c.R; ++r) in.push_back(MakeInput(c, l, 0, r));
-  for (int r : w.local) {
-    buf.push_back(std::make_unique<RankBuffers>(l, w.Device(r)));
-    buf.back()->Upload(in[r]);
-  }
+  BenchSetup setup = SetUpBench(w, bc);
+  auto& ctx = setup.ctx;
+  auto& buf = setup.buf;
   const int blocks = 2 * ctx[0]->args().num_sms;
   const size_t words = static_cast<size_t>(blocks) * kNumPhases;
   CHECK_CUDA(cudaSetDevice(buf[0]->device));

@@ -58,6 +58,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   int32_t* s_bad = s_row + piece * k;                                  // [4]
   int32_t* s_rbase = s_bad + 4;                                        // [R + 1]
 
+  // The home ranks may reuse what they received last step only once they said so: the
+  // block's last threads wait for the credits while the others read the handle.
+  const int waiter = tid - (kThreads - R);
+  bool credited = in_turn;
+  if (in_turn && waiter >= 0) {
+    credited = WaitFlag(a, FlagOf(a, DeviceWait::kCombineCredit, waiter), step - 1,
+                        DeviceWait::kCombineCredit, waiter);
+  }
 #pragma unroll 1
   for (int src = tid; src < R; src += kThreads) s_rbase[src + 1] = io.recv_tokens[src];
   __syncthreads();
@@ -78,16 +86,29 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   }
   __syncthreads();
 
-  // This block's records [g0, g1), a piece at a time. The rows and weights of a piece's slots
-  // are own data: the first piece's are read while the credits may still be on their way.
-  const int64_t total = s_rbase[R];
-  const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-  const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-  const int g1 = in_turn && s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
-  const auto read_slots = [&](int p0, int nrec) {
+  // Pieces of a full grid's share, block b taking pieces b, b + grid, ...: whole records, or
+  // where there are fewer records than the full grid has blocks (decode), a part of one (a
+  // range of its vectors, PartsPerRecord), so that more blocks share the work. The rows and
+  // weights of a piece's slots are own data: the first piece's are read before the credits
+  // are checked.
+  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
+  const int64_t total = in_turn && s_bad[0] < 0 ? s_rbase[R] : 0;
+  const int parts = PartsPerRecord(total, vecs, FullGrid(a));
+  const int64_t units = total * parts;  // (record, part)
+  const int64_t share = CeilDiv(units, FullGrid(a));  // 1 where parts > 1
+  // The piece from unit u0: its first record, part and records.
+  struct Piece {
+    int p0, q, nrec;
+  };
+  const auto piece_at = [&](int64_t u0) {
+    const int p0 = static_cast<int>(u0 / parts);
+    return Piece{p0, static_cast<int>(u0 - int64_t{p0} * parts),
+                 static_cast<int>(Min(share, units - u0)) / parts + (parts > 1)};
+  };
+  const auto read_slots = [&](const Piece& p) {
 #pragma unroll 1
-    for (int x = tid; x < nrec * k; x += kThreads) {
-      const int64_t at = static_cast<int64_t>(p0) * k + x;
+    for (int x = tid; x < p.nrec * k; x += kThreads) {
+      const int64_t at = static_cast<int64_t>(p.p0) * k + x;
       const int32_t row = io.record_rows[at];
       const float weight = io.record_weights[at];  // loaded with the row, not after it
       if (row < -1 || row >= M) {
@@ -99,9 +120,10 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
       s_weight[x] = use ? weight : 0.0f;
     }
   };
-  read_slots(g0, Min(g1, g0 + piece) - g0);
+  const int64_t first = blockIdx.x * share;
+  if (first < units) read_slots(piece_at(first));
 
-  const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
+  const bool ok = in_turn && __syncthreads_and(credited) != 0;
   Stamp(a, kCombineCredited);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && !good) {
@@ -113,21 +135,22 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
     for (int src = tid; src < R; src += kThreads) io.sent[src] = good ? io.recv_tokens[src] : 0;
   }
 
-  // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
-  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
+  // One 16-byte vector of the partial per item: up to k loads in flight, then one store. More
+  // than one record: whole ones.
   const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   const auto* y = static_cast<const uint8_t*>(io.expert_y);
 #pragma unroll 1
-  for (int p0 = g0; good && p0 < g1; p0 += piece) {
-    const int nrec = Min(p0 + piece, g1) - p0;
-    if (p0 != g0) {
+  for (int64_t u0 = first; good && u0 < units; u0 += gridDim.x * share) {
+    const Piece p = piece_at(u0);
+    if (u0 != first) {
       __syncthreads();  // the last piece's sums are done with its slots
-      read_slots(p0, nrec);
+      read_slots(p);
       __syncthreads();
     }
-    for (int w = tid; w < nrec * vecs; w += kThreads) {
-      const int r = a.div.combine_vecs.Div(w), c = w - r * vecs;
-      const int g = p0 + r;
+    const int vlo = p.q * vecs / parts, vn = (p.q + 1) * vecs / parts - vlo;
+    for (int w = tid; w < p.nrec * vn; w += kThreads) {
+      const int r = p.nrec == 1 ? 0 : a.div.combine_vecs.Div(w), c = vlo + w - r * vn;
+      const int g = p.p0 + r;
       float acc[Vec16<T>::kLanes] = {};
       for (int i0 = 0; i0 < k; i0 += 4) {
         int4 v[4];

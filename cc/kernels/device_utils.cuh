@@ -320,7 +320,7 @@ __device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket
   Publish(a, read, step);
 }
 
-// ---------------------------------------------------------------- warp and block scans
+// ---------------------------------------------------------------- warp scans
 
 __device__ __forceinline__ unsigned LaneMaskLt() {
   unsigned m;
@@ -334,62 +334,40 @@ __device__ __forceinline__ int32_t WarpSum(int32_t v) {
   return v;
 }
 
-// Shared scratch of BlockExclusiveScan2, in ints.
-constexpr int kScanScratch = 2 * (kThreads / 32);
-
 // Exclusive prefix sums of a[0..n) and of b[0..n) into out_a[0..n] and out_b[0..n], the totals
-// last, by the whole block (every thread calls it); the totals are visible after the caller's
-// next barrier. kThreads values per round, each warp's scanned by shuffles, then the warps'.
-__device__ __forceinline__ void BlockExclusiveScan2(const int32_t* a, const int32_t* b,
-                                                    int32_t* out_a, int32_t* out_b, int n,
-                                                    int32_t* scratch) {
-  constexpr int kWarps = kThreads / 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int32_t carry_a = 0, carry_b = 0;
-  for (int base = 0; base < n; base += kThreads) {
-    const int i = base + static_cast<int>(threadIdx.x);
-    const int32_t xa = i < n ? a[i] : 0, xb = i < n ? b[i] : 0;
-    int32_t ia = xa, ib = xb;  // inclusive, within the warp
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t ya = __shfl_up_sync(kFullMask, ia, d), yb = __shfl_up_sync(kFullMask, ib, d);
-      if (lane >= d) {
-        ia += ya;
-        ib += yb;
-      }
-    }
-    if (lane == 31) {
-      scratch[warp] = ia;
-      scratch[kWarps + warp] = ib;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      int32_t sa = lane < kWarps ? scratch[lane] : 0, sb = lane < kWarps ? scratch[kWarps + lane] : 0;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int32_t ya = __shfl_up_sync(kFullMask, sa, d), yb = __shfl_up_sync(kFullMask, sb, d);
-        if (lane >= d) {
-          sa += ya;
-          sb += yb;
-        }
-      }
-      if (lane < kWarps) {
-        scratch[lane] = sa;
-        scratch[kWarps + lane] = sb;
-      }
-    }
-    __syncthreads();
-    if (i < n) {
-      out_a[i] = carry_a + (warp > 0 ? scratch[warp - 1] : 0) + ia - xa;
-      out_b[i] = carry_b + (warp > 0 ? scratch[kWarps + warp - 1] : 0) + ib - xb;
-    }
-    carry_a += scratch[kWarps - 1];
-    carry_b += scratch[2 * kWarps - 1];
-    __syncthreads();  // the next round rewrites the scratch
+// last, by one warp (all its lanes call it): each lane sums a run of consecutive values, the
+// runs' totals are scanned by shuffles, then each lane writes its run. No barrier inside: the
+// block sees the sums after its next one.
+__device__ __forceinline__ void WarpExclusiveScan2(const int32_t* a, const int32_t* b,
+                                                   int32_t* out_a, int32_t* out_b, int n) {
+  const int lane = threadIdx.x & 31, per = (n + 31) / 32;
+  const int lo = Min(n, lane * per), hi = Min(n, lo + per);
+  int32_t run_a = 0, run_b = 0;
+#pragma unroll 1
+  for (int i = lo; i < hi; ++i) {
+    run_a += a[i];
+    run_b += b[i];
   }
-  if (threadIdx.x == 0) {
-    out_a[n] = carry_a;
-    out_b[n] = carry_b;
+  int32_t ia = run_a, ib = run_b;  // inclusive, over the runs
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int32_t ya = __shfl_up_sync(kFullMask, ia, d), yb = __shfl_up_sync(kFullMask, ib, d);
+    if (lane >= d) {
+      ia += ya;
+      ib += yb;
+    }
+  }
+  int32_t xa = ia - run_a, xb = ib - run_b;
+#pragma unroll 1
+  for (int i = lo; i < hi; ++i) {
+    out_a[i] = xa;
+    out_b[i] = xb;
+    xa += a[i];
+    xb += b[i];
+  }
+  if (lane == 31) {
+    out_a[n] = ia;
+    out_b[n] = ib;
   }
 }
 

@@ -416,7 +416,6 @@ __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
-                        kScanScratch +               // the scans
                         p.piece * k);                // rows of this piece's slots
   return p;
 }
@@ -462,8 +461,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
   int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
-  int32_t* s_scan = s_sbase + R * L;                       // [kScanScratch]
-  int32_t* s_rows = s_scan + kScanScratch;                 // [piece][k]
+  int32_t* s_rows = s_sbase + R * L;                       // [piece][k]
 
   if (tid == 0) {
     s_verdict[0] = INT32_MAX;
@@ -492,7 +490,10 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
     }
     __syncthreads();
-    // Rows and records every rank needs, a warp per rank; the first full rank is the verdict.
+    // Then, from the folded table and with no barrier between: rows and records every rank
+    // needs, a warp per rank (the first full rank is the verdict); where each sender's records
+    // start; and per local expert, the rows of earlier senders and the counts (unused by a
+    // step that fails).
     const int lane = tid & 31;
 #pragma unroll 1
     for (int d = tid >> 5; d < R; d += kThreads / 32) {
@@ -510,6 +511,27 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
         s_need_recs[d] = recs;
         if (rows > M || recs > N) atomicMin(&s_verdict[1], d);
       }
+    }
+    if (tid == kThreads - 1) {
+      int32_t n = 0;
+#pragma unroll 1
+      for (int src = 0; src < R; ++src) {
+        s_rbase[src] = n;
+        n += s_tok[src * R + a.rank];
+      }
+      s_rbase[R] = n;
+    }
+#pragma unroll 1
+    for (int e = tid; e < L; e += kThreads) {
+      int32_t n = 0;
+#pragma unroll 1
+      for (int src = 0; src < R; ++src) {
+        s_sbase[src * L + e] = n;
+        n += s_own[src * L + e];
+      }
+      s_count[e] = n;
+      s_group[e] = a.div.alignment.RoundUp(n);
+      s_pad[e] = s_group[e] - n;
     }
   }
   __syncthreads();
@@ -539,30 +561,8 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
     }
   } else {
-    // Expert starts and the rows of earlier senders, per local expert.
-    if (tid == kThreads - 1) {
-      int32_t n = 0;
-#pragma unroll 1
-      for (int src = 0; src < R; ++src) {
-        s_rbase[src] = n;
-        n += s_tok[src * R + a.rank];
-      }
-      s_rbase[R] = n;
-    }
-#pragma unroll 1
-    for (int e = tid; e < L; e += kThreads) {
-      int32_t n = 0;
-#pragma unroll 1
-      for (int src = 0; src < R; ++src) {
-        s_sbase[src * L + e] = n;
-        n += s_own[src * L + e];
-      }
-      s_count[e] = n;
-      s_group[e] = a.div.alignment.RoundUp(n);
-      s_pad[e] = s_group[e] - n;
-    }
-    __syncthreads();
-    BlockExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L, s_scan);
+    // Expert starts, and padding starts: one warp scans, the others wait at the barrier.
+    if (tid < 32) WarpExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L);
     __syncthreads();
     Stamp(a, kDispatchRouted);
     const int64_t total = s_rbase[R];
@@ -582,17 +582,22 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
     }
 
-    // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
-    const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-    const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-    const int g1 = static_cast<int>(Min(total, g0 + per_block));
-    const int piece = static_cast<int>(plan.piece);
+    // Pieces of a full grid's share, block b taking pieces b, b + grid, ...: whole records, or
+    // where there are fewer records than the full grid has blocks (decode), a part of one (a
+    // range of its vectors and of its scales, PartsPerRecord), so that more blocks share the
+    // work. Per piece: the row of every slot, then the copies.
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
     const int S = static_cast<int>(lay.num_scales());
+    const int parts = PartsPerRecord(total, x_vecs + S, FullGrid(a));
+    const int64_t units = total * parts;  // (record, part)
+    const int64_t share = CeilDiv(units, FullGrid(a));  // 1 where parts > 1
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
 #pragma unroll 1
-    for (int p0 = g0; p0 < g1; p0 += piece) {
-      const int nrec = Min(p0 + piece, g1) - p0;
+    for (int64_t u0 = blockIdx.x * share; u0 < units; u0 += gridDim.x * share) {
+      const int p0 = static_cast<int>(u0 / parts), q = static_cast<int>(u0 - int64_t{p0} * parts);
+      const int nrec = static_cast<int>(Min(share, units - u0)) / parts + (parts > 1);
+      const int vlo = q * x_vecs / parts, vn = (q + 1) * x_vecs / parts - vlo;
+      const int slo = q * S / parts, sn = (q + 1) * S / parts - slo;
 #pragma unroll 1
       for (int x = tid; x < nrec * k; x += kThreads) {
         const int r = a.div.k.Div(x), g = p0 + r, i = x - r * k;
@@ -613,35 +618,48 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
           }
         }
         s_rows[x] = row;
-        io.record_rows[static_cast<int64_t>(g) * k + i] = row;
-        io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
+        if (q == 0) {  // a record's outputs, by its first part
+          io.record_rows[static_cast<int64_t>(g) * k + i] = row;
+          io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
+        }
       }
       __syncthreads();
 
-      // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+      // Expand: each 16-byte vector of the piece's records, then each scale, is loaded once
+      // and stored to each of its rows, in one pass (one wait for memory per batch, not per
+      // kind). More than one record: whole ones (vn == x_vecs, sn == S).
+      const int n_x = nrec * vn;
       Batched<4>(
-          tid, nrec * x_vecs,
+          tid, n_x + nrec * sn,
           [&](int w) {
-            const int r = a.div.x_vecs.Div(w);
-            return Load16(s_recs[r] + (w - r * x_vecs) * 16);
+            if (w < n_x) {
+              const int r = nrec == 1 ? 0 : a.div.x_vecs.Div(w);
+              return Load16(s_recs[r] + (vlo + w - r * vn) * 16);
+            }
+            const int r = nrec == 1 ? 0 : a.div.scales.Div(w - n_x);
+            const int c = slo + w - n_x - r * sn;
+            return make_int4(reinterpret_cast<const int32_t*>(s_recs[r] + lay.scale_offset())[c],
+                             0, 0, 0);
           },
           [&](int w, int4 v) {
-            const int r = a.div.x_vecs.Div(w), c = w - r * x_vecs;
+            if (w < n_x) {
+              const int r = nrec == 1 ? 0 : a.div.x_vecs.Div(w), c = vlo + w - r * vn;
+              for (int i = 0; i < k; ++i) {
+                const int32_t row = s_rows[r * k + i];
+                if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
+              }
+              return;
+            }
+            const int r = nrec == 1 ? 0 : a.div.scales.Div(w - n_x);
+            const int c = slo + w - n_x - r * sn;
             for (int i = 0; i < k; ++i) {
               const int32_t row = s_rows[r * k + i];
-              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
+              if (row >= 0) {
+                io.expert_x_scale[static_cast<int64_t>(row) * S + c] = __int_as_float(v.x);
+              }
             }
           });
-#pragma unroll 1
-      for (int w = tid; w < nrec * S; w += kThreads) {
-        const int r = a.div.scales.Div(w), c = w - r * S;
-        const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
-        for (int i = 0; i < k; ++i) {
-          const int32_t row = s_rows[r * k + i];
-          if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
-        }
-      }
-      if (p0 + piece < g1) __syncthreads();  // the next piece rewrites what the copies read
+      if (u0 + gridDim.x * share < units) __syncthreads();  // the next piece rewrites them
     }
     Stamp(a, kDispatchExpanded);
 

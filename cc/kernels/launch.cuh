@@ -20,6 +20,15 @@ constexpr int kThreads = 512;
 // piece), so its shared memory does not depend on the grid it is launched with.
 __host__ __device__ inline int FullGrid(const NvlinkArgs& a) { return 2 * a.num_sms; }
 
+// Into how many parts a kernel cuts each of `records` records of `items` items (16-byte
+// vectors) when there are fewer records than blocks in the full grid (decode), so that more
+// blocks share the work: at most the blocks per record, and no part shorter than a block's
+// one pass over it (kThreads items), since a shorter one costs a block as much as a whole.
+__host__ __device__ inline int PartsPerRecord(int64_t records, int items, int full_grid) {
+  if (records <= 0 || records >= full_grid) return 1;
+  return static_cast<int>(Min(full_grid / records, CeilDiv(items, kThreads)));
+}
+
 // The grid of a kernel that wants `blocks` (at most FullGrid). Under an SM budget, at most
 // max_sms blocks: a grid of n blocks cannot occupy more than n SMs, whereas two blocks per SM
 // of the budget could land on twice as many. Each block then takes several pieces.

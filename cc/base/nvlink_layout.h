@@ -12,7 +12,8 @@
 //
 // Per rank, symmetric (same offsets on every rank):
 //
-//   signals     uint64 [4][R]  written by peers, each a step number (monotonic):
+//   signals     uint64 [4][R]  written by peers, each SignalOf(the last step done), counted up
+//               by every block of the writing kernel (device_utils.cuh, Arrive):
 //                 dispatch_ready[s]   sender s has written all its records (and route row)
 //                 dispatch_credit[d]  receiver d has consumed what this rank sent it
 //                 combine_ready[d]    expert rank d has written all partials for this rank
@@ -50,16 +51,27 @@ constexpr int kMaxNvlinkTokens = 16384;
 // The kernels count slots per expert in shared memory, and divide expert ids by one multiply.
 constexpr int kMaxNvlinkExperts = 4096;
 
+// A signal word and a step word count arrivals: each block of the kernel that raises it adds
+// its share as it ends (block 0 SignalOf(1) - (grid - 1), every other block 1), so that the
+// word reads SignalOf(step) once every block of step `step` has arrived and less before; a
+// writer that raises it whole (the proxy, the copy engine) stores SignalOf(step). No block
+// then waits for the grid's last one before a peer may go on.
+JEM_HD constexpr uint64_t SignalOf(uint64_t step) { return step << 32; }
+// The step a word has counted up to completely.
+JEM_HD constexpr uint64_t StepOf(uint64_t word) { return word >> 32; }
+
 // A rank's own words in its arena, touched only by its own kernels.
 struct NvlinkState {
   uint32_t error;              // first error code of this rank (sticky), 0 = none
   uint32_t pad;
-  uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
-  uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
-  uint64_t ticket[4];          // blocks of the running kernel that finished, per kind
-                               // (see NvlinkTicket)
-  uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
-                               // copies it into each peer's dispatch_ready flag after the data
+  uint64_t dispatch_step[2];   // SignalOf: [0] counted by dispatch_recv, [1] by dispatch_send
+  uint64_t combine_step[2];    // SignalOf: [0] counted by combine_recv, [1] by combine_send
+  uint64_t ticket[4];          // with fabric peers: blocks of the running kernel that
+                               // finished, per kind (see NvlinkTicket)
+  uint64_t staged_ready;       // SignalOf the last step every block of dispatch_send ended
+                               // without a Silent failure (device_utils.cuh): after a staged
+                               // send's data, the copy engine copies it into each peer's
+                               // dispatch_ready flag
 };
 
 // What a rank's kernels tell its proxy thread, in mapped pinned host memory: a step number per

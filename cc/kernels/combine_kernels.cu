@@ -29,9 +29,10 @@ namespace {
 
 using namespace device;
 
-// Records a block sums at a time.
+// Records a block sums at a time: a full grid's share of the items (a record's vectors) spans
+// at most this many.
 __host__ __device__ inline int64_t PieceRecords(const Layout& lay, int full_grid) {
-  return CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid);
+  return CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid) + 1;
 }
 
 __host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int full_grid) {
@@ -58,6 +59,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   int32_t* s_bad = s_row + piece * k;                                  // [4]
   int32_t* s_rbase = s_bad + 4;                                        // [R + 1]
 
+  // The home ranks may reuse what they received last step only once they said so: the
+  // block's last threads wait for the credits while the others read the handle.
+  const int waiter = tid - (kThreads - R);
+  bool credited = in_turn;
+  if (in_turn && waiter >= 0) {
+    credited = WaitFlag(a, FlagOf(a, DeviceWait::kCombineCredit, waiter), step - 1,
+                        DeviceWait::kCombineCredit, waiter);
+  }
 #pragma unroll 1
   for (int src = tid; src < R; src += kThreads) s_rbase[src + 1] = io.recv_tokens[src];
   __syncthreads();
@@ -78,16 +87,31 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   }
   __syncthreads();
 
-  // This block's records [g0, g1), a piece at a time. The rows and weights of a piece's slots
-  // are own data: the first piece's are read while the credits may still be on their way.
+  // The items (each record's 16-byte vectors) in pieces of the full grid's share, block b
+  // taking pieces b, b + grid, ...: every block has work even when there are fewer records than
+  // blocks (decode). The rows and weights of a piece's slots are own data: the first piece's
+  // are read before the credits are checked.
+  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t total = s_rbase[R];
-  const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-  const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-  const int g1 = in_turn && s_bad[0] < 0 ? static_cast<int>(Min(total, g0 + per_block)) : g0;
-  const auto read_slots = [&](int p0, int nrec) {
+  const int64_t items = in_turn && s_bad[0] < 0 ? total * vecs : 0;
+  const int64_t share = CeilDiv(items, FullGrid(a));
+  // The piece from item `from`: its items, first record, that record's items before `from`,
+  // records.
+  struct Piece {
+    int n, p0, skip, nrec;
+  };
+  const auto piece_at = [&](int64_t from) {
+    Piece p;
+    p.n = static_cast<int>(Min(from + share, items) - from);
+    p.p0 = static_cast<int>(from / vecs);
+    p.skip = static_cast<int>(from - int64_t{p.p0} * vecs);
+    p.nrec = a.div.combine_vecs.Div(p.skip + p.n - 1) + 1;
+    return p;
+  };
+  const auto read_slots = [&](const Piece& p) {
 #pragma unroll 1
-    for (int x = tid; x < nrec * k; x += kThreads) {
-      const int64_t at = static_cast<int64_t>(p0) * k + x;
+    for (int x = tid; x < p.nrec * k; x += kThreads) {
+      const int64_t at = static_cast<int64_t>(p.p0) * k + x;
       const int32_t row = io.record_rows[at];
       const float weight = io.record_weights[at];  // loaded with the row, not after it
       if (row < -1 || row >= M) {
@@ -99,9 +123,10 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
       s_weight[x] = use ? weight : 0.0f;
     }
   };
-  read_slots(g0, Min(g1, g0 + piece) - g0);
+  const int64_t first = blockIdx.x * share;
+  if (first < items) read_slots(piece_at(first));
 
-  const bool ok = in_turn && WaitPeers(a, DeviceWait::kCombineCredit, step - 1);
+  const bool ok = in_turn && __syncthreads_and(credited) != 0;
   Stamp(a, kCombineCredited);
   const bool good = ok && s_bad[0] < 0;
   if (blockIdx.x == 0 && tid == 0 && ok && !good) {
@@ -114,20 +139,19 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   }
 
   // One 16-byte vector of the partial per item: up to k loads in flight, then one store.
-  const int vecs = static_cast<int>(lay.combine_row_bytes() / 16);
   const int64_t y_row_bytes = static_cast<int64_t>(lay.hidden) * sizeof(T);
   const auto* y = static_cast<const uint8_t*>(io.expert_y);
 #pragma unroll 1
-  for (int p0 = g0; good && p0 < g1; p0 += piece) {
-    const int nrec = Min(p0 + piece, g1) - p0;
-    if (p0 != g0) {
+  for (int64_t from = first; good && from < items; from += gridDim.x * share) {
+    const Piece p = piece_at(from);
+    if (from != first) {
       __syncthreads();  // the last piece's sums are done with its slots
-      read_slots(p0, nrec);
+      read_slots(p);
       __syncthreads();
     }
-    for (int w = tid; w < nrec * vecs; w += kThreads) {
-      const int r = a.div.combine_vecs.Div(w), c = w - r * vecs;
-      const int g = p0 + r;
+    for (int x = tid; x < p.n; x += kThreads) {
+      const int r = a.div.combine_vecs.Div(p.skip + x), c = p.skip + x - r * vecs;
+      const int g = p.p0 + r;
       float acc[Vec16<T>::kLanes] = {};
       for (int i0 = 0; i0 < k; i0 += 4) {
         int4 v[4];
@@ -156,13 +180,14 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   Stamp(a, kCombineSummed);
 
   if (!in_turn) return;
-  const bool last = LastBlock(a, kTicketCombineSend);
+  // Every block counts itself into this rank's step and every NVLink home rank's ready flag.
+  __syncthreads();
+  ArrivePeers(a, DeviceWait::kCombineReady);
+  if (tid == kThreads - 1) CountStep(&st->combine_step[1]);
   Stamp(a, kCombineSent);
-  if (last) {
-    if (tid == 0) st->combine_step[1] = step;
-    SignalPeers(a, DeviceWait::kCombineReady, step);
+  if (a.fabric_mask != 0 && LastBlock(a, kTicketCombineSend)) {
 #pragma unroll 1
-    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+    for (int d = tid; d < R; d += kThreads) {
       a.mailbox->combine_counts[d] = IsFabric(a, d) && good ? s_rbase[d + 1] - s_rbase[d] : 0;
     }
     Publish(a, &a.mailbox->combine_sent, step);
@@ -308,17 +333,17 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineSendKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
-  SendBlocks<T>(a, io, in_turn, st->combine_step[0] + 1);
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->combine_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kCombine);
+  SendBlocks<T>(a, io, in_turn, steps.received + 1);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineRecvKernel(const __grid_constant__ NvlinkArgs a, const CombineRecvIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
-  RecvBlocks<T>(a, io, in_turn, st->combine_step[1]);
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->combine_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/false, StepPhase::kCombine);
+  RecvBlocks<T>(a, io, in_turn, steps.sent);
 }
 
 // The whole op; as for dispatch, every block must be resident at once (LoadCombine checks).
@@ -326,10 +351,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo send,
                   const CombineRecvIo recv) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  // Read once: the send half's last block advances the steps while others may not have begun.
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
-  const uint64_t step = st->combine_step[0] + 1;
+  // Read once: the send half's blocks count the steps up while others may not have begun.
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->combine_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kCombine);
+  const uint64_t step = steps.received + 1;
   SendBlocks<T>(a, send, in_turn, step);
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks<T>(a, recv, in_turn, step);

@@ -381,23 +381,19 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   Stamp(a, kDispatchPacked);
 
   if (!in_turn) return;
-  const bool last = LastBlock(a, kTicketDispatchSend);
+  // Every block counts itself into this rank's step and into the ready flag of each NVLink
+  // destination it stored to: all of them, or staged, itself and the peers on its GPU (the
+  // copy engine raises the others' from staged_ready, after their data).
+  __syncthreads();
+  if (tid < R && (!staged || tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
+    ArrivePeer(a, DeviceWait::kDispatchReady, tid);
+  }
+  if (tid == kThreads - 1) CountStep(&st->dispatch_step[1]);
+  if (tid == kThreads - 2 && !Silent(st)) CountStep(&st->staged_ready);
   Stamp(a, kDispatchSent);
-  if (last) {
-    if (tid == 0) st->dispatch_step[1] = step;
-    if (!staged) {
-      SignalPeers(a, DeviceWait::kDispatchReady, step);
-    } else {
-      // The copy engine raises the flags of the peers it copies to; this kernel those it
-      // stored to directly.
-      if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
-        SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
-      }
-      // A Silent rank leaves its peers' flags where they are.
-      if (tid == 0 && !Silent(st)) st->staged_ready = step;
-    }
+  if (a.fabric_mask != 0 && LastBlock(a, kTicketDispatchSend)) {
 #pragma unroll 1
-    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+    for (int d = tid; d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;
     }
     Publish(a, &a.mailbox->dispatch_sent, step);
@@ -405,10 +401,11 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
 }
 
 
-// A piece is the records a block expands at a time.
+// A piece is the records a block expands at a time: a full grid's share of the items (a
+// record's vectors and scales) spans at most this many.
 __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
   Plan p;
-  p.piece = CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid);
+  p.piece = CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid) + 1;
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
   p.shared_bytes = 8 * p.piece +                     // record pointers
                    4 * (8 +                          // verdicts
@@ -416,7 +413,6 @@ __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
                         R * R + 2 * R * L +          // the route table, folded
                         5 * (L + 1) +                // count, group, pad, expert and pad starts
                         R * L +                      // rows of earlier senders per expert
-                        kScanScratch +               // the scans
                         p.piece * k);                // rows of this piece's slots
   return p;
 }
@@ -462,8 +458,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   int32_t* s_estart = s_pad + L + 1;                       // [L + 1] first row per expert
   int32_t* s_pstart = s_estart + L + 1;                    // [L + 1] first padding row
   int32_t* s_sbase = s_pstart + L + 1;                     // [R][L] rows of earlier senders
-  int32_t* s_scan = s_sbase + R * L;                       // [kScanScratch]
-  int32_t* s_rows = s_scan + kScanScratch;                 // [piece][k]
+  int32_t* s_rows = s_sbase + R * L;                       // [piece][k]
 
   if (tid == 0) {
     s_verdict[0] = INT32_MAX;
@@ -492,7 +487,10 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
     }
     __syncthreads();
-    // Rows and records every rank needs, a warp per rank; the first full rank is the verdict.
+    // Then, from the folded table and with no barrier between: rows and records every rank
+    // needs, a warp per rank (the first full rank is the verdict); where each sender's records
+    // start; and per local expert, the rows of earlier senders and the counts (unused by a
+    // step that fails).
     const int lane = tid & 31;
 #pragma unroll 1
     for (int d = tid >> 5; d < R; d += kThreads / 32) {
@@ -510,6 +508,27 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
         s_need_recs[d] = recs;
         if (rows > M || recs > N) atomicMin(&s_verdict[1], d);
       }
+    }
+    if (tid == kThreads - 1) {
+      int32_t n = 0;
+#pragma unroll 1
+      for (int src = 0; src < R; ++src) {
+        s_rbase[src] = n;
+        n += s_tok[src * R + a.rank];
+      }
+      s_rbase[R] = n;
+    }
+#pragma unroll 1
+    for (int e = tid; e < L; e += kThreads) {
+      int32_t n = 0;
+#pragma unroll 1
+      for (int src = 0; src < R; ++src) {
+        s_sbase[src * L + e] = n;
+        n += s_own[src * L + e];
+      }
+      s_count[e] = n;
+      s_group[e] = a.div.alignment.RoundUp(n);
+      s_pad[e] = s_group[e] - n;
     }
   }
   __syncthreads();
@@ -539,30 +558,8 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
     }
   } else {
-    // Expert starts and the rows of earlier senders, per local expert.
-    if (tid == kThreads - 1) {
-      int32_t n = 0;
-#pragma unroll 1
-      for (int src = 0; src < R; ++src) {
-        s_rbase[src] = n;
-        n += s_tok[src * R + a.rank];
-      }
-      s_rbase[R] = n;
-    }
-#pragma unroll 1
-    for (int e = tid; e < L; e += kThreads) {
-      int32_t n = 0;
-#pragma unroll 1
-      for (int src = 0; src < R; ++src) {
-        s_sbase[src * L + e] = n;
-        n += s_own[src * L + e];
-      }
-      s_count[e] = n;
-      s_group[e] = a.div.alignment.RoundUp(n);
-      s_pad[e] = s_group[e] - n;
-    }
-    __syncthreads();
-    BlockExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L, s_scan);
+    // Expert starts, and padding starts: one warp scans, the others wait at the barrier.
+    if (tid < 32) WarpExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L);
     __syncthreads();
     Stamp(a, kDispatchRouted);
     const int64_t total = s_rbase[R];
@@ -582,17 +579,22 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
       }
     }
 
-    // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
-    const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-    const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
-    const int g1 = static_cast<int>(Min(total, g0 + per_block));
-    const int piece = static_cast<int>(plan.piece);
+    // The items (each record's vectors, then its scales) in pieces of the full grid's share,
+    // block b taking pieces b, b + grid, ...: every block has work even when there are fewer
+    // records than blocks (decode). Per piece: the row of every slot of the records it
+    // touches, then the copies.
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
     const int S = static_cast<int>(lay.num_scales());
+    const int per_rec = x_vecs + S;
+    const int64_t items = total * per_rec;
+    const int64_t share = CeilDiv(items, FullGrid(a));
     auto* expert_x = static_cast<uint8_t*>(io.expert_x);
 #pragma unroll 1
-    for (int p0 = g0; p0 < g1; p0 += piece) {
-      const int nrec = Min(p0 + piece, g1) - p0;
+    for (int64_t from = blockIdx.x * share; from < items; from += gridDim.x * share) {
+      const int n = static_cast<int>(Min(from + share, items) - from);
+      const int p0 = static_cast<int>(from / per_rec);  // the piece's first record
+      const int skip = static_cast<int>(from - int64_t{p0} * per_rec);  // its items before
+      const int nrec = a.div.record_items.Div(skip + n - 1) + 1;
 #pragma unroll 1
       for (int x = tid; x < nrec * k; x += kThreads) {
         const int r = a.div.k.Div(x), g = p0 + r, i = x - r * k;
@@ -613,35 +615,38 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
           }
         }
         s_rows[x] = row;
-        io.record_rows[static_cast<int64_t>(g) * k + i] = row;
-        io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
+        if (r > 0 || skip == 0) {  // the record's outputs, by the piece of its first item
+          io.record_rows[static_cast<int64_t>(g) * k + i] = row;
+          io.record_weights[static_cast<int64_t>(g) * k + i] = row >= 0 ? w : 0.0f;
+        }
       }
       __syncthreads();
 
-      // Expand: each 16-byte vector of a record is loaded once and stored to each of its rows.
+      // Expand: each 16-byte vector of a record, and each of its scales, is loaded once and
+      // stored to each of its rows, in one pass (one wait for memory per batch, not per kind).
       Batched<4>(
-          tid, nrec * x_vecs,
-          [&](int w) {
-            const int r = a.div.x_vecs.Div(w);
-            return Load16(s_recs[r] + (w - r * x_vecs) * 16);
+          tid, n,
+          [&](int x) {
+            const int r = a.div.record_items.Div(skip + x), u = skip + x - r * per_rec;
+            if (u < x_vecs) return Load16(s_recs[r] + u * 16);
+            return make_int4(
+                reinterpret_cast<const int32_t*>(s_recs[r] + lay.scale_offset())[u - x_vecs], 0,
+                0, 0);
           },
-          [&](int w, int4 v) {
-            const int r = a.div.x_vecs.Div(w), c = w - r * x_vecs;
+          [&](int x, int4 v) {
+            const int r = a.div.record_items.Div(skip + x), u = skip + x - r * per_rec;
             for (int i = 0; i < k; ++i) {
               const int32_t row = s_rows[r * k + i];
-              if (row >= 0) Store16(expert_x + row * lay.x_bytes() + c * 16, v);
+              if (row < 0) continue;
+              if (u < x_vecs) {
+                Store16(expert_x + row * lay.x_bytes() + u * 16, v);
+              } else {
+                io.expert_x_scale[static_cast<int64_t>(row) * S + u - x_vecs] =
+                    __int_as_float(v.x);
+              }
             }
           });
-#pragma unroll 1
-      for (int w = tid; w < nrec * S; w += kThreads) {
-        const int r = a.div.scales.Div(w), c = w - r * S;
-        const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
-        for (int i = 0; i < k; ++i) {
-          const int32_t row = s_rows[r * k + i];
-          if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
-        }
-      }
-      if (p0 + piece < g1) __syncthreads();  // the next piece rewrites what the copies read
+      if (from + gridDim.x * share < items) __syncthreads();  // the next piece rewrites them
     }
     Stamp(a, kDispatchExpanded);
 
@@ -685,16 +690,16 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
                        bool staged) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->dispatch_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kDispatch);
+  SendBlocks(a, io, staged, in_turn, steps.received + 1);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1]);
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->dispatch_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/false, StepPhase::kDispatch);
+  RecvBlocks(a, io, in_turn, steps.sent);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -703,10 +708,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo send,
                    const DispatchRecvIo recv) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  // Read once: the send half's last block advances the steps while others may not have begun.
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  const uint64_t step = st->dispatch_step[0] + 1;
+  // Read once: the send half's blocks count the steps up while others may not have begun.
+  const Steps steps = ReadSteps(ArenaOf(a, a.rank).state()->dispatch_step);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kDispatch);
+  const uint64_t step = steps.received + 1;
   SendBlocks(a, send, /*staged=*/false, in_turn, step);
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks(a, recv, in_turn, step);

@@ -49,6 +49,7 @@ struct NvlinkDivisors {
   FastDiv ranks_k;        // R * k
   FastDiv x_vecs;         // 16-byte vectors of a token's x
   FastDiv scales;         // scales per token (1 where there are none)
+  FastDiv record_items;   // x_vecs + scales per token: what the recv half copies per record
   FastDiv route_entry;    // 1 + L ints
   FastDiv route_row;      // R * (1 + L) ints
   FastDiv combine_vecs;   // 16-byte vectors of a combine row
@@ -62,6 +63,7 @@ struct NvlinkDivisors {
         ranks_k(l.num_ranks * l.experts_per_token),
         x_vecs(l.x_bytes() / 16),
         scales(l.num_scales() > 0 ? l.num_scales() : 1),
+        record_items(l.x_bytes() / 16 + l.num_scales()),
         route_entry(l.route_entry_ints()),
         route_row(l.route_row_ints()),
         combine_vecs(l.combine_row_bytes() / 16),

@@ -145,7 +145,7 @@ bool FabricProxy::PostCombine(uint64_t step) {
 template <typename OffsetOf>
 void FabricProxy::Release(OffsetOf offset_of, uint64_t step) {
   for (int peer : fabric_ranks_) {
-    __atomic_store_n(reinterpret_cast<uint64_t*>(signals_ + offset_of(peer)), step,
+    __atomic_store_n(reinterpret_cast<uint64_t*>(signals_ + offset_of(peer)), SignalOf(step),
                      __ATOMIC_RELEASE);
   }
 }

@@ -8,9 +8,11 @@
 //   dispatch_sent  -> to every fabric peer d: route row, slot ranks [n][k], records [n]
 //                     (three writes, imm kDispatchData) from the outbox for d into this
 //                     rank's slot of d's fabric buffer
-//   3 x F arrivals of kDispatchData -> dispatch_ready[s] = step for every fabric sender s
+//   3 x F arrivals of kDispatchData -> dispatch_ready[s] = SignalOf(step) for every fabric
+//                     sender s
 //   dispatch_read  -> a zero-length kDispatchCredit write to every fabric peer
-//   F arrivals of kDispatchCredit -> dispatch_credit[d] = step for every fabric peer d
+//   F arrivals of kDispatchCredit -> dispatch_credit[d] = SignalOf(step) for every fabric
+//                     peer d
 // and combine the same way (one kCombineData write of n partial rows per home rank).
 // F is the number of fabric peers. Writes are not ordered (EFA), so only counts matter, and a
 // zero-length write still carries its immediate, so every expected count is fixed.
@@ -74,7 +76,7 @@ class FabricProxy {
   bool Poll();
   bool PostDispatch(uint64_t step);
   bool PostCombine(uint64_t step);
-  // Raises flag `offset_of(peer)` of every fabric peer to `step` in the signals region.
+  // Raises flag `offset_of(peer)` of every fabric peer to SignalOf(step) in the signals region.
   template <typename OffsetOf>
   void Release(OffsetOf offset_of, uint64_t step);
   // Steps of one phase: data out, data in, credit out, credit in.

@@ -141,7 +141,7 @@ class FakeKernels {
 
   void Read(uint64_t* word, int step) { __atomic_store_n(word, uint64_t(step), __ATOMIC_RELEASE); }
 
-  // Waits until the flag at offset_of(peer) reaches `step` for every peer.
+  // Waits until the flag at offset_of(peer) shows `step` (SignalOf) for every peer.
   template <typename OffsetOf>
   bool Await(OffsetOf offset_of, int step) const {
     const auto start = std::chrono::steady_clock::now();
@@ -150,7 +150,7 @@ class FakeKernels {
     for (int p = 0; p < nl_.R(); ++p) {
       if (!Fabric(p)) continue;
       const auto* flag = reinterpret_cast<const uint64_t*>(signals_ + offset_of(p));
-      while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < uint64_t(step)) {
+      while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < SignalOf(step)) {
         const auto now = std::chrono::steady_clock::now();
         if (now > deadline) return false;
         backoff.Pause(now);

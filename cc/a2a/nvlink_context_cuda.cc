@@ -317,8 +317,9 @@ void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
         {nl.slot_rank_record_offset(me, 0), nl.outbox_slot_rank_offset(d, 0), nl.T() * k * 4},
         {nl.record_offset(me, 0), nl.outbox_record_offset(d, 0),
          nl.T() * args_.layout.record_bytes()},
-        {nl.dispatch_ready_offset(me),
-         nl.state_offset() + static_cast<int64_t>(offsetof(NvlinkState, staged_ready)), 8},
+        // This rank's ready flag from itself: SignalOf the step its send packed, unless a block
+        // failed Silently (device_utils.cuh).
+        {nl.dispatch_ready_offset(me), nl.dispatch_ready_offset(me), 8},
     };
     for (const auto& part : parts) {
       CheckCuda(cudaMemcpyAsync(args_.arenas[d] + part.to, arena_ + part.from, part.bytes,

@@ -12,13 +12,14 @@
 //
 // Per rank, symmetric (same offsets on every rank):
 //
-//   signals     uint64 [4][R]  written by peers, each a step number (monotonic):
+//   signals     uint64 [4][R]  written by peers, one per 128-byte line, each SignalOf(the last
+//               step done), counted up by every block of the writing kernel (Arrive):
 //                 dispatch_ready[s]   sender s has written all its records (and route row)
 //                 dispatch_credit[d]  receiver d has consumed what this rank sent it
 //                 combine_ready[d]    expert rank d has written all partials for this rank
 //                 combine_credit[s]   home rank s has summed what this rank sent it
 //               (for fabric peers the proxy raises them in a mapped host copy of this region)
-//   state       this rank's own words: sticky error, step counters, block tickets
+//   state       this rank's own words: sticky error, block tickets
 //   route       int32 [R][R][1 + L]  row s = sender s's whole plan: layout.h's route table,
 //                 read through plan.h's RouteTable
 //   slot_rank   int32 [R][T][k]  for record j of sender s, slot i: the slot's rank among the
@@ -50,16 +51,22 @@ constexpr int kMaxNvlinkTokens = 16384;
 // The kernels count slots per expert in shared memory, and divide expert ids by one multiply.
 constexpr int kMaxNvlinkExperts = 4096;
 
+// A signal word counts arrivals: each block of the kernel that raises it adds its share as it
+// ends (block 0 SignalOf(1) - (grid - 1), every other block 1), so that it reads exactly
+// SignalOf(step) once every block of step `step` has arrived, and less before; a writer that
+// raises it whole (the proxy, the copy engine) stores SignalOf(step). No block waits for the
+// grid's last one before a peer may go on. A rank's flags from itself are its step counters:
+// sent = its own ready flag, received = its own credit flag.
+JEM_HD constexpr uint64_t SignalOf(uint64_t step) { return step << 32; }
+// The step a signal word has counted up to completely.
+JEM_HD constexpr uint64_t StepOf(uint64_t word) { return word >> 32; }
+
 // A rank's own words in its arena, touched only by its own kernels.
 struct NvlinkState {
   uint32_t error;              // first error code of this rank (sticky), 0 = none
   uint32_t pad;
-  uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
-  uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
-  uint64_t ticket[4];          // blocks of the running kernel that finished, per kind
-                               // (see NvlinkTicket)
-  uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
-                               // copies it into each peer's dispatch_ready flag after the data
+  uint64_t ticket[4];          // with fabric peers: blocks of the running kernel that
+                               // finished, per kind (see NvlinkTicket)
 };
 
 // What a rank's kernels tell its proxy thread, in mapped pinned host memory: a step number per
@@ -84,19 +91,22 @@ struct NvlinkLayout {
 
   // --- signals ---
   JEM_HD int64_t signals_offset() const { return 0; }
+  // A flag per cache line: every block of the kernel that raises one adds to it, and the
+  // atomics to one line queue behind each other in L2.
+  static constexpr int64_t kSignalStride = 128;
   JEM_HD int64_t dispatch_ready_offset(int64_t sender) const {
-    return signals_offset() + (0 * R() + sender) * 8;
+    return signals_offset() + (0 * R() + sender) * kSignalStride;
   }
   JEM_HD int64_t dispatch_credit_offset(int64_t receiver) const {
-    return signals_offset() + (1 * R() + receiver) * 8;
+    return signals_offset() + (1 * R() + receiver) * kSignalStride;
   }
   JEM_HD int64_t combine_ready_offset(int64_t expert_rank) const {
-    return signals_offset() + (2 * R() + expert_rank) * 8;
+    return signals_offset() + (2 * R() + expert_rank) * kSignalStride;
   }
   JEM_HD int64_t combine_credit_offset(int64_t home_rank) const {
-    return signals_offset() + (3 * R() + home_rank) * 8;
+    return signals_offset() + (3 * R() + home_rank) * kSignalStride;
   }
-  JEM_HD int64_t signals_bytes() const { return AlignUp(4 * R() * 8, 256); }
+  JEM_HD int64_t signals_bytes() const { return AlignUp(4 * R() * kSignalStride, 256); }
 
   // --- state ---
   JEM_HD int64_t state_offset() const { return signals_offset() + signals_bytes(); }

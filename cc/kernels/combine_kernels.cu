@@ -46,8 +46,6 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records(), T_max = lay.max_tokens;
-  const Arena me = ArenaOf(a, a.rank);
-  NvlinkState* st = me.state();
   const int tid = threadIdx.x;
   Stamp(a, kCombineStart);
 
@@ -179,13 +177,13 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   Stamp(a, kCombineSummed);
 
   if (!in_turn) return;
-  const bool last = LastBlock(a, kTicketCombineSend);
+  // Every block counts itself into every NVLink home rank's ready flag (its own among them).
+  __syncthreads();
+  ArrivePeers(a, DeviceWait::kCombineReady);
   Stamp(a, kCombineSent);
-  if (last) {
-    if (tid == 0) st->combine_step[1] = step;
-    SignalPeers(a, DeviceWait::kCombineReady, step);
+  if (a.fabric_mask != 0 && LastBlock(a, kTicketCombineSend)) {
 #pragma unroll 1
-    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+    for (int d = tid; d < R; d += kThreads) {
       a.mailbox->combine_counts[d] = IsFabric(a, d) && good ? s_rbase[d + 1] - s_rbase[d] : 0;
     }
     Publish(a, &a.mailbox->combine_sent, step);
@@ -210,8 +208,6 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t T_max = lay.max_tokens;
-  const Arena me = ArenaOf(a, a.rank);
-  NvlinkState* st = me.state();
   const int tid = threadIdx.x;
 
   extern __shared__ __align__(16) uint8_t smem[];
@@ -321,8 +317,8 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   Stamp(a, kCombineReduced);
 
   if (in_turn) {
-    EndRecv(a, kTicketCombineRecv, st->combine_step, DeviceWait::kCombineCredit,
-            &a.mailbox->combine_read, step);
+    EndRecv(a, kTicketCombineRecv, DeviceWait::kCombineCredit, &a.mailbox->combine_read,
+            step);
     Stamp(a, kCombineEnd);
   }
 }
@@ -331,17 +327,17 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineSendKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
-  SendBlocks<T>(a, io, in_turn, st->combine_step[0] + 1);
+  const Steps steps = ReadSteps(a, DeviceWait::kCombineReady, DeviceWait::kCombineCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kCombine);
+  SendBlocks<T>(a, io, in_turn, steps.received + 1);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineRecvKernel(const __grid_constant__ NvlinkArgs a, const CombineRecvIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
-  RecvBlocks<T>(a, io, in_turn, st->combine_step[1]);
+  const Steps steps = ReadSteps(a, DeviceWait::kCombineReady, DeviceWait::kCombineCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/false, StepPhase::kCombine);
+  RecvBlocks<T>(a, io, in_turn, steps.sent);
 }
 
 // The whole op; as for dispatch, every block must be resident at once (LoadCombine checks).
@@ -349,10 +345,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo send,
                   const CombineRecvIo recv) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  // Read once: the send half's last block advances the steps while others may not have begun.
-  const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
-  const uint64_t step = st->combine_step[0] + 1;
+  // Read once: the send half's blocks count the steps up while others may not have begun.
+  const Steps steps = ReadSteps(a, DeviceWait::kCombineReady, DeviceWait::kCombineCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kCombine);
+  const uint64_t step = steps.received + 1;
   SendBlocks<T>(a, send, in_turn, step);
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks<T>(a, recv, in_turn, step);

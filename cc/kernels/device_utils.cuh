@@ -59,6 +59,11 @@ __device__ __forceinline__ uint64_t FetchAddAcqRelGpu(uint64_t* p, uint64_t v) {
   return old;
 }
 
+// Adds to a signal word that peers' acquire loads read: the writes ordered before, first.
+__device__ __forceinline__ void AddReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
@@ -201,15 +206,38 @@ __device__ __forceinline__ bool Silent(const NvlinkState* st) {
   }
 }
 
+// This block's share of one step of a signal word (nvlink_layout.h, SignalOf): the grid's
+// blocks together add SignalOf(1), so the word shows the step once all have added theirs.
+__device__ __forceinline__ uint64_t ArrivalShare() {
+  return blockIdx.x == 0 ? SignalOf(1) - (gridDim.x - 1) : 1;
+}
+
+// The steps a phase's halves have completed on this rank: its flags from itself (received:
+// its credit, sent: its ready flag), which show a step only once every block of the kernel
+// that raises them has ended: every block of a kernel reads the same steps, whenever it starts.
+struct Steps {
+  uint64_t received, sent;
+};
+
+__device__ __forceinline__ Steps ReadSteps(const NvlinkArgs& a, DeviceWait ready,
+                                           DeviceWait credit) {
+  const NvlinkLayout nl{a.layout};
+  const uint8_t* me = a.arenas[a.rank];
+  const auto word = [&](DeviceWait what) {
+    return StepOf(*reinterpret_cast<const volatile uint64_t*>(me + WaitOffset(nl, what, a.rank)));
+  };
+  return Steps{word(credit), word(ready)};
+}
+
 // The halves of a phase alternate: a send follows the recv of the step before
-// (steps[1] == steps[0]), a recv follows a send (steps[1] == steps[0] + 1). The kernels check
-// it, not the host, which does not see the steps a command buffer replays. Every block reads
-// the same words: a kernel writes its step in its last block only. Out of turn, the first
+// (sent == received), a recv follows a send (sent == received + 1). The kernels check it, not
+// the host, which does not see the steps a command buffer replays. Out of turn, the first
 // block records why; the caller then skips its waits, its peers and its step (whose outputs
-// it still defines).
-__device__ __forceinline__ bool InTurn(const NvlinkArgs& a, const uint64_t* steps, bool send,
+// it still defines). After a Silent failure the steps stand still, and every later kernel is
+// out of turn (its error does not replace the first).
+__device__ __forceinline__ bool InTurn(const NvlinkArgs& a, Steps steps, bool send,
                                        StepPhase phase) {
-  const uint64_t received = steps[0], sent = steps[1];
+  const uint64_t received = steps.received, sent = steps.sent;
   const bool in_turn = send ? sent == received : sent != received;
   if (!in_turn && blockIdx.x == 0 && threadIdx.x == 0) {
     SetError(a, send ? DeviceError::kSendTwice : DeviceError::kRecvWithoutSend,
@@ -218,14 +246,16 @@ __device__ __forceinline__ bool InTurn(const NvlinkArgs& a, const uint64_t* step
   return in_turn;
 }
 
-// Spins until *flag >= target. On the deadline it records a timeout and returns false. Once a
+// Spins until *flag shows `step` (SignalOf). On the deadline it records a timeout and returns
+// false. Once a
 // rank has failed, its later waits for a flag not yet raised fail at once: the kernels of the
 // failed step and of any step the host enqueued before it saw the failure then finish without
 // waiting, whatever their peers' hosts did (every rank learns of a bad-input or capacity
 // failure in the same step, from the route rows). The flag is read first: a wait that needs
 // no waiting costs one load.
-static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t* flag, uint64_t target,
-                                      DeviceWait what, int peer) {
+static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t* flag,
+                                             uint64_t step, DeviceWait what, int peer) {
+  const uint64_t target = SignalOf(step);
   if (LoadAcquireSys(flag) >= target) return true;
   const NvlinkState* st = ArenaOf(a, a.rank).state();
   const uint64_t start = GlobalTimerNs();
@@ -233,7 +263,7 @@ static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t
     if (Failed(st)) return false;
     if (GlobalTimerNs() - start > a.timeout_ns) {
       SetError(a, DeviceError::kTimeout, static_cast<int64_t>(what), peer,
-               static_cast<int64_t>(target));
+               static_cast<int64_t>(step));
       return false;
     }
     __nanosleep(32);
@@ -250,29 +280,30 @@ __device__ __forceinline__ const uint64_t* FlagOf(const NvlinkArgs& a, DeviceWai
   return reinterpret_cast<const uint64_t*>(base + WaitOffset(nl, what, peer));
 }
 
-// Threads 0..R-1 of the block each wait for one peer's flag; returns (to every thread of the
-// block) whether all arrived.
-__device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, uint64_t target) {
+// Threads 0..R-1 of the block each wait for one peer's flag to show `step`; returns (to every
+// thread of the block) whether all did.
+__device__ __forceinline__ bool WaitPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
   bool ok = true;
   if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) {
-    ok = WaitFlag(a, FlagOf(a, what, threadIdx.x), target, what, threadIdx.x);
+    ok = WaitFlag(a, FlagOf(a, what, threadIdx.x), step, what, threadIdx.x);
   }
   return __syncthreads_and(ok) != 0;
 }
 
-// Raises this rank's flag for `what` in NVLink peer p's arena, unless this rank is Silent.
-// Fabric peers hear of it from the proxy (Publish).
-__device__ __forceinline__ void SignalPeer(const NvlinkArgs& a, DeviceWait what, int p,
-                                           uint64_t step) {
+// Counts this block into this rank's flag for `what` in NVLink peer p's arena (after a barrier
+// that ends the block's writes), unless this rank is Silent: a block that failed that way adds
+// nothing, so the flag never shows the step and the peer times out. Fabric peers hear of the
+// step from the proxy (Publish).
+__device__ __forceinline__ void ArrivePeer(const NvlinkArgs& a, DeviceWait what, int p) {
   if (!IsFabric(a, p) && !Silent(ArenaOf(a, a.rank).state())) {
     const Arena peer = ArenaOf(a, p);
-    StoreReleaseSys(peer.flag(WaitOffset(NvlinkLayout{a.layout}, what, a.rank)), step);
+    AddReleaseSys(peer.flag(WaitOffset(NvlinkLayout{a.layout}, what, a.rank)), ArrivalShare());
   }
 }
 
-// Thread p < R of the last block raises this rank's flag in peer p's arena.
-__device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what, uint64_t step) {
-  if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) SignalPeer(a, what, threadIdx.x, step);
+// Thread p < R counts the block into this rank's flag in peer p's arena.
+__device__ __forceinline__ void ArrivePeers(const NvlinkArgs& a, DeviceWait what) {
+  if (static_cast<int>(threadIdx.x) < a.layout.num_ranks) ArrivePeer(a, what, threadIdx.x);
 }
 
 // The last block tells the proxy that `step` is ready for fabric peers (after the counts it
@@ -280,7 +311,6 @@ __device__ __forceinline__ void SignalPeers(const NvlinkArgs& a, DeviceWait what
 // as its NVLink peers do. Everything the grid wrote before is visible to the host and the
 // NIC first.
 __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uint64_t step) {
-  if (a.fabric_mask == 0) return;
   __syncthreads();
   if (threadIdx.x == 0 && !Silent(ArenaOf(a, a.rank).state())) {
     __threadfence_system();
@@ -290,14 +320,13 @@ __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uin
 
 // ---------------------------------------------------------------- completion
 
-// Called by every block once all its threads are done: returns (to every thread) whether
-// this block is the last of the kernel's grid to finish. The ticket is one acq_rel atomic: it
-// releases the block's writes (ordered before it by the barrier) and, in the last block,
-// acquires every other block's. GPU scope is enough, also for the blocks' stores into peers:
-// the last block then publishes with a release at system scope (SignalPeer), and release is
-// cumulative, so a peer that acquires the flag sees every block's stores. The last block
-// resets the ticket for the next kernel of its kind, which starts only once this one has ended
-// (one stream), with a grid of its own.
+// With fabric peers, called by every block once all its threads are done: returns (to every
+// thread) whether this block is the last of the kernel's grid to finish, which tells the
+// proxy (Publish). The ticket is one acq_rel atomic: it releases the block's writes (ordered
+// before it by the barrier) and, in the last block, acquires every other block's; Publish
+// then releases them at system scope, to the host and the NIC. The last block resets the
+// ticket for the next kernel of its kind, which starts only once this one has ended (one
+// stream), with a grid of its own.
 __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind) {
   __shared__ int last;
   __syncthreads();
@@ -310,14 +339,14 @@ __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind
   return last != 0;
 }
 
-// How a recv kernel ends step `step`: its last block records the step in steps[0] and gives
-// the senders their credit (NVLink peers by flag, fabric peers through the proxy's `read`).
-__device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket, uint64_t* steps,
+// How a recv kernel ends step `step`: every block counts itself into the senders' credits
+// (NVLink peers' flags, this rank's own among them: its received step); fabric senders get
+// theirs through the proxy's `read`, which the last block publishes.
+__device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket,
                                         DeviceWait credit, uint64_t* read, uint64_t step) {
-  if (!LastBlock(a, ticket)) return;
-  if (threadIdx.x == 0) steps[0] = step;
-  SignalPeers(a, credit, step);
-  Publish(a, read, step);
+  __syncthreads();
+  ArrivePeers(a, credit);
+  if (a.fabric_mask != 0 && LastBlock(a, ticket)) Publish(a, read, step);
 }
 
 // ---------------------------------------------------------------- warp and block scans

@@ -9,8 +9,8 @@
 //
 // Staged (the dispatch_send half): what goes to a peer is packed into this rank's outbox for
 // that peer instead, and the copy engine moves it (NvlinkContext), so the SMs are free for
-// other work while the bytes cross NVLink; then it copies staged_ready into the peers' ready
-// flags. (A signalling kernel could wait for an SM behind a spinning recv kernel.)
+// other work while the bytes cross NVLink; then it copies this rank's ready flag from itself
+// into the peers'. (A signalling kernel could wait for an SM behind a spinning recv kernel.)
 //
 // Fabric peers (other nodes) always get outboxes, in the fabric buffer: the last block
 // publishes the step and the per-peer counts to the proxy, which posts the RDMA writes.
@@ -93,8 +93,6 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
   const int L = a.div.local_experts.d;
-  const Arena me = ArenaOf(a, a.rank);
-  NvlinkState* st = me.state();
   const Plan plan = PlanSend(lay, FullGrid(a));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   Stamp(a, kDispatchStart);
@@ -381,23 +379,17 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   Stamp(a, kDispatchPacked);
 
   if (!in_turn) return;
-  const bool last = LastBlock(a, kTicketDispatchSend);
+  // Every block counts itself into the ready flag of each NVLink destination it stored to:
+  // all of them, or staged, itself and the peers on its GPU (the copy engine raises the
+  // others', after their data, from this rank's own).
+  __syncthreads();
+  if (tid < R && (!staged || tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
+    ArrivePeer(a, DeviceWait::kDispatchReady, tid);
+  }
   Stamp(a, kDispatchSent);
-  if (last) {
-    if (tid == 0) st->dispatch_step[1] = step;
-    if (!staged) {
-      SignalPeers(a, DeviceWait::kDispatchReady, step);
-    } else {
-      // The copy engine raises the flags of the peers it copies to; this kernel those it
-      // stored to directly.
-      if (tid < R && (tid == a.rank || ((a.same_gpu_mask >> tid) & 1))) {
-        SignalPeer(a, DeviceWait::kDispatchReady, tid, step);
-      }
-      // A Silent rank leaves its peers' flags where they are.
-      if (tid == 0 && !Silent(st)) st->staged_ready = step;
-    }
+  if (a.fabric_mask != 0 && LastBlock(a, kTicketDispatchSend)) {
 #pragma unroll 1
-    for (int d = tid; a.fabric_mask != 0 && d < R; d += kThreads) {
+    for (int d = tid; d < R; d += kThreads) {
       a.mailbox->dispatch_counts[d] = IsFabric(a, d) && !bad ? s_tot[d] : 0;
     }
     Publish(a, &a.mailbox->dispatch_sent, step);
@@ -438,8 +430,6 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int L = a.div.local_experts.d;
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records();
-  const Arena me = ArenaOf(a, a.rank);
-  NvlinkState* st = me.state();
   const Plan plan = PlanRecv(lay, FullGrid(a));
   const int tid = threadIdx.x;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
@@ -675,8 +665,8 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   }
 
   if (in_turn) {
-    EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
-            &a.mailbox->dispatch_read, step);
+    EndRecv(a, kTicketDispatchRecv, DeviceWait::kDispatchCredit, &a.mailbox->dispatch_read,
+            step);
     Stamp(a, kDispatchEnd);
   }
 }
@@ -685,16 +675,16 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
                        bool staged) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+  const Steps steps = ReadSteps(a, DeviceWait::kDispatchReady, DeviceWait::kDispatchCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kDispatch);
+  SendBlocks(a, io, staged, in_turn, steps.received + 1);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1]);
+  const Steps steps = ReadSteps(a, DeviceWait::kDispatchReady, DeviceWait::kDispatchCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/false, StepPhase::kDispatch);
+  RecvBlocks(a, io, in_turn, steps.sent);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -703,10 +693,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo send,
                    const DispatchRecvIo recv) {
-  NvlinkState* st = ArenaOf(a, a.rank).state();
-  // Read once: the send half's last block advances the steps while others may not have begun.
-  const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  const uint64_t step = st->dispatch_step[0] + 1;
+  // Read once: the send half's blocks count the steps up while others may not have begun.
+  const Steps steps = ReadSteps(a, DeviceWait::kDispatchReady, DeviceWait::kDispatchCredit);
+  const bool in_turn = InTurn(a, steps, /*send=*/true, StepPhase::kDispatch);
+  const uint64_t step = steps.received + 1;
   SendBlocks(a, send, /*staged=*/false, in_turn, step);
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks(a, recv, in_turn, step);

@@ -6,8 +6,9 @@
 // rank's partial slot (over NVLink for peers; into the combine outbox for fabric home ranks,
 // which the proxy writes); then raise this rank's ready flag at every NVLink home rank and
 // tell the proxy. Before writing, wait for each home rank's credit for the previous combine.
-// Blocks own contiguous record ranges, which they sum in pieces of at most the full grid's
-// share (one piece unless an SM budget shrank the grid).
+// Blocks take pieces of a full grid's share of the records (one piece each unless an SM
+// budget shrank the grid); with fewer records than blocks (decode), parts of records, so that
+// more blocks share the reads.
 //
 // Recv half (home side): wait for every expert rank's ready flag, then sum, for each
 // token, the partials its records came back with (float32 accumulation), and give every

@@ -120,6 +120,7 @@ class NvlinkContext {
   int device_;
   double timeout_s_;
   uint8_t* arena_ = nullptr;
+  int32_t* count_scratch_ = nullptr;
   DeviceStatus* status_ = nullptr;
   std::vector<void*> opened_;  // IPC mappings to close
   // Fabric peers: destroyed in reverse order (the proxy stops before the engine goes).

@@ -104,6 +104,10 @@ NvlinkContext::NvlinkContext(const Layout& layout, int rank, int device, double 
   const NvlinkLayout nl{layout};
   CheckCuda(cudaMalloc(&arena_, nl.arena_bytes()), "cudaMalloc of the NVLink arena");
   CheckCuda(cudaMemset(arena_, 0, nl.arena_bytes()), "cudaMemset of the NVLink arena");
+  CheckCuda(cudaMalloc(&count_scratch_,
+                       CountScratchInts(layout, args_.num_sms) * sizeof(int32_t)),
+            "cudaMalloc of the dispatch's count scratch");
+  args_.count_scratch = count_scratch_;
   CheckCuda(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(DeviceStatus),
                           cudaHostAllocMapped | cudaHostAllocPortable),
             "cudaHostAlloc of the status word");
@@ -196,6 +200,7 @@ NvlinkContext::~NvlinkContext() {
   if (joined_ != nullptr) cudaEventDestroy(joined_);
   if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
   if (arena_ != nullptr) cudaFree(arena_);
+  if (count_scratch_ != nullptr) cudaFree(count_scratch_);
   if (status_ != nullptr) cudaFreeHost(status_);
   cudaSetDevice(previous);
 }

@@ -60,6 +60,8 @@ struct NvlinkState {
                                // (see NvlinkTicket)
   uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine
                                // copies it into each peer's dispatch_ready flag after the data
+  uint64_t count_barrier;      // the whole-op dispatch's grid barriers at large T: blocks
+                               // arrived, counted as device_utils.cuh's GridBarrier says
 };
 
 // What a rank's kernels tell its proxy thread, in mapped pinned host memory: a step number per

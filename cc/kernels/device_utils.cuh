@@ -59,6 +59,16 @@ __device__ __forceinline__ uint64_t FetchAddAcqRelGpu(uint64_t* p, uint64_t v) {
   return old;
 }
 
+__device__ __forceinline__ void AddReleaseGpu(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t LoadAcquireGpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
@@ -286,6 +296,45 @@ __device__ __forceinline__ void Publish(const NvlinkArgs& a, uint64_t* word, uin
     __threadfence_system();
     StoreReleaseSys(word, step);
   }
+}
+
+// ---------------------------------------------------------------- grid barrier
+
+// A word that the blocks of a co-resident grid count up at each barrier: every block adds its
+// share (block 0 2^32 - (grid - 1), the others 1), so the word reaches (n << 32) at the n-th
+// barrier once every block has arrived, and reads less before. A block that reads it at its
+// start gets the same barrier count as every other block of its kernel (reading `>> 32`):
+// none can pass the next barrier before it has arrived.
+__device__ __forceinline__ uint64_t BarriersPassed(const uint64_t* word) {
+  return *reinterpret_cast<const volatile uint64_t*>(word) >> 32;
+}
+
+// Every block of a grid whose blocks are all resident (the whole-op kernels) waits here until
+// all have arrived at barrier `n` (counted as BarriersPassed says); the writes of every block
+// before it are visible to every block after it (GPU scope; read them with loads that bypass
+// L1, __ldcg). Returns (to every thread) false after a timeout or a failure of this rank.
+__device__ __forceinline__ bool GridBarrier(const NvlinkArgs& a, uint64_t* word, uint64_t n) {
+  __syncthreads();
+  bool ok = true;
+  if (threadIdx.x == 0) {
+    AddReleaseGpu(word, blockIdx.x == 0 ? (uint64_t{1} << 32) - (gridDim.x - 1) : 1);
+    const uint64_t target = n << 32;
+    if (LoadAcquireGpu(word) < target) {
+      const NvlinkState* st = ArenaOf(a, a.rank).state();
+      const uint64_t start = GlobalTimerNs();
+      while (ok && LoadAcquireGpu(word) < target) {
+        if (Failed(st)) {
+          ok = false;
+        } else if (GlobalTimerNs() - start > a.timeout_ns) {
+          SetError(a, DeviceError::kTimeout, static_cast<int64_t>(DeviceWait::kGridBarrier),
+                   a.rank, static_cast<int64_t>(n));
+          ok = false;
+        }
+        __nanosleep(32);
+      }
+    }
+  }
+  return __syncthreads_and(ok) != 0;
 }
 
 // ---------------------------------------------------------------- completion

@@ -58,8 +58,10 @@ __host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
   p.shared_bytes = (piece + 1) * R * 16 +            // record and slot-rank pointers
                    lay.max_tokens * 8 +              // dest masks of every token
                    4 * (8 + 3 * R + 2 * E +          // verdicts, counts
-                        piece * (2 * R + 3 * k));    // record index, first slot, slot rank,
+                        piece * (2 * R + 3 * k) +    // record index, first slot, slot rank,
                                                      // the first piece's ids and weights
+                        2 * (full_grid + 1) +        // a column of counts, and its sums
+                        kScanScratch);
   return p;
 }
 
@@ -86,7 +88,73 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
                      fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1))};
 }
 
+// With at least this many tokens per block, the whole-op dispatch's blocks count only their
+// own tokens and sum the counts across blocks through count_scratch (two grid barriers of about
+// 3 µs each), instead of each counting every token (at T=4096 about 15 µs, bound by the
+// shared-memory atomics of the earlier tokens' slots).
+constexpr int kHistogramTokens = 8;
+
+// The counts of every block summed over the blocks before each (CountScratchInts): each
+// block writes its row (own slots per expert in s_epre, own tokens per destination in s_tot,
+// its first bad slot in s_bad[0]); after a barrier, block b sums columns b, b + grid, ... over
+// the blocks; after another, each block reads its sums and the totals back: s_epre and s_pre
+// (before its range), s_etot and s_tot (all tokens), s_bad[0] (the first bad slot of all).
+// Returns (to every thread) false when a barrier failed.
+__device__ bool SumAcrossBlocks(const NvlinkArgs& a, int32_t* s_epre, int32_t* s_etot,
+                                int32_t* s_pre, int32_t* s_tot, int32_t* s_bad,
+                                int32_t* s_column, int32_t* s_scan) {
+  const int E = a.layout.num_experts, R = a.layout.num_ranks, C = E + R + 1;
+  const int G = gridDim.x, tid = threadIdx.x, b = blockIdx.x;
+  int32_t* rows = a.count_scratch;          // [G][C]
+  int32_t* sums = rows + FullGrid(a) * C;   // [G][C] over earlier blocks
+  int32_t* totals = sums + FullGrid(a) * C;  // [C]
+  uint64_t* barrier = &ArenaOf(a, a.rank).state()->count_barrier;
+  const uint64_t passed = BarriersPassed(barrier);
+#pragma unroll 1
+  for (int j = tid; j < C; j += kThreads) {
+    rows[b * C + j] = j < E ? s_epre[j] : j < E + R ? s_tot[j - E] : s_bad[0];
+  }
+  if (!GridBarrier(a, barrier, passed + 1)) return false;
+  int32_t* s_sums = s_column + G + 1;  // [G + 1]
+#pragma unroll 1
+  for (int j = b; j < C; j += G) {
+#pragma unroll 1
+    for (int i = tid; i < G; i += kThreads) s_column[i] = __ldcg(&rows[i * C + j]);
+    __syncthreads();
+    if (j < E + R) {
+      BlockExclusiveScan2(s_column, s_column, s_sums, s_sums, G, s_scan);
+      __syncthreads();
+#pragma unroll 1
+      for (int i = tid; i < G; i += kThreads) sums[i * C + j] = s_sums[i];
+      if (tid == 0) totals[j] = s_sums[G];
+    } else if (tid == 0) {
+      int32_t first = INT32_MAX;
+#pragma unroll 1
+      for (int i = 0; i < G; ++i) first = Min(first, s_column[i]);
+      totals[j] = first;
+    }
+    __syncthreads();  // the next column rewrites s_column
+  }
+  if (!GridBarrier(a, barrier, passed + 2)) return false;
+#pragma unroll 1
+  for (int j = tid; j < E + R; j += kThreads) {
+    const int32_t before = __ldcg(&sums[b * C + j]), all = __ldcg(&totals[j]);
+    if (j < E) {
+      s_epre[j] = before;
+      s_etot[j] = all;
+    } else {
+      s_pre[j - E] = before;
+      s_tot[j - E] = all;
+    }
+  }
+  if (tid == 0) s_bad[0] = __ldcg(&totals[E + R]);
+  __syncthreads();
+  return true;
+}
+
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid.
+// kWhole: in the whole-op kernel, whose blocks are all resident.
+template <bool kWhole>
 __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
                                            bool staged, bool in_turn, uint64_t step) {
   const Layout& lay = a.layout;
@@ -121,6 +189,8 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   int32_t* s_rank = s_first + piece * R;   // [piece][k] slot rank within its expert
   int32_t* s_ids = s_rank + piece * k;     // [piece][k] the first piece's expert ids
   float* s_wts = reinterpret_cast<float*>(s_ids + piece * k);  // [piece][k] and weights
+  int32_t* s_column = reinterpret_cast<int32_t*>(s_wts + piece * k);  // [2][full grid + 1]
+  int32_t* s_scan = s_column + 2 * (FullGrid(a) + 1);                  // [kScanScratch]
 
   const int32_t raw_num_tokens = *io.num_tokens;
   const bool bad_num_tokens = raw_num_tokens < 0 || raw_num_tokens > T;
@@ -129,6 +199,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   const int start = static_cast<int>(Min(T, blockIdx.x * per_block));
   const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
+  const bool histograms = kWhole && a.count_scratch != nullptr && per_block >= kHistogramTokens;
 
 #pragma unroll 1
   for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
@@ -147,10 +218,11 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
   // masks need no atomics and nothing is divided by k; its slots' loads go out together.
   // The ids and weights of the block's first piece stay in shared memory: the phases that
-  // pack it then wait for no global load but x's.
+  // pack it then wait for no global load but x's. With histograms: only this block's tokens,
+  // their slots per expert in s_epre.
   const FastDiv& rank_of = a.div.local_experts;
 #pragma unroll 1
-  for (int t = tid; t < T; t += kThreads) {
+  for (int t = (histograms ? start : 0) + tid; t < (histograms ? end : T); t += kThreads) {
     uint64_t mask = 0;
     const bool keep = t >= start && t < start + piece;
     for (int i0 = 0; t < nt && i0 < k; i0 += 8) {
@@ -177,22 +249,22 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
           atomicMin(s_bad, t * k + i0 + u);
         } else if (e >= 0) {
           mask |= uint64_t{1} << rank_of.Div(e);
-          if (t < start) atomicAdd(&s_epre[e], 1);
-          if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+          if (histograms || t < start) atomicAdd(&s_epre[e], 1);
+          if (!histograms && blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
         }
       }
     }
     s_mask[t] = mask;
   }
-  const bool ok = __syncthreads_and(credited) != 0;
-  Stamp(a, kDispatchCounted);
-  const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
+  bool ok = __syncthreads_and(credited) != 0;
 
-  // Tokens per destination, warp by warp.
+  // Tokens per destination, warp by warp: all of them and those before this block's range,
+  // or with histograms this block's own, then the sums across blocks.
+  const int t_lo = histograms ? start : 0, t_hi = histograms ? own_end : nt;
 #pragma unroll 1
-  for (int base = warp * 32; base < nt; base += kThreads) {
+  for (int base = t_lo + warp * 32; base < t_hi; base += kThreads) {
     const int t = base + lane;
-    const uint64_t m = t < nt ? s_mask[t] : 0;
+    const uint64_t m = t < t_hi ? s_mask[t] : 0;
 #pragma unroll 1
     for (int d = 0; d < R; ++d) {
       const unsigned all = __ballot_sync(kFullMask, (m >> d) & 1);
@@ -202,6 +274,11 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     }
   }
   __syncthreads();
+  if (histograms) {
+    ok = SumAcrossBlocks(a, s_epre, s_etot, s_pre, s_tot, s_bad, s_column, s_scan) && ok;
+  }
+  Stamp(a, kDispatchCounted);
+  const bool bad = bad_num_tokens || s_bad[0] != INT32_MAX;
   if (tid == 0) {
     int32_t offset = 0;
 #pragma unroll 1
@@ -687,7 +764,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                        bool staged) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+  SendBlocks<false>(a, io, staged, in_turn, st->dispatch_step[0] + 1);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -707,7 +784,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  SendBlocks<true>(a, send, /*staged=*/false, in_turn, step);
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks(a, recv, in_turn, step);
 }

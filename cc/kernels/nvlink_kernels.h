@@ -93,6 +93,9 @@ struct NvlinkArgs {
   uint8_t* fabric_buffer = nullptr;   // laid out like the arena (nvlink_layout.h)
   uint8_t* fabric_signals = nullptr;  // mapped pinned host, laid out like the signals region
   ProxyMailbox* mailbox = nullptr;    // mapped pinned host
+  // Where the whole-op dispatch's blocks sum their counts at large T (device memory,
+  // CountScratchInts of them; null: they count every token each, as at small T).
+  int32_t* count_scratch = nullptr;
   // Where the kernels' phases end, for nvlink_context_test --phases (null otherwise):
   // [block][Phase], the %globaltimer when thread 0 of the block got there.
   uint64_t* phase_clock = nullptr;
@@ -163,6 +166,13 @@ struct CombineRecvIo {
 // whether the whole op's kernel fits on the device at once (every block resident).
 bool LoadDispatch(const NvlinkArgs& args);
 bool LoadCombine(const NvlinkArgs& args);
+// Ints of NvlinkArgs::count_scratch: per block of the full grid a row of expert, destination
+// and first-bad-slot counts, the same rows of sums over earlier blocks, and the totals.
+inline int64_t CountScratchInts(const Layout& l, int num_sms) {
+  const int64_t columns = l.num_experts + l.num_ranks + 1;
+  return (2 * (2 * int64_t{num_sms}) + 1) * columns;
+}
+
 // Whether whole ops may run as one kernel each (one_kernel_ops).
 inline bool LoadNvlinkKernels(const NvlinkArgs& args) {
   const bool dispatch = LoadDispatch(args);

@@ -146,7 +146,8 @@ profile() {  # ncu on one rank's kernels (one rank: ncu serializes launches)
   done < <(tr ';' '\n' <<<"${PROFILE_CASES:-T=128}")
 }
 
-ab() {  # this tree's kernels and each variant's in .ab/ (scripts/kernel_ab.sh), timed in turns
+ab() {  # this tree's kernels and each variant's in .ab/ (scripts/kernel_ab.sh): each built and
+  # tested (one process), then timed in turns
   fabric_root || return 1
   local names=(this) dirs=(.) d i r
   for d in .ab/*/; do
@@ -158,6 +159,8 @@ ab() {  # this tree's kernels and each variant's in .ab/ (scripts/kernel_ab.sh),
     cmake -S "${dirs[$i]}" -B "build/ab/${names[$i]}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null || return 1
     ninja -C "build/ab/${names[$i]}" nvlink_context_test >/dev/null || return 1
+    echo "--- ${names[$i]}: the kernel tests, one process"
+    "build/ab/${names[$i]}/nvlink_context_test" || return 1
   done
   for r in $(seq "${AB_ROUNDS:-2}"); do
     for i in "${!names[@]}"; do

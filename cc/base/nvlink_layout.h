@@ -54,8 +54,8 @@ constexpr int kMaxNvlinkExperts = 4096;
 struct NvlinkState {
   uint32_t error;              // first error code of this rank (sticky), 0 = none
   uint32_t pad;
-  uint64_t dispatch_step[2];   // [0] written by dispatch_recv, [1] by dispatch_send
-  uint64_t combine_step[2];    // [0] written by combine_recv, [1] by combine_send
+  uint64_t dispatch_step[2];   // [0] the last step received, [1] the last sent
+  uint64_t combine_step[2];    // (a whole op's kernel may write both at its send's end)
   uint64_t ticket[4];          // blocks of the running kernel that finished, per kind
                                // (see NvlinkTicket)
   uint64_t staged_ready;       // the step a staged dispatch_send packed; the copy engine

@@ -11,8 +11,9 @@
 // more blocks share the reads.
 //
 // Recv half (home side): wait for every expert rank's ready flag, then sum, for each
-// token, the partials its records came back with (float32 accumulation), and give every
-// expert rank the credit to reuse its partial slot here. Rows at or past num_tokens are zero.
+// token, the partials its records came back with (float32 accumulation); every expert rank
+// gets the credit to reuse its partial slot here as in dispatch. Rows at or past num_tokens
+// are zero.
 // Blocks own contiguous token ranges, which they sum in pieces of at most the full grid's share
 // (one piece unless an SM budget shrank the grid).
 //
@@ -40,9 +41,10 @@ __host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int full_g
   return 4 * (4 + (R + 1)) + PieceRecords(lay, full_grid) * k * 8;
 }
 
-// The send half of `step` (in_turn: the halves' order allows it), by every block of the grid.
+// The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
+// returns (to every thread) whether this block was the last past the ticket.
 template <typename T>
-__device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSendIo& io,
+__device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const CombineSendIo& io,
                                            bool in_turn, uint64_t step) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
@@ -179,7 +181,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
   }
   Stamp(a, kCombineSummed);
 
-  if (!in_turn) return;
+  if (!in_turn) return false;
   const bool last = LastBlock(a, kTicketCombineSend);
   Stamp(a, kCombineSent);
   if (last) {
@@ -191,6 +193,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const CombineSen
     }
     Publish(a, &a.mailbox->combine_sent, step);
   }
+  return last;
 }
 
 
@@ -204,10 +207,10 @@ __host__ __device__ inline int64_t RecvSharedBytes(const Layout& lay, int full_g
   return AlignUp(4 * (4 + R + 1), 8) + PieceTokens(lay, full_grid) * k * 8;
 }
 
-// The recv half of `step`, by every block of the grid.
+// The recv half of `step`, by every block of the grid; end: it ends the step (EndRecv).
 template <typename T>
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRecvIo& io,
-                                           bool in_turn, uint64_t step) {
+                                           bool in_turn, uint64_t step, bool end) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t T_max = lay.max_tokens;
@@ -321,11 +324,11 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   }
   Stamp(a, kCombineReduced);
 
-  if (in_turn) {
+  if (in_turn && end) {
     EndRecv(a, kTicketCombineRecv, st->combine_step, DeviceWait::kCombineCredit,
             &a.mailbox->combine_read, step);
-    Stamp(a, kCombineEnd);
   }
+  Stamp(a, kCombineEnd);
 }
 
 
@@ -333,6 +336,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineSendKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo io) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
   SendBlocks<T>(a, io, in_turn, st->combine_step[0] + 1);
 }
@@ -341,8 +345,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     CombineRecvKernel(const __grid_constant__ NvlinkArgs a, const CombineRecvIo io) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
-  RecvBlocks<T>(a, io, in_turn, st->combine_step[1]);
+  RecvBlocks<T>(a, io, in_turn, st->combine_step[1], /*end=*/true);
 }
 
 // The whole op; as for dispatch, every block must be resident at once (LoadCombine checks).
@@ -351,12 +356,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     CombineKernel(const __grid_constant__ NvlinkArgs a, const CombineSendIo send,
                   const CombineRecvIo recv) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
   const uint64_t step = st->combine_step[0] + 1;
-  SendBlocks<T>(a, send, in_turn, step);
+  const bool last = SendBlocks<T>(a, send, in_turn, step);
+  if (last && threadIdx.x == 0 && EndsAtSend(a)) st->combine_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks<T>(a, recv, in_turn, step);
+  RecvBlocks<T>(a, recv, in_turn, step, /*end=*/!EndsAtSend(a));
 }
 
 bool Float32(const NvlinkArgs& args) { return args.layout.combine_elem_bytes == 4; }

@@ -63,6 +63,11 @@ __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
 
+// Raises *p to at least v: a flag given again by another kernel never goes back.
+__device__ __forceinline__ void MaxReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.max.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -312,12 +317,34 @@ __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind
 
 // How a recv kernel ends step `step`: its last block records the step in steps[0] and gives
 // the senders their credit (NVLink peers by flag, fabric peers through the proxy's `read`).
+// A whole op's kernel with no fabric peer skips it (EndsAtSend): the last block of its send
+// half records both steps, and the next kernel gives the credits (GiveCredits), which saves a
+// block ticket at the end of every step.
 __device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket, uint64_t* steps,
                                         DeviceWait credit, uint64_t* read, uint64_t step) {
   if (!LastBlock(a, ticket)) return;
   if (threadIdx.x == 0) steps[0] = step;
   SignalPeers(a, credit, step);
   Publish(a, read, step);
+}
+
+// Whether a whole op's kernel ends its step in its send half's last block, with no ticket
+// after its recv half: only without fabric peers, whose proxy learns of the end from EndRecv.
+__device__ __forceinline__ bool EndsAtSend(const NvlinkArgs& a) { return a.fabric_mask == 0; }
+
+// Called by every kernel at its start: every kernel before it on the stream has ended, so the
+// recv halves of the steps its state records are done with what the senders wrote, and block 0
+// gives the NVLink peers their credits for them (again where EndRecv already did: a max, so
+// that neither undoes the other). A peer that waits for a credit is in the next step of that
+// op, which this rank joins with a kernel that gives it: no wait outlasts this rank's progress.
+__device__ __forceinline__ void GiveCredits(const NvlinkArgs& a, const NvlinkState* st) {
+  const int p = static_cast<int>(threadIdx.x);
+  if (blockIdx.x == 0 && p < a.layout.num_ranks && !IsFabric(a, p) && !Silent(st)) {
+    const NvlinkLayout nl{a.layout};
+    const Arena peer = ArenaOf(a, p);
+    MaxReleaseSys(peer.flag(nl.dispatch_credit_offset(a.rank)), st->dispatch_step[0]);
+    MaxReleaseSys(peer.flag(nl.combine_credit_offset(a.rank)), st->combine_step[0]);
+  }
 }
 
 // ---------------------------------------------------------------- warp and block scans

@@ -26,8 +26,9 @@
 // Recv half: wait for every sender's ready flag, check the routing against the
 // buffers (every rank checks every rank, from the same route table, so all agree), then expand
 // each received record into the rows of its local experts: expert_x is grouped by local
-// expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Finally
-// give every sender the credit to reuse its slot here.
+// expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Every
+// sender gets the credit to reuse its slot here from the recv kernel's last block, or, after a
+// whole op's kernel, from the next kernel's start (EndRecv, GiveCredits).
 //
 // Every block derives the expert offsets from the route table itself (one parallel pass of
 // loads into shared memory); the row of each slot is expert start + the rows of earlier
@@ -86,8 +87,9 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
                      fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1))};
 }
 
-// The send half of `step` (in_turn: the halves' order allows it), by every block of the grid.
-__device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
+// The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
+// returns (to every thread) whether this block was the last past the ticket.
+__device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
                                            bool staged, bool in_turn, uint64_t step) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
@@ -380,7 +382,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
   }
   Stamp(a, kDispatchPacked);
 
-  if (!in_turn) return;
+  if (!in_turn) return false;
   const bool last = LastBlock(a, kTicketDispatchSend);
   Stamp(a, kDispatchSent);
   if (last) {
@@ -402,6 +404,7 @@ __device__ __forceinline__ void SendBlocks(const NvlinkArgs& a, const DispatchSe
     }
     Publish(a, &a.mailbox->dispatch_sent, step);
   }
+  return last;
 }
 
 
@@ -431,9 +434,9 @@ __device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, 
   return lo;
 }
 
-// The recv half of `step`, by every block of the grid.
+// The recv half of `step`, by every block of the grid; end: it ends the step (EndRecv).
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRecvIo& io,
-                                           bool in_turn, uint64_t step) {
+                                           bool in_turn, uint64_t step, bool end) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int L = a.div.local_experts.d;
@@ -674,11 +677,11 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     Stamp(a, kDispatchZeroed);
   }
 
-  if (in_turn) {
+  if (in_turn && end) {
     EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
             &a.mailbox->dispatch_read, step);
-    Stamp(a, kDispatchEnd);
   }
+  Stamp(a, kDispatchEnd);
 }
 
 
@@ -686,6 +689,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     DispatchSendKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo io,
                        bool staged) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
 }
@@ -693,8 +697,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 __global__ void __launch_bounds__(kThreads, 2)
     DispatchRecvKernel(const __grid_constant__ NvlinkArgs a, const DispatchRecvIo io) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1]);
+  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*end=*/true);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -704,12 +709,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     DispatchKernel(const __grid_constant__ NvlinkArgs a, const DispatchSendIo send,
                    const DispatchRecvIo recv) {
   NvlinkState* st = ArenaOf(a, a.rank).state();
+  GiveCredits(a, st);
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  if (last && threadIdx.x == 0 && EndsAtSend(a)) st->dispatch_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks(a, recv, in_turn, step);
+  RecvBlocks(a, recv, in_turn, step, /*end=*/!EndsAtSend(a));
 }
 
 int64_t WholeSharedBytes(const NvlinkArgs& args) {

@@ -304,8 +304,8 @@ void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
   CheckCuda(cudaEventRecord(packed_, stream), "cudaEventRecord");
   CheckCuda(cudaStreamWaitEvent(copy_stream_, packed_, 0), "cudaStreamWaitEvent");
   // Whole outboxes (T records each): the host does not know how many records the kernel
-  // packed, and the receiver reads only those. The flag goes last, by the copy engine too:
-  // copies on one stream complete in order.
+  // packed, and the receiver reads only those. The kernel stored the route rows itself. The
+  // flag goes last, by the copy engine too: copies on one stream complete in order.
   const NvlinkLayout nl{args_.layout};
   const int64_t k = args_.layout.experts_per_token;
   for (int d = 0; d < args_.layout.num_ranks; ++d) {
@@ -313,7 +313,6 @@ void NvlinkContext::EnqueueDispatchSend(const DispatchSendIo& io, bool staged,
     const struct {
       int64_t to, from, bytes;
     } parts[] = {
-        {nl.route_row_offset(me), nl.outbox_route_offset(d), nl.route_row_ints() * 4},
         {nl.slot_rank_record_offset(me, 0), nl.outbox_slot_rank_offset(d, 0), nl.T() * k * 4},
         {nl.record_offset(me, 0), nl.outbox_record_offset(d, 0),
          nl.T() * args_.layout.record_bytes()},

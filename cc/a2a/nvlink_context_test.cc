@@ -1166,8 +1166,8 @@ std::string Bench(World& w, const BenchConfig& bc) {
 // median over steps of when the first and the last block got there, µs from the op's start
 // (the first block's first stamp).
 const char* const kPhaseNames[kNumPhases] = {
-    "dispatch start", "counted", "ranked", "packed", "send ticket", "ready flags seen",
-    "routed", "expanded", "zeroed", "recv ticket, credits", "combine start", "credits seen",
+    "dispatch start", "counted", "ranked", "packed", "send ticket", "routed",
+    "ready flags seen", "expanded", "zeroed", "recv ticket, credits", "combine start", "credits seen",
     "partials stored", "send ticket", "ready flags seen", "reduced", "recv ticket, credits"};
 
 std::string Phases(World& w, const BenchConfig& bc, int steps) {

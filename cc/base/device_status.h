@@ -31,6 +31,7 @@ enum class DeviceWait : int64_t {
   kDispatchReady = 1,   // a sender's records
   kCombineCredit = 2,   // a home rank's credit for the previous combine
   kCombineReady = 3,    // an expert rank's partials
+  kDispatchRoute = 4,   // a sender's route row (raised before its records)
 };
 
 enum class HandleOperand : int64_t {
@@ -87,8 +88,9 @@ inline std::string DescribeDeviceStatus(const DeviceStatus& s, const StatusLimit
       static const char* what[] = {"the credit of rank %d for the previous dispatch",
                                    "the dispatch records of rank %d",
                                    "the credit of rank %d for the previous combine",
-                                   "the combine partials of rank %d"};
-      std::string awaited = (s.a >= 0 && s.a < 4) ? what[s.a] : "rank %d";
+                                   "the combine partials of rank %d",
+                                   "the dispatch route counts of rank %d"};
+      std::string awaited = (s.a >= 0 && s.a < 5) ? what[s.a] : "rank %d";
       awaited.replace(awaited.find("%d"), 2, n(s.b));
       return rank + "timed out after " + std::to_string(lim.timeout_s) + " s waiting for " +
              awaited + " (step " + n(s.c) + "); is every rank running the same steps?";

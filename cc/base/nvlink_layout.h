@@ -12,11 +12,14 @@
 //
 // Per rank, symmetric (same offsets on every rank):
 //
-//   signals     uint64 [4][R]  written by peers, each a step number (monotonic):
+//   signals     uint64 [5][R]  written by peers, each a step number (monotonic):
 //                 dispatch_ready[s]   sender s has written all its records (and route row)
 //                 dispatch_credit[d]  receiver d has consumed what this rank sent it
 //                 combine_ready[d]    expert rank d has written all partials for this rank
 //                 combine_credit[s]   home rank s has summed what this rank sent it
+//                 dispatch_route[s]   sender s has written its route row (NVLink senders
+//                                     raise it before their records, so that the receiver
+//                                     folds the route table while they pack)
 //               (for fabric peers the proxy raises them in a mapped host copy of this region)
 //   state       this rank's own words: sticky error, step counters, block tickets
 //   route       int32 [R][R][1 + L]  row s = sender s's whole plan: layout.h's route table,
@@ -96,7 +99,10 @@ struct NvlinkLayout {
   JEM_HD int64_t combine_credit_offset(int64_t home_rank) const {
     return signals_offset() + (3 * R() + home_rank) * 8;
   }
-  JEM_HD int64_t signals_bytes() const { return AlignUp(4 * R() * 8, 256); }
+  JEM_HD int64_t dispatch_route_offset(int64_t sender) const {
+    return signals_offset() + (4 * R() + sender) * 8;
+  }
+  JEM_HD int64_t signals_bytes() const { return AlignUp(5 * R() * 8, 256); }
 
   // --- state ---
   JEM_HD int64_t state_offset() const { return signals_offset() + signals_bytes(); }

@@ -207,10 +207,11 @@ __host__ __device__ inline int64_t RecvSharedBytes(const Layout& lay, int full_g
   return AlignUp(4 * (4 + R + 1), 8) + PieceTokens(lay, full_grid) * k * 8;
 }
 
-// The recv half of `step`, by every block of the grid; end: it ends the step (EndRecv).
+// The recv half of `step`, by every block of the grid; ends_step: it ends the step
+// (EndRecv).
 template <typename T>
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRecvIo& io,
-                                           bool in_turn, uint64_t step, bool end) {
+                                           bool in_turn, uint64_t step, bool ends_step) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t T_max = lay.max_tokens;
@@ -324,7 +325,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const CombineRec
   }
   Stamp(a, kCombineReduced);
 
-  if (in_turn && end) {
+  if (in_turn && ends_step) {
     EndRecv(a, kTicketCombineRecv, st->combine_step, DeviceWait::kCombineCredit,
             &a.mailbox->combine_read, step);
   }
@@ -347,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/false, StepPhase::kCombine);
-  RecvBlocks<T>(a, io, in_turn, st->combine_step[1], /*end=*/true);
+  RecvBlocks<T>(a, io, in_turn, st->combine_step[1], /*ends_step=*/true);
 }
 
 // The whole op; as for dispatch, every block must be resident at once (LoadCombine checks).
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool last = SendBlocks<T>(a, send, in_turn, step);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->combine_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks<T>(a, recv, in_turn, step, /*end=*/!EndsAtSend(a));
+  RecvBlocks<T>(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a));
 }
 
 bool Float32(const NvlinkArgs& args) { return args.layout.combine_elem_bytes == 4; }

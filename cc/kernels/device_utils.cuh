@@ -184,6 +184,7 @@ __device__ __forceinline__ int64_t WaitOffset(const NvlinkLayout& nl, DeviceWait
     case DeviceWait::kDispatchCredit: return nl.dispatch_credit_offset(peer);
     case DeviceWait::kDispatchReady: return nl.dispatch_ready_offset(peer);
     case DeviceWait::kCombineCredit: return nl.combine_credit_offset(peer);
+    case DeviceWait::kDispatchRoute: return nl.dispatch_route_offset(peer);
     default: return nl.combine_ready_offset(peer);
   }
 }
@@ -247,10 +248,11 @@ static __device__ __noinline__ bool WaitFlag(const NvlinkArgs& a, const uint64_t
 }
 
 // This rank's flag for `what` from `peer`: in its arena, or where the proxy raises it for a
-// fabric peer.
+// fabric peer (whose route row comes with its records, under the ready flag).
 __device__ __forceinline__ const uint64_t* FlagOf(const NvlinkArgs& a, DeviceWait what,
                                                   int peer) {
   const NvlinkLayout nl{a.layout};
+  if (what == DeviceWait::kDispatchRoute && IsFabric(a, peer)) what = DeviceWait::kDispatchReady;
   const uint8_t* base = IsFabric(a, peer) ? a.fabric_signals : a.arenas[a.rank];
   return reinterpret_cast<const uint64_t*>(base + WaitOffset(nl, what, peer));
 }

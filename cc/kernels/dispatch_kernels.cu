@@ -23,8 +23,10 @@
 // the kernel is bound by latency, not bytes: every phase is one parallel pass over coalesced
 // loads, int32 index math, and the credit wait overlaps the counting.
 //
-// Recv half: wait for every sender's ready flag, check the routing against the
-// buffers (every rank checks every rank, from the same route table, so all agree), then expand
+// Recv half: wait for every sender's route row (NVLink senders raise its flag before they pack,
+// so that this overlaps their packing and the send half's ticket), check the routing against
+// the buffers (every rank checks every rank, from the same route table, so all agree) and
+// place the experts' rows; then wait for every sender's ready flag, and expand
 // each received record into the rows of its local experts: expert_x is grouped by local
 // expert, rows within an expert ordered by (sender, record, slot), padding rows zero. Every
 // sender gets the credit to reuse its slot here from the recv kernel's last block, or, after a
@@ -68,10 +70,12 @@ __host__ __device__ inline Plan PlanSend(const Layout& lay, int full_grid) {
 struct Destination {
   Arena me, dest;  // `me` holds the outbox: this rank's arena, or its fabric buffer
   int rank, d;
-  bool outbox;
+  bool outbox, fabric;
 
+  // The route row goes straight to NVLink peers, staged or not: they fold it while the
+  // records are on their way.
   __device__ __forceinline__ int32_t* route() const {
-    return outbox ? me.outbox_route(d) : dest.route_row(rank);
+    return fabric ? me.outbox_route(d) : dest.route_row(rank);
   }
   __device__ __forceinline__ int32_t* slot_rank(int64_t j) const {
     return outbox ? me.outbox_slot_rank(d, j) : dest.slot_rank(rank, j);
@@ -84,7 +88,8 @@ struct Destination {
 __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool staged, int d) {
   const bool fabric = IsFabric(a, d);
   return Destination{fabric ? FabricArena(a) : ArenaOf(a, a.rank), ArenaOf(a, d), a.rank, d,
-                     fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1))};
+                     fabric || (staged && d != a.rank && !((a.same_gpu_mask >> d) & 1)),
+                     fabric};
 }
 
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
@@ -230,7 +235,8 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
     }
 #pragma unroll 1
     for (int d = tid; d < R; d += kThreads) io.send_tokens[d] = bad ? 0 : s_tot[d];
-    // The route row, to every rank (this one included).
+    // The route row to every rank (this one included), then its flag: receivers fold the
+    // route table while this rank packs.
     if (ok) {
       const int entry = a.div.route_entry.d, row = a.div.route_row.d;
 #pragma unroll 1
@@ -245,6 +251,8 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
         }
         DestinationOf(a, staged, p).route()[w] = v;
       }
+      __syncthreads();
+      SignalPeers(a, DeviceWait::kDispatchRoute, step);
     }
   }
 
@@ -434,9 +442,10 @@ __device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, 
   return lo;
 }
 
-// The recv half of `step`, by every block of the grid; end: it ends the step (EndRecv).
+// The recv half of `step`, by every block of the grid; ends_step: it ends the step
+// (EndRecv).
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRecvIo& io,
-                                           bool in_turn, uint64_t step, bool end) {
+                                           bool in_turn, uint64_t step, bool ends_step) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int L = a.div.local_experts.d;
@@ -474,12 +483,12 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   }
 #pragma unroll 1
   for (int i = tid; i < R * L; i += kThreads) s_col[i] = 0;
-  const bool arrived = in_turn && WaitPeers(a, DeviceWait::kDispatchReady, step);
-  Stamp(a, kDispatchArrived);
+  // The route table first: NVLink senders raise its flag before they pack their records.
+  const bool routed = in_turn && WaitPeers(a, DeviceWait::kDispatchRoute, step);
 
   // The route table route[R][R][1 + L] (layout.h) folded in one pass: records per (sender,
   // dest), slots per (dest, expert) over all senders, and this rank's column per sender.
-  if (arrived) {
+  if (routed) {
     const int entry = a.div.route_entry.d, row = a.div.route_row.d;
 #pragma unroll 1
     for (int x = tid; x < R * row; x += kThreads) {
@@ -518,30 +527,16 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   __syncthreads();
   const int failed_sender = s_verdict[0] == INT32_MAX ? -1 : s_verdict[0];
   const int full_rank = s_verdict[1] == INT32_MAX ? -1 : s_verdict[1];
-  const bool good = arrived && failed_sender < 0 && full_rank < 0;
+  const bool planned = routed && failed_sender < 0 && full_rank < 0;
   if (blockIdx.x == 0 && tid == 0) {
-    if (arrived && failed_sender >= 0) {
+    if (routed && failed_sender >= 0) {
       SetError(a, DeviceError::kPeerFailed, failed_sender, 0, 0);
-    } else if (arrived && full_rank >= 0) {
+    } else if (routed && full_rank >= 0) {
       SetError(a, DeviceError::kCapacity, full_rank, s_need_rows[full_rank],
                s_need_recs[full_rank]);
     }
   }
-
-  if (!good) {
-    // A failed step still leaves the small outputs defined.
-#pragma unroll 1
-    for (int64_t x = gtid; x < N * k; x += gthreads) {
-      io.record_rows[x] = -1;
-      io.record_weights[x] = 0.0f;
-    }
-    if (blockIdx.x == 0) {
-#pragma unroll 1
-      for (int e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
-#pragma unroll 1
-      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
-    }
-  } else {
+  if (planned) {
     // Expert starts and the rows of earlier senders, per local expert.
     if (tid == kThreads - 1) {
       int32_t n = 0;
@@ -567,7 +562,28 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     __syncthreads();
     BlockExclusiveScan2(s_group, s_pad, s_estart, s_pstart, L, s_scan);
     __syncthreads();
-    Stamp(a, kDispatchRouted);
+  }
+  Stamp(a, kDispatchRouted);
+
+  // Even a failed step waits for its records: every sender raises its ready flag.
+  const bool arrived = routed && WaitPeers(a, DeviceWait::kDispatchReady, step);
+  Stamp(a, kDispatchArrived);
+  const bool good = planned && arrived;
+
+  if (!good) {
+    // A failed step still leaves the small outputs defined.
+#pragma unroll 1
+    for (int64_t x = gtid; x < N * k; x += gthreads) {
+      io.record_rows[x] = -1;
+      io.record_weights[x] = 0.0f;
+    }
+    if (blockIdx.x == 0) {
+#pragma unroll 1
+      for (int e = tid; e < L; e += kThreads) io.expert_counts[e] = io.group_sizes[e] = 0;
+#pragma unroll 1
+      for (int s = tid; s < R; s += kThreads) io.recv_tokens[s] = io.home_offsets[s] = 0;
+    }
+  } else {
     const int64_t total = s_rbase[R];
     if (blockIdx.x == 0) {
 #pragma unroll 1
@@ -677,7 +693,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     Stamp(a, kDispatchZeroed);
   }
 
-  if (in_turn && end) {
+  if (in_turn && ends_step) {
     EndRecv(a, kTicketDispatchRecv, st->dispatch_step, DeviceWait::kDispatchCredit,
             &a.mailbox->dispatch_read, step);
   }
@@ -699,7 +715,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*end=*/true);
+  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*ends_step=*/true);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -716,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->dispatch_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks(a, recv, in_turn, step, /*end=*/!EndsAtSend(a));
+  RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a));
 }
 
 int64_t WholeSharedBytes(const NvlinkArgs& args) {

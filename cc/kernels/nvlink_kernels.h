@@ -105,8 +105,8 @@ enum Phase : int {
   kDispatchRanked,    // record indices, slot ranks and send_index of the block's tokens
   kDispatchPacked,    // the block's records stored
   kDispatchSent,      // past the send half's block ticket
+  kDispatchRouted,    // every route row's flag seen, the table folded, the expert offsets scanned
   kDispatchArrived,   // every sender's ready flag seen
-  kDispatchRouted,    // the route table folded, the expert offsets scanned
   kDispatchExpanded,  // the block's records expanded into expert_x
   kDispatchZeroed,    // padding (and unused) rows zeroed
   kDispatchEnd,       // past the recv half's block ticket (and the credits given)

@@ -63,9 +63,9 @@ __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
 
-// Raises *p to at least v: a flag given again by another kernel never goes back.
-__device__ __forceinline__ void MaxReleaseSys(uint64_t* p, uint64_t v) {
-  asm volatile("red.release.sys.global.max.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+// Raises *p to at least v, with no fence: a flag given again by another kernel never goes back.
+__device__ __forceinline__ void MaxRelaxedSys(uint64_t* p, uint64_t v) {
+  asm volatile("red.relaxed.sys.global.max.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
@@ -335,17 +335,18 @@ __device__ __forceinline__ void EndRecv(const NvlinkArgs& a, NvlinkTicket ticket
 __device__ __forceinline__ bool EndsAtSend(const NvlinkArgs& a) { return a.fabric_mask == 0; }
 
 // Called by every kernel at its start: every kernel before it on the stream has ended, so the
-// recv halves of the steps its state records are done with what the senders wrote, and block 0
-// gives the NVLink peers their credits for them (again where EndRecv already did: a max, so
-// that neither undoes the other). A peer that waits for a credit is in the next step of that
-// op, which this rank joins with a kernel that gives it: no wait outlasts this rank's progress.
+// recv halves of the steps its state records are done with what the senders wrote, and the
+// last block gives the NVLink peers their credits for them (again where EndRecv already did: a
+// max, so that neither undoes the other). Relaxed: the reads the credit covers ended with their
+// kernel. A peer that waits for a credit is in the next step of that op, which this rank joins
+// with a kernel that gives it: no wait outlasts this rank's own progress.
 __device__ __forceinline__ void GiveCredits(const NvlinkArgs& a, const NvlinkState* st) {
   const int p = static_cast<int>(threadIdx.x);
-  if (blockIdx.x == 0 && p < a.layout.num_ranks && !IsFabric(a, p) && !Silent(st)) {
+  if (blockIdx.x == gridDim.x - 1 && p < a.layout.num_ranks && !IsFabric(a, p) && !Silent(st)) {
     const NvlinkLayout nl{a.layout};
     const Arena peer = ArenaOf(a, p);
-    MaxReleaseSys(peer.flag(nl.dispatch_credit_offset(a.rank)), st->dispatch_step[0]);
-    MaxReleaseSys(peer.flag(nl.combine_credit_offset(a.rank)), st->combine_step[0]);
+    MaxRelaxedSys(peer.flag(nl.dispatch_credit_offset(a.rank)), st->dispatch_step[0]);
+    MaxRelaxedSys(peer.flag(nl.combine_credit_offset(a.rank)), st->combine_step[0]);
   }
 }
 

@@ -122,7 +122,7 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
   int32_t* s_pre = s_tot + R;          // [R] tokens per destination before this block's range
   int32_t* s_base = s_pre + R;         // [R] chunk offset of each destination
   int32_t* s_epre = s_base + R;        // [E] slots per expert before this block's range
-  int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (block 0)
+  int32_t* s_etot = s_epre + E;        // [E] slots per expert, all tokens (router)
   int32_t* s_index = s_etot + E;       // [piece][R] record index per destination, -1 = none
   int32_t* s_first = s_index + piece * R;  // [piece][R] first slot naming each destination
   int32_t* s_rank = s_first + piece * R;   // [piece][k] slot rank within its expert
@@ -136,6 +136,9 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
   const int start = static_cast<int>(Min(T, blockIdx.x * per_block));
   const int end = static_cast<int>(Min(start + per_block, T));  // this block's rows
   const int own_end = Min(end, nt);  // tokens this block packs: [start, own_end)
+  // The block that reports bad input and stores the route rows and their flag: the last, which
+  // has no tokens at decode sizes, so that the flag's release delays no packing.
+  const bool router = blockIdx.x == gridDim.x - 1;
 
 #pragma unroll 1
   for (int i = tid; i < 8 + 3 * R + 2 * E; i += kThreads) s_bad[i] = i == 0 ? INT32_MAX : 0;
@@ -151,8 +154,9 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
   }
 
   // Every token: its destinations, and its slots counted per expert (of the tokens before
-  // this block's range; of all tokens in block 0). A thread takes whole tokens, so that the
-  // masks need no atomics and nothing is divided by k; its slots' loads go out together.
+  // this block's range; of all tokens in the router block). A thread takes whole tokens, so
+  // that the masks need no atomics and nothing is divided by k; its slots' loads go out
+  // together.
   // The ids and weights of the block's first piece stay in shared memory: the phases that
   // pack it then wait for no global load but x's.
   const FastDiv& rank_of = a.div.local_experts;
@@ -185,7 +189,7 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
         } else if (e >= 0) {
           mask |= uint64_t{1} << rank_of.Div(e);
           if (t < start) atomicAdd(&s_epre[e], 1);
-          if (blockIdx.x == 0) atomicAdd(&s_etot[e], 1);
+          if (router) atomicAdd(&s_etot[e], 1);
         }
       }
     }
@@ -224,7 +228,7 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
     s_ranks0[d] = dst.slot_rank(0);
   }
 
-  if (blockIdx.x == 0) {
+  if (router) {
     if (tid == 0 && bad) {
       if (bad_num_tokens) {
         SetError(a, DeviceError::kBadNumTokens, raw_num_tokens, 0, 0);

@@ -757,7 +757,9 @@ bool LoadDispatch(const NvlinkArgs& args) {
 
 void LaunchDispatchSend(const NvlinkArgs& args, const DispatchSendIo& io, bool staged,
                         cudaStream_t stream) {
-  const int grid = GridOf(args, Min(args.layout.max_tokens, FullGrid(args)));
+  // A block per token, and one more where the full grid has room: the router, which then
+  // packs nothing.
+  const int grid = GridOf(args, Min(args.layout.max_tokens + 1, FullGrid(args)));
   LaunchKernel("launching dispatch_send", DispatchSendKernel, grid,
                PlanSend(args.layout, FullGrid(args)).shared_bytes, stream, args, io, staged);
 }

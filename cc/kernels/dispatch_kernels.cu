@@ -93,9 +93,10 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
 }
 
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
-// returns (to every thread) whether this block was the last past the ticket.
+// returns (to every thread) whether this block was the last past the ticket. whole: the whole
+// op's kernel, whose blocks are all resident.
 __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
-                                           bool staged, bool in_turn, uint64_t step) {
+                                           bool staged, bool in_turn, uint64_t step, bool whole) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
@@ -395,7 +396,11 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
   Stamp(a, kDispatchPacked);
 
   if (!in_turn) return false;
-  const bool last = LastBlock(a, kTicketDispatchSend);
+  // In the whole op the router raises the ready flags: it has no records to expand at decode,
+  // whereas a block that raised them after its own ticket would fold the route table late and
+  // hold back its share of the expansion.
+  const bool last = whole ? ChosenLast(a, kTicketDispatchSend, router)
+                          : LastBlock(a, kTicketDispatchSend);
   Stamp(a, kDispatchSent);
   if (last) {
     if (tid == 0) st->dispatch_step[1] = step;
@@ -711,7 +716,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1, /*whole=*/false);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -733,7 +738,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step, /*whole=*/true);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->dispatch_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a));

@@ -34,9 +34,9 @@
 //
 // Every block derives the expert offsets from the route table itself (one parallel pass of
 // loads into shared memory); the row of each slot is expert start + the rows of earlier
-// senders + the slot rank the sender computed, so blocks own contiguous record ranges and
-// never wait for each other. A block expands its range in pieces of at most the full grid's
-// share (one piece unless an SM budget shrank the grid).
+// senders + the slot rank the sender computed, so blocks own contiguous record ranges (the
+// last block the first range) and never wait for each other. A block expands its range in
+// pieces of at most the full grid's share (one piece unless an SM budget shrank the grid).
 //
 // Loops outside the copies carry `#pragma unroll 1`: at decode sizes each runs once or a few
 // times per thread, and unrolled copies of them only grow the code that every launch fetches
@@ -606,8 +606,11 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     }
 
     // This block's records [g0, g1), a piece at a time: the row of every slot, then the copies.
+    // Ranges in reverse block order: in the whole op at decode the last blocks packed nothing
+    // and have folded the route table by the time the records are in, while the first still
+    // pack, pass the ticket and fold.
     const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-    const int g0 = static_cast<int>(Min(total, blockIdx.x * per_block));
+    const int g0 = static_cast<int>(Min(total, (gridDim.x - 1 - blockIdx.x) * per_block));
     const int g1 = static_cast<int>(Min(total, g0 + per_block));
     const int piece = static_cast<int>(plan.piece);
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);

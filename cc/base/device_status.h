@@ -32,6 +32,7 @@ enum class DeviceWait : int64_t {
   kCombineCredit = 2,   // a home rank's credit for the previous combine
   kCombineReady = 3,    // an expert rank's partials
   kDispatchRoute = 4,   // a sender's route row (raised before its records)
+  kOwnBlocks = 5,       // the other blocks of this rank's own kernel (b = rank, c = blocks)
 };
 
 enum class HandleOperand : int64_t {
@@ -89,8 +90,9 @@ inline std::string DescribeDeviceStatus(const DeviceStatus& s, const StatusLimit
                                    "the dispatch records of rank %d",
                                    "the credit of rank %d for the previous combine",
                                    "the combine partials of rank %d",
-                                   "the dispatch route counts of rank %d"};
-      std::string awaited = (s.a >= 0 && s.a < 5) ? what[s.a] : "rank %d";
+                                   "the dispatch route counts of rank %d",
+                                   "the other blocks of the kernel of rank %d"};
+      std::string awaited = (s.a >= 0 && s.a < 6) ? what[s.a] : "rank %d";
       awaited.replace(awaited.find("%d"), 2, n(s.b));
       return rank + "timed out after " + std::to_string(lim.timeout_s) + " s waiting for " +
              awaited + " (step " + n(s.c) + "); is every rank running the same steps?";

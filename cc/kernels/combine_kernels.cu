@@ -42,10 +42,11 @@ __host__ __device__ inline int64_t SendSharedBytes(const Layout& lay, int full_g
 }
 
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
-// returns (to every thread) whether this block was the last past the ticket.
+// returns (to every thread) whether this block was the last past the ticket. whole: the whole
+// op's kernel, whose blocks are all resident.
 template <typename T>
 __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const CombineSendIo& io,
-                                           bool in_turn, uint64_t step) {
+                                           bool in_turn, uint64_t step, bool whole) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int64_t M = lay.max_recv_tokens, N = lay.max_recv_records(), T_max = lay.max_tokens;
@@ -182,7 +183,11 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const CombineSen
   Stamp(a, kCombineSummed);
 
   if (!in_turn) return false;
-  const bool last = LastBlock(a, kTicketCombineSend);
+  // In the whole op the last block raises the ready flags once every other block is done: at
+  // decode it has no tokens to sum in the recv half, whereas a block that raised them after its
+  // own ticket would start its sums late.
+  const bool last = whole ? ChosenLast(a, kTicketCombineSend, blockIdx.x == gridDim.x - 1)
+                          : LastBlock(a, kTicketCombineSend);
   Stamp(a, kCombineSent);
   if (last) {
     if (tid == 0) st->combine_step[1] = step;
@@ -339,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
-  SendBlocks<T>(a, io, in_turn, st->combine_step[0] + 1);
+  SendBlocks<T>(a, io, in_turn, st->combine_step[0] + 1, /*whole=*/false);
 }
 
 template <typename T>
@@ -361,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->combine_step, /*send=*/true, StepPhase::kCombine);
   const uint64_t step = st->combine_step[0] + 1;
-  const bool last = SendBlocks<T>(a, send, in_turn, step);
+  const bool last = SendBlocks<T>(a, send, in_turn, step, /*whole=*/true);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->combine_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
   RecvBlocks<T>(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a));

@@ -52,6 +52,16 @@ __device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint64_t LoadAcquireGpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void AddReleaseGpu(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ uint64_t FetchAddAcqRelGpu(uint64_t* p, uint64_t v) {
   uint64_t old;
   asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;"
@@ -315,6 +325,36 @@ __device__ __forceinline__ bool LastBlock(const NvlinkArgs& a, NvlinkTicket kind
   }
   __syncthreads();
   return last != 0;
+}
+
+// LastBlock for a grid whose blocks are all resident at once (a whole op's), with the last
+// block chosen in advance: every other block adds to the ticket (a release, no round trip)
+// and goes on, and `chosen` waits until all have (acquire), then resets the ticket. Returns
+// `chosen` (to every thread of a block); false in the chosen block where the others never came
+// (a timeout, recorded).
+__device__ __forceinline__ bool ChosenLast(const NvlinkArgs& a, NvlinkTicket kind, bool chosen) {
+  __shared__ int arrived;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* ticket = &ArenaOf(a, a.rank).state()->ticket[kind];
+    if (!chosen) {
+      AddReleaseGpu(ticket, 1);
+    } else {
+      const uint64_t others = gridDim.x - 1, start = GlobalTimerNs();
+      bool all = true;
+      while (all && LoadAcquireGpu(ticket) < others) {
+        if (GlobalTimerNs() - start > a.timeout_ns) {
+          SetError(a, DeviceError::kTimeout, static_cast<int64_t>(DeviceWait::kOwnBlocks), a.rank,
+                   static_cast<int64_t>(others));
+          all = false;
+        }
+      }
+      *ticket = 0;
+      arrived = all;
+    }
+  }
+  __syncthreads();
+  return chosen && arrived != 0;
 }
 
 // How a recv kernel ends step `step`: its last block records the step in steps[0] and gives

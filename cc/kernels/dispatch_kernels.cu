@@ -93,9 +93,10 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
 }
 
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
-// returns (to every thread) whether this block was the last past the ticket.
+// returns (to every thread) whether this block was the last past the ticket. whole: the whole
+// op's kernel, whose blocks are all resident.
 __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
-                                           bool staged, bool in_turn, uint64_t step) {
+                                           bool staged, bool in_turn, uint64_t step, bool whole) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token, E = lay.num_experts;
   const int T = lay.max_tokens;
@@ -395,7 +396,11 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
   Stamp(a, kDispatchPacked);
 
   if (!in_turn) return false;
-  const bool last = LastBlock(a, kTicketDispatchSend);
+  // In the whole op the router raises the ready flags: it has no records to expand at decode,
+  // whereas a block that raised them after its own ticket would fold the route table late and
+  // hold back its share of the expansion.
+  const bool last = whole ? ChosenLast(a, kTicketDispatchSend, router)
+                          : LastBlock(a, kTicketDispatchSend);
   Stamp(a, kDispatchSent);
   if (last) {
     if (tid == 0) st->dispatch_step[1] = step;
@@ -447,9 +452,11 @@ __device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, 
 }
 
 // The recv half of `step`, by every block of the grid; ends_step: it ends the step
-// (EndRecv).
+// (EndRecv); whole: the whole op's, whose last block (the router, which raised the ready flags
+// and folds the route table last) expands nothing.
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRecvIo& io,
-                                           bool in_turn, uint64_t step, bool ends_step) {
+                                           bool in_turn, uint64_t step, bool ends_step,
+                                           bool whole) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int L = a.div.local_experts.d;
@@ -609,8 +616,10 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     // Ranges in reverse block order: in the whole op at decode the last blocks packed nothing
     // and have folded the route table by the time the records are in, while the first still
     // pack, pass the ticket and fold.
-    const int per_block = CeilDiv32(static_cast<int32_t>(total), gridDim.x);
-    const int g0 = static_cast<int>(Min(total, (gridDim.x - 1 - blockIdx.x) * per_block));
+    const int workers = whole && gridDim.x > 1 ? gridDim.x - 1 : gridDim.x;
+    const int worker = workers - 1 - static_cast<int>(blockIdx.x);  // < 0: the router
+    const int per_block = CeilDiv32(static_cast<int32_t>(total), workers);
+    const int g0 = static_cast<int>(worker < 0 ? total : Min(total, worker * per_block));
     const int g1 = static_cast<int>(Min(total, g0 + per_block));
     const int piece = static_cast<int>(plan.piece);
     const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
@@ -714,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
-  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1);
+  SendBlocks(a, io, staged, in_turn, st->dispatch_step[0] + 1, /*whole=*/false);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -722,7 +731,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*ends_step=*/true);
+  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*ends_step=*/true, /*whole=*/false);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -736,10 +745,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Read once: the send half's last block advances the steps while others may not have begun.
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/true, StepPhase::kDispatch);
   const uint64_t step = st->dispatch_step[0] + 1;
-  const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step);
+  const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step, /*whole=*/true);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->dispatch_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a));
+  RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a), /*whole=*/true);
 }
 
 int64_t WholeSharedBytes(const NvlinkArgs& args) {

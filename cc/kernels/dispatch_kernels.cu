@@ -94,7 +94,8 @@ __device__ __forceinline__ Destination DestinationOf(const NvlinkArgs& a, bool s
 
 // The send half of `step` (in_turn: the halves' order allows it), by every block of the grid;
 // returns (to every thread) whether this block was the last past the ticket. whole: the whole
-// op's kernel, whose blocks are all resident.
+// op's kernel, whose blocks are all resident, and whose recv half reads this rank's own tokens
+// from x itself, so that records to this rank carry no x or scales.
 __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSendIo& io,
                                            bool staged, bool in_turn, uint64_t step, bool whole) {
   const Layout& lay = a.layout;
@@ -342,7 +343,10 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
       // items, not once per kind.
       const int x_vecs = static_cast<int>(lay.x_bytes() / 16);
       const int S = static_cast<int>(lay.num_scales());
-      const int n_x = ntok * x_vecs, n_s = ntok * S;
+      // The destinations whose records carry x and scales; none with one rank in the whole op.
+      const uint64_t copied = whole ? ~(uint64_t{1} << a.rank) : ~uint64_t{0};
+      const int payload = whole && R == 1 ? 0 : ntok;
+      const int n_x = payload * x_vecs, n_s = payload * S;
       const auto* x = static_cast<const uint8_t*>(io.x) + static_cast<int64_t>(lo) * lay.x_bytes();
       Batched<4>(
           tid, n_x + n_s + ntok * R * k,
@@ -358,14 +362,14 @@ __device__ __forceinline__ bool SendBlocks(const NvlinkArgs& a, const DispatchSe
           [&](int w, int4 v) {
             if (w < n_x) {
               const int lt = a.div.x_vecs.Div(w), c = w - lt * x_vecs;
-              for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+              for (uint64_t m = s_mask[lo + lt] & copied; m; m &= m - 1) {
                 Store16(s_rec[lt * R + __ffsll(m) - 1] + c * 16, v);
               }
               return;
             }
             if (w < n_x + n_s) {
               const int lt = a.div.scales.Div(w - n_x), c = w - n_x - lt * S;
-              for (uint64_t m = s_mask[lo + lt]; m; m &= m - 1) {
+              for (uint64_t m = s_mask[lo + lt] & copied; m; m &= m - 1) {
                 reinterpret_cast<int32_t*>(s_rec[lt * R + __ffsll(m) - 1] + lay.scale_offset())[c] =
                     v.x;
               }
@@ -430,7 +434,7 @@ __host__ __device__ inline Plan PlanRecv(const Layout& lay, int full_grid) {
   Plan p;
   p.piece = CeilDiv32(static_cast<int32_t>(lay.max_recv_records()), full_grid);
   const int64_t R = lay.num_ranks, L = lay.local_experts(), k = lay.experts_per_token;
-  p.shared_bytes = 8 * p.piece +                     // record pointers
+  p.shared_bytes = 16 * p.piece +                    // where records' x and scales are
                    4 * (8 +                          // verdicts
                         2 * R + (R + 1) +            // rows and records needed, record bases
                         R * R + 2 * R * L +          // the route table, folded
@@ -452,11 +456,12 @@ __device__ __forceinline__ int64_t UpperIndex(const int32_t* starts, int64_t n, 
 }
 
 // The recv half of `step`, by every block of the grid; ends_step: it ends the step
-// (EndRecv); whole: the whole op's, whose last block (the router, which raised the ready flags
-// and folds the route table last) expands nothing.
+// (EndRecv); own: the whole op's send half (null in the recv kernel): this rank's own records
+// take x and scales from its tokens, and its last block (the router, which raised the ready
+// flags and folds the route table last) expands nothing.
 __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRecvIo& io,
                                            bool in_turn, uint64_t step, bool ends_step,
-                                           bool whole) {
+                                           const DispatchSendIo* own) {
   const Layout& lay = a.layout;
   const int R = lay.num_ranks, k = lay.experts_per_token;
   const int L = a.div.local_experts.d;
@@ -469,10 +474,11 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
   const int64_t gthreads = static_cast<int64_t>(gridDim.x) * kThreads;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  // [piece] where each record of this piece is: the offset math stays out of the copy
-  // loops, which keeps them short.
+  // [piece] where the x and the scales of each record of this piece are: the offset math
+  // stays out of the copy loops, which keeps them short.
   auto** s_recs = reinterpret_cast<const uint8_t**>(smem);
-  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_recs + plan.piece);  // [8]
+  auto** s_scales = reinterpret_cast<const float**>(s_recs + plan.piece);
+  int32_t* s_verdict = reinterpret_cast<int32_t*>(s_scales + plan.piece);  // [8]
   int32_t* s_need_rows = s_verdict + 8;                    // [R]
   int32_t* s_need_recs = s_need_rows + R;                  // [R]
   int32_t* s_rbase = s_need_recs + R;                      // [R + 1] first record per sender
@@ -616,7 +622,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
     // Ranges in reverse block order: in the whole op at decode the last blocks packed nothing
     // and have folded the route table by the time the records are in, while the first still
     // pack, pass the ticket and fold.
-    const int workers = whole && gridDim.x > 1 ? gridDim.x - 1 : gridDim.x;
+    const int workers = own != nullptr && gridDim.x > 1 ? gridDim.x - 1 : gridDim.x;
     const int worker = workers - 1 - static_cast<int>(blockIdx.x);  // < 0: the router
     const int per_block = CeilDiv32(static_cast<int32_t>(total), workers);
     const int g0 = static_cast<int>(worker < 0 ? total : Min(total, worker * per_block));
@@ -634,7 +640,21 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
         const int s = static_cast<int>(UpperIndex(s_rbase, R, g));
         const int j = g - s_rbase[s];
         const uint8_t* rec = InboxOf(a, s).record(s, j);
-        if (i == 0) s_recs[r] = rec;
+        if (i == 0) {
+          const uint8_t* from = rec;
+          const float* scales = reinterpret_cast<const float*>(rec + lay.scale_offset());
+          if (own != nullptr && s == a.rank) {
+            int32_t t = *reinterpret_cast<const int32_t*>(rec + lay.src_token_offset());
+            if (t < 0 || t >= lay.max_tokens) {
+              SetError(a, DeviceError::kCorrupt, s, j, 0);
+              t = 0;
+            }
+            from = static_cast<const uint8_t*>(own->x) + static_cast<int64_t>(t) * lay.x_bytes();
+            scales = own->x_scale + static_cast<int64_t>(t) * S;
+          }
+          s_recs[r] = from;
+          s_scales[r] = scales;
+        }
         const int32_t e = reinterpret_cast<const int32_t*>(rec + lay.expert_offset())[i];
         const float w = reinterpret_cast<const float*>(rec + lay.weight_offset())[i];
         const int32_t rank = InboxOf(a, s).slot_rank(s, j)[i];
@@ -670,7 +690,7 @@ __device__ __forceinline__ void RecvBlocks(const NvlinkArgs& a, const DispatchRe
 #pragma unroll 1
       for (int w = tid; w < nrec * S; w += kThreads) {
         const int r = a.div.scales.Div(w), c = w - r * S;
-        const float scale = reinterpret_cast<const float*>(s_recs[r] + lay.scale_offset())[c];
+        const float scale = s_scales[r][c];
         for (int i = 0; i < k; ++i) {
           const int32_t row = s_rows[r * k + i];
           if (row >= 0) io.expert_x_scale[static_cast<int64_t>(row) * S + c] = scale;
@@ -731,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   NvlinkState* st = ArenaOf(a, a.rank).state();
   GiveCredits(a, st);
   const bool in_turn = InTurn(a, st->dispatch_step, /*send=*/false, StepPhase::kDispatch);
-  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*ends_step=*/true, /*whole=*/false);
+  RecvBlocks(a, io, in_turn, st->dispatch_step[1], /*ends_step=*/true, /*own=*/nullptr);
 }
 
 // The whole op: the recv half starts in the blocks that sent, without a second launch. Its
@@ -748,7 +768,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool last = SendBlocks(a, send, /*staged=*/false, in_turn, step, /*whole=*/true);
   if (last && threadIdx.x == 0 && EndsAtSend(a)) st->dispatch_step[0] = step;
   __syncthreads();  // the recv half reuses the shared memory
-  RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a), /*whole=*/true);
+  RecvBlocks(a, recv, in_turn, step, /*ends_step=*/!EndsAtSend(a), &send);
 }
 
 int64_t WholeSharedBytes(const NvlinkArgs& args) {

@@ -1,8 +1,10 @@
 // ArenaOffsets against NvlinkLayout: for random layouts, every array the kernels index through
-// an Affine map gives NvlinkLayout's own offset at random indices (and at the corners).
+// an Affine map gives NvlinkLayout's own offset at random indices (and at the corners); and
+// every flag of the signals region has a word of its own, inside the region.
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <set>
 
 #include "cc/base/nvlink_layout.h"
 
@@ -34,6 +36,18 @@ int main() {
     const jem::NvlinkLayout nl{l};
     const jem::ArenaOffsets off(nl);
     check("state", off.state, nl.state_offset());
+    std::set<int64_t> flags;
+    for (int64_t p = 0; p < l.num_ranks; ++p) {
+      for (int64_t f : {nl.dispatch_ready_offset(p), nl.dispatch_credit_offset(p),
+                        nl.combine_ready_offset(p), nl.combine_credit_offset(p),
+                        nl.dispatch_route_offset(p)}) {
+        check("flag inside the signals region", f >= 0 && f + 8 <= nl.signals_bytes(), true);
+        check("flag aligned", f % 8, 0);
+        flags.insert(f);
+      }
+    }
+    check("distinct flags", static_cast<int64_t>(flags.size()), 5 * l.num_ranks);
+    check("signals before state", nl.signals_bytes() <= nl.state_offset(), true);
     for (int i = 0; i < 20; ++i) {
       const int64_t r = i == 0 ? 0 : i == 1 ? l.num_ranks - 1 : pick(0, l.num_ranks - 1);
       const int64_t t = i == 0 ? 0 : i == 1 ? l.max_tokens - 1 : pick(0, l.max_tokens - 1);

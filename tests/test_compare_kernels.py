@@ -39,6 +39,9 @@ def _expected(rounds):
             for op in ("dispatch", "combine"):
                 last = [p["last_us"] for p in run["phases"] if p["op"] == op][-1]
                 values.setdefault((run["name"], f"{op}, phases' end"), []).append(last)
+            for p in run["phases"]:
+                values.setdefault((run["name"], f"{p['op']}: {p['phase']}, last block"),
+                                  []).append(p["last_us"])
     return {k: (float(np.median(v)), max(v) - min(v)) for k, v in values.items()}
 
 

@@ -1167,8 +1167,8 @@ std::string Bench(World& w, const BenchConfig& bc) {
 // (the first block's first stamp).
 const char* const kPhaseNames[kNumPhases] = {
     "dispatch start", "counted", "ranked", "packed", "send ticket", "routed",
-    "ready flags seen", "expanded", "zeroed", "recv ticket, credits", "combine start", "credits seen",
-    "partials stored", "send ticket", "ready flags seen", "reduced", "recv ticket, credits"};
+    "ready flags seen", "expanded", "zeroed", "end", "combine start", "credits seen",
+    "partials stored", "send ticket", "ready flags seen", "reduced", "end"};
 
 std::string Phases(World& w, const BenchConfig& bc, int steps) {
   BenchSetup setup = SetUpBench(w, bc);

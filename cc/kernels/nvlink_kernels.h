@@ -109,14 +109,14 @@ enum Phase : int {
   kDispatchArrived,   // every sender's ready flag seen
   kDispatchExpanded,  // the block's records expanded into expert_x
   kDispatchZeroed,    // padding (and unused) rows zeroed
-  kDispatchEnd,       // past the recv half's block ticket (and the credits given)
+  kDispatchEnd,       // the end: past the recv half's block ticket, where it has one
   kCombineStart,
   kCombineCredited,   // the block's slots read, the credits in
   kCombineSummed,     // the block's partials stored
   kCombineSent,       // past the send half's block ticket
   kCombineArrived,    // the partials' places found, every expert rank's ready flag seen
   kCombineReduced,    // the block's tokens summed
-  kCombineEnd,        // past the recv half's block ticket (and the credits given)
+  kCombineEnd,        // the end, as for dispatch
   kNumPhases
 };
 

@@ -31,8 +31,9 @@
 //   partials    [R][T] combine rows: expert rank d's partial of my record j at d * T + j
 //   staging     [R] outboxes, one per destination d, each laid out like what this rank owns
 //                 in d's arena: route row, slot ranks [T][k], records [T]. The staged
-//                 dispatch_send packs NVLink peers' records here for the copy engine; the
-//                 proxy writes fabric peers' outboxes with RDMA.
+//                 dispatch_send packs NVLink peers' slot ranks and records here for the copy
+//                 engine (their route rows it stores directly); the proxy writes fabric peers'
+//                 whole outboxes with RDMA.
 //   combine outboxes [R][T] combine rows: partials for fabric home rank d, row j at d * T + j
 //
 // A rank with fabric peers also has a fabric buffer laid out like this arena: the arena itself
